@@ -1,0 +1,426 @@
+//! The gateway's configuration: one TOML file, every field documented with its
+//! default and unit, unknown fields refused. [`Config::load`] validates into
+//! the typed values the shards use; its errors name the file and the field.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Names this gateway in segment headers and to the aggregator (1 to 24
+    /// bytes of [A-Za-z0-9_.-]). Default "dev".
+    pub gateway_id: String,
+    /// Where shard logs live. Default "./data".
+    pub data_dir: PathBuf,
+    /// The keys file (kid -> secret). Default "./keys.toml".
+    pub keys_file: PathBuf,
+    /// CPUs to run one shard on each: "auto" (every CPU the process may use)
+    /// or a list such as [1, 2]. Default "auto".
+    pub cpus: Cpus,
+    pub listen: Listen,
+    pub durability: Durability,
+    pub log: Log,
+    pub aggregate: Aggregate,
+    pub tokens: Tokens,
+    pub dedup: Dedup,
+    pub traffic: Traffic,
+    pub limits: Limits,
+    pub drain: Drain,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Cpus {
+    Auto(AutoWord),
+    List(Vec<usize>),
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AutoWord {
+    Auto,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listen {
+    /// Plain HTTP/1.1 address, every shard binds it with SO_REUSEPORT.
+    /// Default "127.0.0.1:8080".
+    pub http: SocketAddr,
+    /// listen(2) backlog per shard. Default 4096.
+    pub backlog: u32,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Durability {
+    /// "sync" (default): answer after one fdatasync of the turn's appends
+    /// (survives power loss). "process": answer once in the page cache
+    /// (survives kill -9 of any process, not power loss).
+    pub mode: DurabilityMode,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DurabilityMode {
+    #[default]
+    Sync,
+    Process,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    /// Size of each preallocated segment file, bytes (multiple of 4096, at
+    /// least 64 KiB). Default 64 MiB.
+    pub segment_bytes: u64,
+    /// Most bytes of segments one shard keeps on disk, shipped or not. When
+    /// full, new events get 503 with Retry-After. Default 8 GiB.
+    pub disk_budget_bytes: u64,
+    /// A shipped segment is kept at least this long after it was sealed,
+    /// seconds. Default 3600.
+    pub retention_s: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Aggregate {
+    /// How often a shard appends a partial (or heartbeat), ms. Default 1000.
+    pub flush_interval_ms: u64,
+    /// Most distinct rows a shard sums between partials; reaching it appends
+    /// a partial early. Default 100000.
+    pub rows_max: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tokens {
+    /// Oldest signed timestamp a browser click or impression may carry,
+    /// seconds. Default 86400.
+    pub max_age_s: u64,
+    /// Oldest signed timestamp a batched event may carry, seconds.
+    /// Default 604800 (7 days).
+    pub batch_max_age_s: u64,
+    /// How far ahead of the gateway's clock a timestamp may be, seconds.
+    /// Default 300.
+    pub future_skew_s: u64,
+    /// How long a key removed from the keys file (or given `retired_at`)
+    /// keeps verifying, seconds. Default 86400.
+    pub key_grace_s: u64,
+    /// How often the keys file is checked for changes, ms (SIGHUP reloads at
+    /// once). Default 1000.
+    pub keys_poll_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Dedup {
+    /// A click id counts once within this window, seconds (rounded up to
+    /// whole minutes). Default 900.
+    pub horizon_s: u64,
+    /// Live entries the host-wide table holds (memory: 32 bytes each).
+    /// Reaching it evicts the oldest in a probe window, counted. Default 4194304.
+    pub entries_max: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Traffic {
+    /// Requests per second one client address may make to one shard; above
+    /// it 429 with Retry-After. 0 disables. Default 0.
+    pub rate_per_s: u32,
+    /// Burst of the per-address token bucket. Default 100.
+    pub rate_burst: u32,
+    /// Addresses the rate limiter tracks per shard. Default 100000.
+    pub rate_entries_max: usize,
+    /// Clicks per minute from one address on one ad above which clicks are
+    /// flagged invalid (redirected, logged, not billed). 0 disables. Default 30.
+    pub velocity_per_minute_max: u32,
+    /// (address, ad) pairs tracked per shard per minute. Default 200000.
+    pub velocity_entries_max: usize,
+    /// A trusted header carrying the client's ISO country code, set by the
+    /// PoP's edge (for example "cf-ipcountry"). Empty: every click is "ZZ".
+    /// Default "x-country".
+    pub country_header: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Open connections per shard; more are accepted and closed at once,
+    /// counted. Default 10000.
+    pub connections_max: usize,
+    /// Request line plus headers, bytes; over it 431. Default 8192.
+    pub header_bytes_max: usize,
+    /// Header lines per request; over it 431. Default 64 (at most 128).
+    pub headers_max: usize,
+    /// Request body, bytes; over it 413. Default 1 MiB.
+    pub body_bytes_max: usize,
+    /// Items in one POST /api/v1/events batch; over it 413. Default 1000.
+    pub batch_items_max: usize,
+    /// Longest id field value, bytes. Default 64.
+    pub id_bytes_max: usize,
+    /// Longest redirect_url, bytes. Default 2048.
+    pub url_bytes_max: usize,
+    /// Largest cost_per_click, micros. Default 1000000000 (1000 units).
+    pub cost_micros_max: u64,
+    /// A request must arrive whole within this long of its first byte, ms;
+    /// else the connection is closed. Default 10000.
+    pub header_timeout_ms: u64,
+    /// A keep-alive connection with nothing in flight is closed after this, ms.
+    /// Default 60000.
+    pub idle_timeout_ms: u64,
+    /// Responses queued on one connection (pipelining) before it stops being
+    /// read, bytes. Default 262144.
+    pub pending_output_bytes_max: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Drain {
+    /// On SIGTERM, how long in-flight requests may take before the process
+    /// exits anyway, ms. Default 10000.
+    pub timeout_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            gateway_id: "dev".into(),
+            data_dir: "./data".into(),
+            keys_file: "./keys.toml".into(),
+            cpus: Cpus::Auto(AutoWord::Auto),
+            listen: Listen::default(),
+            durability: Durability::default(),
+            log: Log::default(),
+            aggregate: Aggregate::default(),
+            tokens: Tokens::default(),
+            dedup: Dedup::default(),
+            traffic: Traffic::default(),
+            limits: Limits::default(),
+            drain: Drain::default(),
+        }
+    }
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Self {
+            http: "127.0.0.1:8080".parse().unwrap(),
+            backlog: 4096,
+        }
+    }
+}
+
+impl Default for Durability {
+    fn default() -> Self {
+        Self {
+            mode: DurabilityMode::Sync,
+        }
+    }
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Self {
+            segment_bytes: 64 << 20,
+            disk_budget_bytes: 8 << 30,
+            retention_s: 3600,
+        }
+    }
+}
+
+impl Default for Aggregate {
+    fn default() -> Self {
+        Self {
+            flush_interval_ms: 1000,
+            rows_max: 100_000,
+        }
+    }
+}
+
+impl Default for Tokens {
+    fn default() -> Self {
+        Self {
+            max_age_s: 86_400,
+            batch_max_age_s: 7 * 86_400,
+            future_skew_s: 300,
+            key_grace_s: 86_400,
+            keys_poll_ms: 1000,
+        }
+    }
+}
+
+impl Default for Dedup {
+    fn default() -> Self {
+        Self {
+            horizon_s: 900,
+            entries_max: 4 << 20,
+        }
+    }
+}
+
+impl Default for Traffic {
+    fn default() -> Self {
+        Self {
+            rate_per_s: 0,
+            rate_burst: 100,
+            rate_entries_max: 100_000,
+            velocity_per_minute_max: 30,
+            velocity_entries_max: 200_000,
+            country_header: "x-country".into(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            connections_max: 10_000,
+            header_bytes_max: 8192,
+            headers_max: 64,
+            body_bytes_max: 1 << 20,
+            batch_items_max: 1000,
+            id_bytes_max: 64,
+            url_bytes_max: 2048,
+            cost_micros_max: 1_000_000_000,
+            header_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            pending_output_bytes_max: 256 * 1024,
+        }
+    }
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Self { timeout_ms: 10_000 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {msg}")]
+pub struct ConfigError {
+    pub file: String,
+    pub msg: String,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let err = |msg: String| ConfigError {
+            file: path.display().to_string(),
+            msg,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let cfg: Config = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        cfg.validate().map_err(err)?;
+        Ok(cfg)
+    }
+
+    /// Checks relations a type can not express. The message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        let id_ok = !self.gateway_id.is_empty()
+            && self.gateway_id.len() <= wire::segment::GATEWAY_ID_MAX
+            && self
+                .gateway_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !id_ok {
+            return Err("gateway_id: 1 to 24 characters of [A-Za-z0-9_.-]".into());
+        }
+        if let Cpus::List(l) = &self.cpus {
+            if l.is_empty() || l.len() > 256 {
+                return Err("cpus: give \"auto\" or a list of 1 to 256 CPU numbers".into());
+            }
+        }
+        let seg = self.log.segment_bytes;
+        if seg < 64 * 1024 || seg % 4096 != 0 || seg > 1 << 32 {
+            return Err("log.segment_bytes: a multiple of 4096 from 65536 to 4294967296".into());
+        }
+        if self.log.disk_budget_bytes < 2 * seg {
+            return Err("log.disk_budget_bytes: must hold at least two segments".into());
+        }
+        if self.aggregate.flush_interval_ms == 0 || self.aggregate.flush_interval_ms > 60_000 {
+            return Err("aggregate.flush_interval_ms: 1 to 60000".into());
+        }
+        if self.aggregate.rows_max == 0 {
+            return Err("aggregate.rows_max: at least 1".into());
+        }
+        let l = &self.limits;
+        if l.headers_max == 0 || l.headers_max > crate::http::HEADERS_HARD_MAX {
+            return Err(format!(
+                "limits.headers_max: 1 to {}",
+                crate::http::HEADERS_HARD_MAX
+            ));
+        }
+        if l.header_bytes_max < 256 {
+            return Err("limits.header_bytes_max: at least 256".into());
+        }
+        if l.connections_max == 0 || l.connections_max > 1 << 20 {
+            return Err("limits.connections_max: 1 to 1048576".into());
+        }
+        if l.id_bytes_max == 0 || l.id_bytes_max > wire::record::ID_MAX {
+            return Err(format!("limits.id_bytes_max: 1 to {}", wire::record::ID_MAX));
+        }
+        // A record must fit a segment with room to spare.
+        if (l.url_bytes_max + 8 * l.id_bytes_max + 256) as u64 * 4 > seg {
+            return Err("limits.url_bytes_max: too large for log.segment_bytes".into());
+        }
+        if l.batch_items_max == 0 {
+            return Err("limits.batch_items_max: at least 1".into());
+        }
+        if self.dedup.entries_max == 0 || self.dedup.entries_max > 1 << 30 {
+            return Err("dedup.entries_max: 1 to 1073741824".into());
+        }
+        if self.dedup.horizon_s == 0 {
+            return Err("dedup.horizon_s: at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The CPUs to run shards on.
+    pub fn shard_cpus(&self) -> Vec<usize> {
+        match &self.cpus {
+            Cpus::Auto(_) => crate::sys::allowed_cpus(),
+            Cpus::List(l) => l.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, String> {
+        let c: Config = toml::from_str(s).map_err(|e| e.to_string())?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.durability.mode, DurabilityMode::Sync);
+        assert_eq!(c.cpus, Cpus::Auto(AutoWord::Auto));
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let e = parse("[limits]\nheader_bytes = 1\n").unwrap_err();
+        assert!(e.contains("header_bytes"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_field() {
+        let e = parse("[log]\nsegment_bytes = 1000\n").unwrap_err();
+        assert!(e.starts_with("log.segment_bytes"), "{e}");
+        let e = parse("gateway_id = \"has space\"\n").unwrap_err();
+        assert!(e.starts_with("gateway_id"), "{e}");
+        let c = parse("cpus = [1, 3]\n[durability]\nmode = \"process\"\n").unwrap();
+        assert_eq!(c.cpus, Cpus::List(vec![1, 3]));
+        assert_eq!(c.durability.mode, DurabilityMode::Process);
+    }
+}

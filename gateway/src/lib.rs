@@ -1,0 +1,27 @@
+//! Clickgate's edge gateway: signed clicks in, a durable log out.
+//!
+//! One shard per core, shared nothing: each shard owns an io_uring event loop
+//! ([`shard`]), a SO_REUSEPORT listener, a log of memory-mapped segments
+//! ([`log`]), a per-minute pre-aggregate ([`preagg`]) and its traffic policing
+//! ([`limiter`]). The host-wide click-id dedup table ([`dedup`]) is the one
+//! structure shards share, lock-free.
+//!
+//! The cores are plain state machines, driven by tests without sockets:
+//! [`http`] (framing, in place), [`token`] (HMAC verification), [`dedup`],
+//! [`preagg`], [`limiter`], and [`app`] (what one request does). [`shard`]
+//! and [`server`] are the shells. Not here: TLS, HTTP/3 and the PROXY
+//! protocol (issue 6), and the shipper (its own crate).
+
+pub mod app;
+pub mod config;
+pub mod dedup;
+pub mod http;
+pub mod inspect;
+pub mod limiter;
+pub mod log;
+pub mod metrics;
+pub mod preagg;
+pub mod server;
+pub mod shard;
+pub mod sys;
+pub mod token;

@@ -1,0 +1,657 @@
+//! A shard's log: a directory of fixed-size, preallocated, memory-mapped
+//! segment files (`<data>/shard-<n>/<base seq>.seg`).
+//!
+//! Appends copy a record once, into the mapping of the active segment. The
+//! log itself never syncs on the request path: the shard's event loop issues
+//! one fdatasync through io_uring for everything appended in a turn (group
+//! commit) and answers only when it completes. Rotation, which is rare (once
+//! per segment), syncs the full segment before the next one is created, so the
+//! seq chain across files is always durable in order.
+//!
+//! Recovery ([`ShardLog::open`]) scans every segment: whole frames are kept, a
+//! torn or zero tail of the last segment is zeroed, and damage anywhere else
+//! is corruption: the file is moved to `quarantine/` and opening fails with an
+//! error that names it, so the operator decides, and no good record is cut.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use memmap2::{Mmap, MmapMut};
+use wire::record::{EventRef, PartialRecord};
+use wire::segment::{self, Frame, RecordType, SegmentHeader, Tail, HEADER_LEN};
+
+use crate::sys;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: corrupt segment ({what}); moved to {quarantined}")]
+    Corrupt {
+        path: PathBuf,
+        what: String,
+        quarantined: PathBuf,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AppendError {
+    /// The disk budget for unshipped segments is used up (answer 503).
+    #[error("disk budget for unshipped segments is full")]
+    Budget,
+    /// The file system refused to allocate a new segment (answer 503).
+    #[error("could not create segment: {0}")]
+    Io(#[from] io::Error),
+    #[error("record of {0} bytes does not fit in a segment")]
+    TooLarge(usize),
+}
+
+struct Active {
+    file: File,
+    map: MmapMut,
+    base_seq: u64,
+    write_off: usize,
+}
+
+struct Sealed {
+    path: PathBuf,
+    base_seq: u64,
+    /// Seq of the last record in the segment.
+    last_seq: u64,
+    sealed_ms: i64,
+}
+
+pub struct ShardLog {
+    dir: PathBuf,
+    shard: u16,
+    gateway_id: String,
+    segment_bytes: usize,
+    /// Most bytes of segments (active included) kept on disk.
+    disk_budget_bytes: u64,
+    active: Active,
+    sealed: Vec<Sealed>,
+    next_seq: u64,
+    /// Set after a failed segment creation; retried no sooner than this.
+    create_retry_at_ms: i64,
+    partial_buf: Vec<u8>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Recovery {
+    pub segments: usize,
+    pub frames: u64,
+    pub last_partial_seq: u64,
+    /// Bytes zeroed at a torn tail.
+    pub torn_bytes: u64,
+}
+
+/// Configuration of one shard's log, validated.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub dir: PathBuf,
+    pub shard: u16,
+    pub gateway_id: String,
+    pub segment_bytes: usize,
+    pub disk_budget_bytes: u64,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> OpenError + '_ {
+    move |source| OpenError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+pub fn shard_dir(data: &Path, shard: u16) -> PathBuf {
+    data.join(format!("shard-{shard}"))
+}
+
+fn segment_path(dir: &Path, base_seq: u64) -> PathBuf {
+    dir.join(format!("{base_seq:020}.seg"))
+}
+
+/// Lists a shard directory's segment files, by base seq.
+pub fn list_segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut segs = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let p = entry?.path();
+        let base = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".seg"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(b) = base {
+            segs.push((b, p));
+        }
+    }
+    segs.sort();
+    Ok(segs)
+}
+
+/// Maps a segment read-only.
+pub fn map_readonly(path: &Path) -> io::Result<Mmap> {
+    let f = File::open(path)?;
+    // SAFETY: segment files are created and owned by the gateway, preallocated
+    // to their full size and never truncated while it runs; readers only see
+    // bytes change from zero to a sealed frame, and validate every frame by
+    // CRC before use.
+    unsafe { Mmap::map(&f) }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl ShardLog {
+    /// Opens (recovering) or creates the log of one shard.
+    pub fn open(cfg: &LogConfig, now_ms: i64) -> Result<(ShardLog, Recovery), OpenError> {
+        let dir = cfg.dir.clone();
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        assert!(cfg.segment_bytes >= 64 * 1024 && cfg.segment_bytes % 4096 == 0);
+        let segs = list_segments(&dir).map_err(io_err(&dir))?;
+        let mut rec = Recovery::default();
+        let mut sealed = Vec::new();
+        let mut next_seq = seq_floor(&dir);
+        let mut active = None;
+        let mut active_chain_next = 0;
+        for (i, (base, path)) in segs.iter().enumerate() {
+            let last = i + 1 == segs.len();
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(io_err(path))?;
+            // SAFETY: as in `map_readonly`; this process is the only writer.
+            let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(io_err(path))?;
+            let header = match SegmentHeader::decode(&map) {
+                Ok(h) if h.base_seq == *base && h.shard == cfg.shard => h,
+                Ok(_) => return Err(quarantine(&dir, path, "header does not match file name", 0)),
+                Err(e) => return Err(quarantine(&dir, path, &e.to_string(), 0)),
+            };
+            if *base < next_seq && i > 0 {
+                return Err(quarantine(&dir, path, "seq chain goes backwards", 0));
+            }
+            let scan = segment::scan(&map, header.base_seq);
+            match scan.tail {
+                Tail::Clean => {}
+                Tail::Torn if last => {
+                    let dirty = map[scan.end..]
+                        .iter()
+                        .rposition(|&b| b != 0)
+                        .map_or(0, |p| p + 1);
+                    map[scan.end..scan.end + dirty].fill(0);
+                    map.flush_range(scan.end, dirty.max(1).min(map.len() - scan.end))
+                        .map_err(io_err(path))?;
+                    rec.torn_bytes += dirty as u64;
+                }
+                Tail::Torn => {
+                    return Err(quarantine(&dir, path, "torn tail in a sealed segment", scan.end))
+                }
+                Tail::Corrupt { at, resumes_at } => {
+                    let what = format!("damaged frame at byte {at}, whole frames resume at {resumes_at}");
+                    drop(map);
+                    return Err(quarantine(&dir, path, &what, at));
+                }
+            }
+            rec.segments += 1;
+            rec.frames += scan.frames;
+            for f in segment::frames(&map, scan.end) {
+                if f.ty == RecordType::Partial as u8 {
+                    rec.last_partial_seq = f.seq;
+                }
+            }
+            let last_seq = scan.last_seq.unwrap_or(header.base_seq - 1);
+            next_seq = next_seq.max(last_seq + 1);
+            if last {
+                active_chain_next = last_seq + 1;
+                active = Some(Active {
+                    file,
+                    map,
+                    base_seq: header.base_seq,
+                    write_off: scan.end,
+                });
+            } else {
+                sealed.push(Sealed {
+                    path: path.clone(),
+                    base_seq: header.base_seq,
+                    last_seq,
+                    sealed_ms: now_ms,
+                });
+            }
+        }
+        let fresh = active.is_none();
+        let mut log = ShardLog {
+            dir,
+            shard: cfg.shard,
+            gateway_id: cfg.gateway_id.clone(),
+            segment_bytes: cfg.segment_bytes,
+            disk_budget_bytes: cfg.disk_budget_bytes,
+            // Replaced below when there was no segment.
+            active: match active {
+                Some(a) => a,
+                None => Self::create_segment(
+                    &cfg.dir,
+                    cfg.shard,
+                    &cfg.gateway_id,
+                    cfg.segment_bytes,
+                    next_seq.max(1),
+                    now_ms,
+                )
+                .map_err(io_err(&cfg.dir))?,
+            },
+            sealed,
+            next_seq: next_seq.max(1),
+            create_retry_at_ms: 0,
+            partial_buf: Vec::with_capacity(64 * 1024),
+        };
+        // A seq floor from quarantined files may be past the active segment's
+        // chain; start a fresh segment then, so the chain inside a file holds.
+        if !fresh && active_chain_next < log.next_seq {
+            log.rotate(now_ms).map_err(|e| OpenError::Io {
+                path: log.dir.clone(),
+                source: io::Error::other(e.to_string()),
+            })?;
+        }
+        Ok((log, rec))
+    }
+
+    fn create_segment(
+        dir: &Path,
+        shard: u16,
+        gateway_id: &str,
+        bytes: usize,
+        base_seq: u64,
+        now_ms: i64,
+    ) -> io::Result<Active> {
+        let path = segment_path(dir, base_seq);
+        let tmp = path.with_extension("seg.tmp");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        if let Err(e) = sys::fallocate(&file, bytes as u64) {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        // SAFETY: we just created and preallocated this file; see `map_readonly`.
+        let mut map = unsafe { MmapMut::map_mut(&file) }?;
+        let header = SegmentHeader {
+            shard,
+            base_seq,
+            created_ms: now_ms,
+            gateway_id: gateway_id.to_owned(),
+        };
+        map[..HEADER_LEN].copy_from_slice(&header.encode());
+        map.flush_range(0, HEADER_LEN)?;
+        file.sync_all()?;
+        fs::rename(&tmp, &path)?;
+        sync_dir(dir)?;
+        Ok(Active {
+            file,
+            map,
+            base_seq,
+            write_off: HEADER_LEN,
+        })
+    }
+
+    /// Seals the active segment (durably) and starts the next.
+    fn rotate(&mut self, now_ms: i64) -> Result<(), AppendError> {
+        let used = (self.sealed.len() as u64 + 2) * self.segment_bytes as u64;
+        if used > self.disk_budget_bytes {
+            return Err(AppendError::Budget);
+        }
+        if now_ms < self.create_retry_at_ms {
+            return Err(AppendError::Io(io::Error::other("segment creation backing off")));
+        }
+        // Everything in the old segment becomes durable before the next one
+        // exists: recovery relies on the chain being whole across files.
+        self.active.file.sync_data()?;
+        let next = match Self::create_segment(
+            &self.dir,
+            self.shard,
+            &self.gateway_id,
+            self.segment_bytes,
+            self.next_seq,
+            now_ms,
+        ) {
+            Ok(a) => a,
+            Err(e) => {
+                self.create_retry_at_ms = now_ms + 1000;
+                return Err(e.into());
+            }
+        };
+        let old = std::mem::replace(&mut self.active, next);
+        self.sealed.push(Sealed {
+            path: segment_path(&self.dir, old.base_seq),
+            base_seq: old.base_seq,
+            last_seq: self.next_seq - 1,
+            sealed_ms: now_ms,
+        });
+        Ok(())
+    }
+
+    /// Room for a frame with `payload` bytes, rotating if needed.
+    fn reserve(&mut self, payload: usize, now_ms: i64) -> Result<usize, AppendError> {
+        let need = segment::frame_len(payload);
+        if need > self.segment_bytes - HEADER_LEN {
+            return Err(AppendError::TooLarge(payload));
+        }
+        if self.active.write_off + need > self.active.map.len() {
+            self.rotate(now_ms)?;
+        }
+        Ok(need)
+    }
+
+    /// Makes sure an event of `payload` bytes can be appended without failing
+    /// (rotating now if needed).
+    pub fn ensure_room(&mut self, payload: usize, now_ms: i64) -> Result<(), AppendError> {
+        self.reserve(payload, now_ms).map(|_| ())
+    }
+
+    /// Appends an event record; returns its seq. Not durable until the shard's
+    /// next sync completes.
+    pub fn append_event(&mut self, e: &EventRef<'_>, now_ms: i64) -> Result<u64, AppendError> {
+        let len = e.encoded_len();
+        let need = self.reserve(len, now_ms)?;
+        let off = self.active.write_off;
+        let dst = &mut self.active.map[off..off + need];
+        e.encode_into(&mut dst[segment::FRAME_HEADER_LEN..]);
+        Ok(self.seal(off, len, RecordType::Event))
+    }
+
+    /// Appends the partial produced by `make` with the seq it will have.
+    pub fn append_partial(
+        &mut self,
+        now_ms: i64,
+        make: impl FnOnce(u64) -> PartialRecord,
+    ) -> Result<u64, AppendError> {
+        let seq = self.next_seq;
+        let p = make(seq);
+        assert_eq!(p.to_seq + 1, seq, "partial must end just before its own seq");
+        let mut buf = std::mem::take(&mut self.partial_buf);
+        buf.clear();
+        p.encode(&mut buf);
+        let r = self.reserve(buf.len(), now_ms).map(|need| {
+            let off = self.active.write_off;
+            let dst = &mut self.active.map[off..off + need];
+            dst[segment::FRAME_HEADER_LEN..segment::FRAME_HEADER_LEN + buf.len()]
+                .copy_from_slice(&buf);
+            self.seal(off, buf.len(), RecordType::Partial)
+        });
+        self.partial_buf = buf;
+        if let Ok(s) = r {
+            assert_eq!(s, seq, "rotation must not change the partial's seq");
+        }
+        r
+    }
+
+    fn seal(&mut self, off: usize, len: usize, ty: RecordType) -> u64 {
+        let seq = self.next_seq;
+        let n = segment::seal_frame(&mut self.active.map[off..], len, seq, ty);
+        // Pair assertion: what we wrote reads back whole.
+        debug_assert_eq!(segment::read_frame(&self.active.map, off).map(|f| f.seq), Some(seq));
+        self.active.write_off += n;
+        self.next_seq += 1;
+        seq
+    }
+
+    /// The fd a group commit syncs (the active segment).
+    pub fn sync_fd(&self) -> RawFd {
+        self.active.file.as_raw_fd()
+    }
+
+    /// Seq of the last record appended.
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    /// Synchronous fdatasync of the active segment (drain and shutdown only;
+    /// the event loop uses io_uring).
+    pub fn sync_now(&self) -> io::Result<()> {
+        self.active.file.sync_data()
+    }
+
+    /// Bytes of segments on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        (self.sealed.len() as u64 + 1) * self.segment_bytes as u64
+    }
+
+    pub fn segments(&self) -> usize {
+        self.sealed.len() + 1
+    }
+
+    /// Deletes sealed segments whose every record the shipper acknowledged
+    /// (`shipped_seq`) and that are older than `retention_ms`. Returns how many.
+    pub fn recycle(&mut self, shipped_seq: u64, retention_ms: i64, now_ms: i64) -> usize {
+        let mut n = 0;
+        while let Some(s) = self.sealed.first() {
+            if s.last_seq > shipped_seq || now_ms - s.sealed_ms < retention_ms {
+                break;
+            }
+            if fs::remove_file(&s.path).is_err() {
+                break;
+            }
+            let _ = s.base_seq;
+            self.sealed.remove(0);
+            n += 1;
+        }
+        if n > 0 {
+            let _ = sync_dir(&self.dir);
+        }
+        n
+    }
+
+    /// Visits every whole frame of every segment, oldest first.
+    pub fn replay(&self, mut f: impl FnMut(&Frame<'_>)) -> io::Result<()> {
+        for s in &self.sealed {
+            let map = map_readonly(&s.path)?;
+            let scan = segment::scan(&map, s.base_seq);
+            segment::frames(&map, scan.end).for_each(|fr| f(&fr));
+        }
+        let map = &self.active.map[..];
+        segment::frames(map, self.active.write_off).for_each(|fr| f(&fr));
+        Ok(())
+    }
+}
+
+/// The seq after any record ever seen in a quarantined file of this shard, so
+/// seqs never repeat after a quarantine.
+fn seq_floor(dir: &Path) -> u64 {
+    let q = dir.join("quarantine");
+    let mut floor = 1;
+    if let Ok(rd) = fs::read_dir(&q) {
+        for e in rd.flatten() {
+            if let Some(s) = e
+                .path()
+                .extension()
+                .filter(|x| *x == "seqfloor")
+                .and_then(|_| fs::read_to_string(e.path()).ok())
+                .and_then(|s| s.trim().parse::<u64>().ok())
+            {
+                floor = floor.max(s + 1);
+            }
+        }
+    }
+    floor
+}
+
+fn quarantine(dir: &Path, path: &Path, what: &str, _at: usize) -> OpenError {
+    let q = dir.join("quarantine");
+    let name = path.file_name().unwrap_or_default();
+    let dest = q.join(name);
+    // The highest seq of any whole frame anywhere in the file, so the log
+    // never reuses a seq that might have been shipped.
+    let mut max_seq = 0;
+    if let Ok(map) = map_readonly(path) {
+        let mut off = HEADER_LEN;
+        while off + segment::FRAME_HEADER_LEN <= map.len() {
+            if let Some(f) = segment::read_frame(&map, off) {
+                max_seq = max_seq.max(f.seq);
+                off = f.end();
+            } else {
+                off += 8;
+            }
+        }
+    }
+    let moved = fs::create_dir_all(&q)
+        .and_then(|_| fs::write(q.join(name).with_extension("seqfloor"), format!("{max_seq}\n")))
+        .and_then(|_| fs::rename(path, &dest))
+        .and_then(|_| sync_dir(dir));
+    OpenError::Corrupt {
+        path: path.to_owned(),
+        what: match moved {
+            Ok(()) => what.to_owned(),
+            Err(e) => format!("{what}; moving it to quarantine failed: {e}"),
+        },
+        quarantined: dest,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wire::record::{Device, EventKind, Source, Verdict};
+
+    fn cfg(dir: &Path) -> LogConfig {
+        LogConfig {
+            dir: dir.to_owned(),
+            shard: 0,
+            gateway_id: "test".into(),
+            segment_bytes: 64 * 1024,
+            disk_budget_bytes: 1 << 30,
+        }
+    }
+
+    fn event(id: &str) -> EventRef<'_> {
+        EventRef {
+            kind: EventKind::Click,
+            verdict: Verdict::Accepted,
+            source: Source::Get,
+            device: Device::Desktop,
+            country: *b"ZZ",
+            event_ms: 1_800_000_000_000,
+            receive_ms: 1_800_000_000_000,
+            signed_ts_s: 1_800_000_000,
+            cost_micros: 1,
+            client_ip: [0; 16],
+            kid: "k",
+            advertiser_id: "a",
+            campaign_id: "c",
+            ad_id: "d",
+            click_id: id,
+            user_id: "u",
+            redirect_url: "https://x/",
+        }
+    }
+
+    fn ids(log: &ShardLog) -> Vec<String> {
+        let mut v = Vec::new();
+        log.replay(|f| {
+            if f.ty == RecordType::Event as u8 {
+                v.push(EventRef::decode(f.payload).unwrap().click_id.to_owned());
+            }
+        })
+        .unwrap();
+        v
+    }
+
+    #[test]
+    fn appends_survive_reopen_across_rotations() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut log, _) = ShardLog::open(&cfg(d.path()), 0).unwrap();
+        let names: Vec<String> = (0..2000).map(|i| format!("click-{i}")).collect();
+        for n in &names {
+            log.append_event(&event(n), 0).unwrap();
+        }
+        assert!(log.segments() > 2, "should have rotated");
+        let last = log.last_seq();
+        drop(log);
+        let (log, rec) = ShardLog::open(&cfg(d.path()), 0).unwrap();
+        assert_eq!(rec.frames, 2000);
+        assert_eq!(log.last_seq(), last);
+        assert_eq!(ids(&log), names);
+    }
+
+    #[test]
+    fn torn_tail_is_zeroed_and_appending_resumes() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut log, _) = ShardLog::open(&cfg(d.path()), 0).unwrap();
+        for i in 0..10 {
+            log.append_event(&event(&format!("c{i}")), 0).unwrap();
+        }
+        let off = log.active.write_off;
+        // A torn record: garbage where the 11th would go.
+        log.active.map[off..off + 40].fill(0x5A);
+        drop(log);
+        let (mut log, rec) = ShardLog::open(&cfg(d.path()), 0).unwrap();
+        assert_eq!(rec.frames, 10);
+        assert_eq!(rec.torn_bytes, 40);
+        assert_eq!(log.append_event(&event("after"), 0).unwrap(), 11);
+        drop(log);
+        let (log, _) = ShardLog::open(&cfg(d.path()), 0).unwrap();
+        assert_eq!(ids(&log).last().unwrap(), "after");
+    }
+
+    #[test]
+    fn mid_file_damage_is_quarantined_and_reported() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut log, _) = ShardLog::open(&cfg(d.path()), 0).unwrap();
+        for i in 0..10 {
+            log.append_event(&event(&format!("c{i}")), 0).unwrap();
+        }
+        log.active.map[HEADER_LEN + 30] ^= 0x10;
+        drop(log);
+        let err = ShardLog::open(&cfg(d.path()), 0).err().unwrap();
+        assert!(matches!(err, OpenError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("damaged frame"), "{err}");
+        assert!(d.path().join("quarantine").read_dir().unwrap().count() >= 2);
+        // Restarting continues past every seq ever written.
+        let (mut log, _) = ShardLog::open(&cfg(d.path()), 0).unwrap();
+        assert_eq!(log.append_event(&event("new"), 0).unwrap(), 11);
+    }
+
+    #[test]
+    fn budget_full_refuses_instead_of_growing() {
+        let d = tempfile::tempdir().unwrap();
+        let mut c = cfg(d.path());
+        c.disk_budget_bytes = 2 * 64 * 1024;
+        let (mut log, _) = ShardLog::open(&c, 0).unwrap();
+        let mut err = None;
+        for i in 0..10_000 {
+            if let Err(e) = log.append_event(&event(&format!("c{i}")), 0) {
+                err = Some(e);
+                break;
+            }
+        }
+        assert!(matches!(err, Some(AppendError::Budget)));
+        assert_eq!(log.segments(), 2);
+        // Once the shipper acknowledges the sealed segment, room comes back.
+        assert_eq!(log.recycle(log.last_seq(), 0, 0), 1);
+        log.append_event(&event("again"), 0).unwrap();
+    }
+
+    #[test]
+    fn partials_carry_their_range() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut log, _) = ShardLog::open(&cfg(d.path()), 0).unwrap();
+        log.append_event(&event("a"), 0).unwrap();
+        let s = log
+            .append_partial(0, |seq| PartialRecord {
+                from_seq: 0,
+                to_seq: seq - 1,
+                watermark_ms: 5,
+                rows: vec![],
+            })
+            .unwrap();
+        assert_eq!(s, 2);
+        drop(log);
+        let (_, rec) = ShardLog::open(&cfg(d.path()), 0).unwrap();
+        assert_eq!(rec.last_partial_seq, 2);
+    }
+}

@@ -1,0 +1,313 @@
+//! Counters and their Prometheus text rendering.
+//!
+//! Each shard keeps a plain [`Counters`] on its own thread and copies it into
+//! its slot of the shared [`Registry`] once per tick (and just before it
+//! renders `/metrics`), so the request path never touches shared memory.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use wire::record::{EventKind, Verdict};
+
+use crate::token::Reject;
+
+pub const ENDPOINTS: &[&str] = &[
+    "clicks",
+    "impressions",
+    "events",
+    "healthz",
+    "readyz",
+    "metrics",
+    "other",
+];
+pub const STATUSES: &[u16] = &[200, 204, 302, 400, 403, 404, 405, 408, 413, 429, 431, 503, 505];
+/// Drops that are not a signature verdict: each is its own reason label.
+pub const DROPS: &[&str] = &[
+    "rate_limited",
+    "disk_full",
+    "log_error",
+    "too_many_items",
+    "unknown_path",
+    "bad_method",
+    "malformed",
+    "header_too_large",
+    "too_many_headers",
+    "body_too_large",
+    "duplicate_content_length",
+    "content_length_with_transfer_encoding",
+    "unsupported_transfer_encoding",
+    "bad_content_length",
+    "bad_chunk",
+    "unsupported_version",
+    "header_timeout",
+];
+/// Flush (fdatasync) latency histogram bucket bounds, microseconds.
+pub const FLUSH_BUCKETS_US: &[u64] = &[50, 100, 200, 500, 1000, 2000, 5000, 10_000, 50_000, 250_000];
+
+#[derive(Debug, Clone, Default)]
+pub struct Counters {
+    pub requests: [[u64; 13]; 7],
+    pub rejects: [u64; 9],
+    pub drops: [u64; 17],
+    /// [kind][verdict]
+    pub events: [[u64; 3]; 2],
+    pub bytes_appended: u64,
+    pub records_appended: u64,
+    pub partials_appended: u64,
+    pub flush_buckets: [u64; 11],
+    pub flush_sum_us: u64,
+    pub flush_count: u64,
+    pub flush_errors: u64,
+    pub connections_open: u64,
+    pub connections_accepted: u64,
+    pub connections_refused: u64,
+    pub connections_idle_closed: u64,
+    pub dedup_evictions: u64,
+    pub dedup_untracked: u64,
+    pub velocity_untracked: u64,
+    pub rate_untracked: u64,
+    pub preagg_rows: u64,
+    pub log_segments: u64,
+    pub log_disk_bytes: u64,
+    pub log_last_seq: u64,
+    pub log_durable_seq: u64,
+    pub segments_recycled: u64,
+}
+
+const _: () = assert!(ENDPOINTS.len() == 7 && STATUSES.len() == 13);
+const _: () = assert!(DROPS.len() == 17 && FLUSH_BUCKETS_US.len() + 1 == 11);
+
+impl Counters {
+    pub fn request(&mut self, endpoint: usize, status: u16) {
+        let s = STATUSES.iter().position(|&x| x == status).unwrap_or(STATUSES.len() - 1);
+        self.requests[endpoint][s] += 1;
+    }
+
+    pub fn reject(&mut self, r: Reject) {
+        self.rejects[r.index()] += 1;
+    }
+
+    pub fn drop(&mut self, reason: &str) {
+        let i = DROPS.iter().position(|&d| d == reason).expect("drop reason is listed");
+        self.drops[i] += 1;
+    }
+
+    pub fn event(&mut self, kind: EventKind, verdict: Verdict) {
+        self.events[kind as usize - 1][verdict as usize] += 1;
+    }
+
+    pub fn flush(&mut self, us: u64) {
+        let b = FLUSH_BUCKETS_US.iter().position(|&x| us <= x).unwrap_or(FLUSH_BUCKETS_US.len());
+        self.flush_buckets[b] += 1;
+        self.flush_sum_us += us;
+        self.flush_count += 1;
+    }
+
+    fn add(&mut self, o: &Counters) {
+        for (a, b) in self.requests.iter_mut().flatten().zip(o.requests.iter().flatten()) {
+            *a += b;
+        }
+        for (a, b) in self.events.iter_mut().flatten().zip(o.events.iter().flatten()) {
+            *a += b;
+        }
+        let pairs = [
+            (&mut self.rejects[..], &o.rejects[..]),
+            (&mut self.drops[..], &o.drops[..]),
+            (&mut self.flush_buckets[..], &o.flush_buckets[..]),
+        ];
+        for (a, b) in pairs {
+            a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        }
+        self.bytes_appended += o.bytes_appended;
+        self.records_appended += o.records_appended;
+        self.partials_appended += o.partials_appended;
+        self.flush_sum_us += o.flush_sum_us;
+        self.flush_count += o.flush_count;
+        self.flush_errors += o.flush_errors;
+        self.connections_open += o.connections_open;
+        self.connections_accepted += o.connections_accepted;
+        self.connections_refused += o.connections_refused;
+        self.connections_idle_closed += o.connections_idle_closed;
+        self.dedup_evictions += o.dedup_evictions;
+        self.dedup_untracked += o.dedup_untracked;
+        self.velocity_untracked += o.velocity_untracked;
+        self.rate_untracked += o.rate_untracked;
+        self.preagg_rows += o.preagg_rows;
+        self.log_segments += o.log_segments;
+        self.log_disk_bytes += o.log_disk_bytes;
+        self.segments_recycled += o.segments_recycled;
+    }
+}
+
+/// What every shard publishes, plus process-wide gauges.
+pub struct Registry {
+    shards: Vec<Mutex<Counters>>,
+    pub dedup_entries: AtomicU64,
+    pub dedup_capacity: AtomicU64,
+    pub keys_loaded: AtomicU64,
+    pub key_reloads_ok: AtomicU64,
+    pub key_reloads_failed: AtomicU64,
+}
+
+impl Registry {
+    pub fn new(shards: usize) -> Self {
+        Self {
+            shards: (0..shards).map(|_| Mutex::new(Counters::default())).collect(),
+            dedup_entries: AtomicU64::new(0),
+            dedup_capacity: AtomicU64::new(0),
+            keys_loaded: AtomicU64::new(0),
+            key_reloads_ok: AtomicU64::new(0),
+            key_reloads_failed: AtomicU64::new(0),
+        }
+    }
+
+    pub fn publish(&self, shard: usize, c: &Counters) {
+        self.shards[shard].lock().unwrap().clone_from(c);
+    }
+
+    /// Sum over shards (for tests and `inspect`-like tools).
+    pub fn total(&self) -> Counters {
+        let mut t = Counters::default();
+        for s in &self.shards {
+            t.add(&s.lock().unwrap());
+        }
+        t
+    }
+
+    /// Prometheus text exposition format 0.0.4.
+    pub fn render(&self, out: &mut Vec<u8>) {
+        let per: Vec<Counters> = self.shards.iter().map(|s| s.lock().unwrap().clone()).collect();
+        let mut t = Counters::default();
+        per.iter().for_each(|c| t.add(c));
+        let mut s = String::with_capacity(8192);
+        let head = |s: &mut String, name: &str, ty: &str, help: &str| {
+            let _ = writeln!(s, "# HELP clickgate_{name} {help}\n# TYPE clickgate_{name} {ty}");
+        };
+        head(&mut s, "requests_total", "counter", "HTTP requests answered, by endpoint and status.");
+        for (e, row) in t.requests.iter().enumerate() {
+            for (i, n) in row.iter().enumerate().filter(|(_, n)| **n > 0) {
+                let _ = writeln!(
+                    s,
+                    "clickgate_requests_total{{endpoint=\"{}\",status=\"{}\"}} {n}",
+                    ENDPOINTS[e], STATUSES[i]
+                );
+            }
+        }
+        head(&mut s, "rejects_total", "counter", "Signed events refused, by reason.");
+        for (i, r) in Reject::REASONS.iter().enumerate() {
+            let _ = writeln!(s, "clickgate_rejects_total{{reason=\"{r}\"}} {}", t.rejects[i]);
+        }
+        head(&mut s, "drops_total", "counter", "Requests refused before or outside verification, by reason.");
+        for (i, r) in DROPS.iter().enumerate() {
+            let _ = writeln!(s, "clickgate_drops_total{{reason=\"{r}\"}} {}", t.drops[i]);
+        }
+        head(&mut s, "events_total", "counter", "Events written to the log, by kind and verdict.");
+        for k in EventKind::ALL {
+            for v in Verdict::ALL {
+                let n = t.events[*k as usize - 1][*v as usize];
+                let _ = writeln!(
+                    s,
+                    "clickgate_events_total{{kind=\"{}\",verdict=\"{}\"}} {n}",
+                    k.as_str(),
+                    v.as_str()
+                );
+            }
+        }
+        let counters: &[(&str, &str, u64)] = &[
+            ("log_appended_bytes_total", "Bytes appended to segment files.", t.bytes_appended),
+            ("log_appended_records_total", "Records appended to segment files.", t.records_appended),
+            ("partials_appended_total", "Partial-aggregate records appended.", t.partials_appended),
+            ("flush_errors_total", "fdatasync failures (the shard stops acknowledging).", t.flush_errors),
+            ("connections_accepted_total", "Connections accepted.", t.connections_accepted),
+            ("connections_refused_total", "Connections closed at once: over limits.connections_max.", t.connections_refused),
+            ("connections_idle_closed_total", "Connections closed by the idle timeout.", t.connections_idle_closed),
+            ("dedup_evictions_total", "Live dedup entries evicted because a probe window was full.", t.dedup_evictions),
+            ("velocity_untracked_total", "Clicks not velocity-checked: the table was full.", t.velocity_untracked),
+            ("rate_untracked_total", "Requests not rate-limited: the table was full.", t.rate_untracked),
+            ("segments_recycled_total", "Shipped segments deleted.", t.segments_recycled),
+        ];
+        for (name, help, v) in counters {
+            head(&mut s, name, "counter", help);
+            let _ = writeln!(s, "clickgate_{name} {v}");
+        }
+        let gauges: &[(&str, &str, u64)] = &[
+            ("connections_open", "Open client connections.", t.connections_open),
+            ("preagg_rows", "Rows summed since the last partial.", t.preagg_rows),
+            ("log_segments", "Segment files on disk.", t.log_segments),
+            ("log_disk_bytes", "Bytes of segment files on disk.", t.log_disk_bytes),
+            ("dedup_entries", "Live click ids in the dedup table (sampled).", self.dedup_entries.load(Ordering::Relaxed)),
+            ("dedup_capacity_entries", "Slots in the dedup table.", self.dedup_capacity.load(Ordering::Relaxed)),
+            ("keys_loaded", "Keys in the keyring, retired ones in grace included.", self.keys_loaded.load(Ordering::Relaxed)),
+        ];
+        for (name, help, v) in gauges {
+            head(&mut s, name, "gauge", help);
+            let _ = writeln!(s, "clickgate_{name} {v}");
+        }
+        head(&mut s, "key_reloads_total", "counter", "Keys file reloads, by result.");
+        let _ = writeln!(
+            s,
+            "clickgate_key_reloads_total{{result=\"ok\"}} {}\nclickgate_key_reloads_total{{result=\"error\"}} {}",
+            self.key_reloads_ok.load(Ordering::Relaxed),
+            self.key_reloads_failed.load(Ordering::Relaxed)
+        );
+        head(&mut s, "log_seq", "gauge", "Last appended and last durable seq, per shard.");
+        for (i, c) in per.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "clickgate_log_seq{{shard=\"{i}\",state=\"appended\"}} {}\nclickgate_log_seq{{shard=\"{i}\",state=\"durable\"}} {}",
+                c.log_last_seq, c.log_durable_seq
+            );
+        }
+        head(&mut s, "flush_duration_seconds", "histogram", "Group-commit fdatasync latency.");
+        let mut cum = 0;
+        for (i, n) in t.flush_buckets.iter().enumerate() {
+            cum += n;
+            let le = FLUSH_BUCKETS_US
+                .get(i)
+                .map_or("+Inf".to_string(), |us| format!("{}", *us as f64 / 1e6));
+            let _ = writeln!(s, "clickgate_flush_duration_seconds_bucket{{le=\"{le}\"}} {cum}");
+        }
+        let _ = writeln!(
+            s,
+            "clickgate_flush_duration_seconds_sum {}\nclickgate_flush_duration_seconds_count {}",
+            t.flush_sum_us as f64 / 1e6,
+            t.flush_count
+        );
+        out.extend_from_slice(s.as_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_sums_shards_and_is_prometheus_text() {
+        let r = Registry::new(2);
+        let mut a = Counters::default();
+        a.request(0, 302);
+        a.reject(Reject::BadSignature);
+        a.drop("rate_limited");
+        a.flush(120);
+        a.event(EventKind::Click, Verdict::Duplicate);
+        let mut b = a.clone();
+        b.request(0, 302);
+        r.publish(0, &a);
+        r.publish(1, &b);
+        let mut out = Vec::new();
+        r.render(&mut out);
+        let s = String::from_utf8(out).unwrap();
+        assert!(s.contains("clickgate_requests_total{endpoint=\"clicks\",status=\"302\"} 3"), "{s}");
+        assert!(s.contains("clickgate_rejects_total{reason=\"bad_signature\"} 2"));
+        assert!(s.contains("clickgate_drops_total{reason=\"rate_limited\"} 2"));
+        assert!(s.contains("clickgate_events_total{kind=\"click\",verdict=\"duplicate\"} 2"));
+        assert!(s.contains("clickgate_flush_duration_seconds_bucket{le=\"0.0002\"} 2"));
+        assert!(s.contains("clickgate_flush_duration_seconds_bucket{le=\"+Inf\"} 2"));
+        for line in s.lines().filter(|l| !l.starts_with('#')) {
+            let (name, value) = line.rsplit_once(' ').unwrap();
+            assert!(name.starts_with("clickgate_"), "{line}");
+            value.parse::<f64>().unwrap();
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! Process start-up and supervision: config and keys, one pinned thread per
+//! shard (recovery, then the event loop), signals (SIGTERM/SIGINT drain,
+//! SIGHUP reloads keys), keys-file polling, and exit codes.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context};
+use wire::record::EventRef;
+use wire::segment::RecordType;
+
+use crate::app::{App, KeysHandle, Shared, DRAINING, READY, STARTING};
+use crate::config::Config;
+use crate::dedup::DedupTable;
+use crate::log::{shard_dir, LogConfig, ShardLog};
+use crate::metrics::Registry;
+use crate::preagg::PreAgg;
+use crate::shard::{bind_listener, now_ms, ShardLoop};
+use crate::sys;
+use crate::token::KeyRing;
+
+/// Locked memory io_uring may need (rings and, on older kernels, their
+/// accounting); raised where the process may, documented in deploy/.
+const MEMLOCK_BYTES: u64 = 64 << 20;
+
+fn load_keys(path: &Path, grace_ms: i64, prev: Option<&KeyRing>) -> anyhow::Result<KeyRing> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading keys file {}", path.display()))?;
+    let ring = KeyRing::parse(&text, grace_ms, prev, now_ms())
+        .with_context(|| format!("keys file {}", path.display()))?;
+    if ring.is_empty() {
+        bail!("keys file {}: no keys", path.display());
+    }
+    Ok(ring)
+}
+
+fn mtime(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Runs the gateway until it is told to stop. Returns Ok after a clean drain.
+pub fn run(cfg: Config) -> anyhow::Result<()> {
+    let cpus = cfg.shard_cpus();
+    let memlock = sys::raise_memlock(MEMLOCK_BYTES);
+    let nofile = sys::raise_nofile();
+    tracing::info!(
+        gateway_id = %cfg.gateway_id,
+        shards = cpus.len(),
+        listen = %cfg.listen.http,
+        durability = ?cfg.durability.mode,
+        memlock,
+        nofile,
+        "starting"
+    );
+    let grace_ms = cfg.tokens.key_grace_s as i64 * 1000;
+    let ring = load_keys(&cfg.keys_file, grace_ms, None)?;
+    let shared = Arc::new(Shared {
+        dedup: DedupTable::new(cfg.dedup.entries_max, cfg.dedup.horizon_s.div_ceil(60) as u32),
+        registry: Registry::new(cpus.len()),
+        state: AtomicU8::new(STARTING),
+        keys: KeysHandle {
+            version: AtomicU64::new(1),
+            ring: Mutex::new(Arc::new(ring)),
+        },
+    });
+    shared
+        .registry
+        .dedup_capacity
+        .store(shared.dedup.capacity() as u64, Ordering::Relaxed);
+    shared
+        .registry
+        .keys_loaded
+        .store(shared.keys.ring.lock().unwrap().len() as u64, Ordering::Relaxed);
+
+    // Signals first, so a SIGTERM during recovery is not lost.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ])?;
+
+    let (started_tx, started_rx) = mpsc::channel::<(usize, anyhow::Result<()>)>();
+    let mut handles = Vec::new();
+    for (i, &cpu) in cpus.iter().enumerate() {
+        let cfg = cfg.clone();
+        let shared = shared.clone();
+        let tx = started_tx.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("shard-{i}"))
+            .spawn(move || -> anyhow::Result<()> {
+                let lp = match start_shard(i, cpu, &cfg, shared) {
+                    Ok(lp) => {
+                        let _ = tx.send((i, Ok(())));
+                        lp
+                    }
+                    Err(e) => {
+                        let _ = tx.send((i, Err(anyhow::anyhow!("{e:#}"))));
+                        return Err(e);
+                    }
+                };
+                lp.run().context("shard event loop")
+            })?;
+        handles.push(h);
+    }
+    drop(started_tx);
+    for _ in 0..cpus.len() {
+        let (i, r) = started_rx.recv().context("a shard thread died during start-up")?;
+        if let Err(e) = r {
+            shared.state.store(DRAINING, Ordering::Release);
+            bail!("shard {i} failed to start: {e:#}");
+        }
+    }
+    shared.state.store(READY, Ordering::Release);
+    tracing::info!(listen = %cfg.listen.http, "ready");
+
+    let mut keys_mtime = mtime(&cfg.keys_file);
+    let mut last_poll = Instant::now();
+    let mut last_dedup_count = Instant::now() - Duration::from_secs(60);
+    let mut drain_started: Option<Instant> = None;
+    loop {
+        for sig in signals.pending() {
+            match sig {
+                signal_hook::consts::SIGHUP => reload_keys(&cfg, &shared, grace_ms, "SIGHUP"),
+                _ => {
+                    if drain_started.is_none() {
+                        tracing::info!(signal = sig, "draining");
+                        shared.state.store(DRAINING, Ordering::Release);
+                        drain_started = Some(Instant::now());
+                    }
+                }
+            }
+        }
+        if last_poll.elapsed() >= Duration::from_millis(cfg.tokens.keys_poll_ms) {
+            last_poll = Instant::now();
+            let m = mtime(&cfg.keys_file);
+            if m != keys_mtime {
+                keys_mtime = m;
+                reload_keys(&cfg, &shared, grace_ms, "file changed");
+            }
+        }
+        if last_dedup_count.elapsed() >= Duration::from_secs(10) {
+            last_dedup_count = Instant::now();
+            let live = shared.dedup.live_entries(wire::minute_of(now_ms()));
+            shared.registry.dedup_entries.store(live as u64, Ordering::Relaxed);
+        }
+        if handles.iter().all(|h| h.is_finished()) {
+            break;
+        }
+        if drain_started.is_none() && handles.iter().any(|h| h.is_finished()) {
+            // A shard stopped on its own: that is a failure; stop the rest.
+            shared.state.store(DRAINING, Ordering::Release);
+            drain_started = Some(Instant::now());
+            tracing::error!("a shard stopped unexpectedly; draining the others");
+        }
+        if let Some(t) = drain_started {
+            if t.elapsed() > Duration::from_millis(cfg.drain.timeout_ms + 5000) {
+                bail!("drain did not finish within drain.timeout_ms + 5 s");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut failed = false;
+    for (i, h) in handles.into_iter().enumerate() {
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(shard = i, error = %format!("{e:#}"), "shard failed");
+                failed = true;
+            }
+            Err(_) => {
+                tracing::error!(shard = i, "shard panicked");
+                failed = true;
+            }
+        }
+    }
+    if failed || drain_started.is_none() {
+        bail!("gateway stopped with errors");
+    }
+    tracing::info!("drained; exiting");
+    Ok(())
+}
+
+fn reload_keys(cfg: &Config, shared: &Shared, grace_ms: i64, why: &str) {
+    let prev = shared.keys.ring.lock().unwrap().clone();
+    match load_keys(&cfg.keys_file, grace_ms, Some(&prev)) {
+        Ok(ring) => {
+            let n = ring.len();
+            *shared.keys.ring.lock().unwrap() = Arc::new(ring);
+            shared.keys.version.fetch_add(1, Ordering::AcqRel);
+            shared.registry.keys_loaded.store(n as u64, Ordering::Relaxed);
+            shared.registry.key_reloads_ok.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(keys = n, why, "keys reloaded");
+        }
+        Err(e) => {
+            shared.registry.key_reloads_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %format!("{e:#}"), why, "keys reload failed; keeping the old keys");
+        }
+    }
+}
+
+/// Pins, recovers the shard's log, refills dedup and the pre-aggregate, binds
+/// the listener: everything before the shard may answer.
+fn start_shard(i: usize, cpu: usize, cfg: &Config, shared: Arc<Shared>) -> anyhow::Result<ShardLoop> {
+    if let Err(e) = sys::pin_to_cpu(cpu) {
+        tracing::warn!(shard = i, cpu, error = %e, "could not pin shard");
+    }
+    let now = now_ms();
+    let log_cfg = LogConfig {
+        dir: shard_dir(&cfg.data_dir, i as u16),
+        shard: i as u16,
+        gateway_id: cfg.gateway_id.clone(),
+        segment_bytes: cfg.log.segment_bytes as usize,
+        disk_budget_bytes: cfg.log.disk_budget_bytes,
+    };
+    let t0 = Instant::now();
+    let (log, rec) = ShardLog::open(&log_cfg, now)?;
+    // Make whatever survived in the page cache durable before answering
+    // anything that depends on it.
+    log.sync_now().context("syncing the recovered log")?;
+    let horizon_ms = cfg.dedup.horizon_s as i64 * 1000;
+    // Rebuild the sums of records after the last partial without a row limit
+    // (the partial written below empties it again at once).
+    let mut preagg = PreAgg::new(usize::MAX, rec.last_partial_seq);
+    let mut refilled = 0u64;
+    let mut rebuilt = 0u64;
+    log.replay(|f| {
+        if f.ty != RecordType::Event as u8 {
+            return;
+        }
+        let Ok(e) = EventRef::decode(f.payload) else {
+            // A whole frame (its CRC matched) that does not decode is a bug
+            // in the writer, not damage.
+            panic!("shard {i}: undecodable event record at seq {}", f.seq);
+        };
+        if now - e.receive_ms < horizon_ms {
+            let fp = shared.dedup.fingerprint(e.kind as u8, e.click_id.as_bytes());
+            shared
+                .dedup
+                .check_and_insert(fp, wire::minute_of(e.receive_ms));
+            refilled += 1;
+        }
+        if f.seq > rec.last_partial_seq {
+            preagg.add(&e).expect("no row limit during rebuild");
+            rebuilt += 1;
+        }
+    })?;
+    let mut app = App::new(i, cfg, log, PreAgg::new(cfg.aggregate.rows_max, 0), shared, now);
+    app.preagg = preagg;
+    // Write the rebuilt partial now, so live sums start from a clean slate.
+    app.append_partial(now).context("writing the recovered partial")?;
+    app.log.sync_now()?;
+    app.durable_seq = app.log.last_seq();
+    app.preagg = {
+        let last = app.preagg.last_partial_seq();
+        PreAgg::new(cfg.aggregate.rows_max, last)
+    };
+    tracing::info!(
+        shard = i,
+        cpu,
+        segments = rec.segments,
+        records = rec.frames,
+        torn_bytes = rec.torn_bytes,
+        dedup_refilled = refilled,
+        partial_rebuilt_from = rebuilt,
+        ms = t0.elapsed().as_millis() as u64,
+        "recovered"
+    );
+    let listener = bind_listener(cfg.listen.http, cfg.listen.backlog)
+        .with_context(|| format!("binding {}", cfg.listen.http))?;
+    app.publish();
+    Ok(ShardLoop::new(cfg, app, listener)?)
+}

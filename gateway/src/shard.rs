@@ -1,0 +1,732 @@
+//! The shard's event loop: one thread, pinned, one io_uring, shared nothing.
+//!
+//! This is the thin shell around [`App`]: it accepts (multishot), receives
+//! into each connection's buffer, hands whole requests to the app, and sends
+//! the answers, all as io_uring operations submitted in one batch per loop
+//! turn. In `sync` mode it also issues one fdatasync per turn for everything
+//! appended (group commit) and sends no answer before the sync covering its
+//! record completes. See `docs/DESIGN.md`, "The shard".
+//!
+//! Buffer lifetimes: a receive targets `rbuf[rlen..]` and a send targets
+//! `sending[sent..]`; neither Vec is touched (so never reallocated) while its
+//! operation is in flight, and a connection's slot is only reused after both
+//! have completed. That is the whole safety argument for the pushes below.
+
+use std::io;
+use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use io_uring::{opcode, squeue, types, IoUring};
+
+use crate::app::{App, DRAINING};
+use crate::config::{Config, DurabilityMode};
+use crate::http::{self, Parse, ResponseWriter};
+
+const OP_ACCEPT: u64 = 1;
+const OP_RECV: u64 = 2;
+const OP_SEND: u64 = 3;
+const OP_SYNC: u64 = 4;
+const OP_TIMER: u64 = 5;
+const OP_CANCEL: u64 = 6;
+
+const TICK_MS: u64 = 50;
+const RBUF_INITIAL: usize = 4096;
+const WBUF_INITIAL: usize = 4096;
+
+fn ud(op: u64, slot: usize, gen: u32) -> u64 {
+    op << 56 | (slot as u64 & 0xFF_FFFF) << 32 | gen as u64
+}
+
+fn ud_parts(u: u64) -> (u64, usize, u32) {
+    (u >> 56, ((u >> 32) & 0xFF_FFFF) as usize, u as u32)
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[derive(Default)]
+struct Conn {
+    fd: RawFd,
+    gen: u32,
+    in_use: bool,
+    peer: [u8; 16],
+    rbuf: Vec<u8>,
+    rlen: usize,
+    /// Answers not yet handed to a send; they wait for `out_wait` to be durable.
+    out: Vec<u8>,
+    out_wait: u64,
+    /// The bytes of the send in flight (frozen while it is).
+    sending: Vec<u8>,
+    sent: usize,
+    recv_inflight: bool,
+    send_inflight: bool,
+    /// No more reading: EOF, an error answer, or `Connection: close`.
+    read_done: bool,
+    closing: bool,
+    /// When the bytes of an incomplete request started arriving.
+    partial_since_ms: Option<i64>,
+    last_active_ms: i64,
+}
+
+/// Formats the `Date` header once a second.
+struct DateCache {
+    second: i64,
+    line: Vec<u8>,
+}
+
+impl DateCache {
+    fn refresh(&mut self, now_ms: i64) {
+        let s = now_ms.div_euclid(1000);
+        if s != self.second {
+            self.second = s;
+            self.line.clear();
+            self.line.extend_from_slice(b"Date: ");
+            self.line.extend_from_slice(http_date(s).as_bytes());
+            self.line.extend_from_slice(b"\r\n");
+        }
+    }
+}
+
+/// RFC 9110 IMF-fixdate for a Unix time.
+pub fn http_date(secs: i64) -> String {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil from days (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{}, {:02} {} {} {:02}:{:02}:{:02} GMT",
+        DAYS[days.rem_euclid(7) as usize],
+        d,
+        MONTHS[(m - 1) as usize],
+        y,
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+pub struct ShardLoop {
+    ring: IoUring,
+    listener: Option<RawFd>,
+    accept_armed: bool,
+    conns: Vec<Conn>,
+    free: Vec<usize>,
+    open: usize,
+    app: App,
+    limits: http::Limits,
+    country_header: String,
+    connections_max: usize,
+    rbuf_max: usize,
+    pending_output_max: usize,
+    header_timeout_ms: i64,
+    idle_timeout_ms: i64,
+    drain_timeout_ms: i64,
+    mode: DurabilityMode,
+    sync_inflight: Option<(u64, Instant)>,
+    waiters: Vec<(usize, u32)>,
+    dirty: Vec<usize>,
+    timespec: Box<types::Timespec>,
+    date: DateCache,
+    cqes: Vec<(u64, i32, u32)>,
+    last_second_ms: i64,
+    drain_deadline_ms: Option<i64>,
+    shipped_file: std::path::PathBuf,
+}
+
+impl ShardLoop {
+    pub fn new(cfg: &Config, app: App, listener: socket2::Socket) -> io::Result<Self> {
+        let entries = 4096;
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_coop_taskrun()
+            .setup_defer_taskrun()
+            .setup_cqsize(entries * 4)
+            .build(entries)?;
+        let l = &cfg.limits;
+        let shipped_file = crate::log::shard_dir(&cfg.data_dir, app.shard as u16).join("shipped");
+        Ok(Self {
+            ring,
+            listener: Some(listener.into_raw_fd()),
+            accept_armed: false,
+            conns: Vec::new(),
+            free: Vec::new(),
+            open: 0,
+            app,
+            limits: http::Limits {
+                header_bytes_max: l.header_bytes_max,
+                headers_max: l.headers_max,
+                body_bytes_max: l.body_bytes_max,
+            },
+            country_header: cfg.traffic.country_header.to_ascii_lowercase(),
+            connections_max: l.connections_max,
+            rbuf_max: l.header_bytes_max + l.body_bytes_max + 8192,
+            pending_output_max: l.pending_output_bytes_max,
+            header_timeout_ms: l.header_timeout_ms as i64,
+            idle_timeout_ms: l.idle_timeout_ms as i64,
+            drain_timeout_ms: cfg.drain.timeout_ms as i64,
+            mode: cfg.durability.mode,
+            sync_inflight: None,
+            waiters: Vec::new(),
+            dirty: Vec::new(),
+            timespec: Box::new(types::Timespec::from(Duration::from_millis(TICK_MS))),
+            date: DateCache {
+                second: -1,
+                line: Vec::with_capacity(48),
+            },
+            cqes: Vec::with_capacity(entries as usize * 4),
+            last_second_ms: 0,
+            drain_deadline_ms: None,
+            shipped_file,
+        })
+    }
+
+    /// # Safety
+    ///
+    /// Every buffer the entry points to must stay valid and unmoved until its
+    /// completion arrives (see the module comment for how the loop keeps that).
+    unsafe fn push(&mut self, e: squeue::Entry) {
+        loop {
+            // SAFETY: forwarded from the caller.
+            if unsafe { self.ring.submission().push(&e) }.is_ok() {
+                return;
+            }
+            // The submission queue is full: hand it to the kernel and retry.
+            if let Err(err) = self.ring.submit() {
+                tracing::error!(error = %err, "io_uring submit failed");
+            }
+        }
+    }
+
+    fn arm_accept(&mut self) {
+        if let Some(fd) = self.listener {
+            let e = opcode::AcceptMulti::new(types::Fd(fd))
+                .build()
+                .user_data(ud(OP_ACCEPT, 0, 0));
+            // SAFETY: accept writes no user memory (no address buffer).
+            unsafe { self.push(e) };
+            self.accept_armed = true;
+        }
+    }
+
+    fn arm_timer(&mut self) {
+        let e = opcode::Timeout::new(&*self.timespec)
+            .build()
+            .user_data(ud(OP_TIMER, 0, 0));
+        // SAFETY: the timespec is boxed in self and lives as long as the ring.
+        unsafe { self.push(e) };
+    }
+
+    /// Runs until drained. Returns the counters' final state via the registry.
+    pub fn run(mut self) -> io::Result<()> {
+        self.arm_accept();
+        self.arm_timer();
+        let now = now_ms();
+        self.date.refresh(now);
+        self.last_second_ms = now;
+        loop {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) => return Err(e),
+            }
+            let now = now_ms();
+            self.cqes.clear();
+            self.cqes.extend(
+                self.ring
+                    .completion()
+                    .map(|c| (c.user_data(), c.result(), c.flags())),
+            );
+            for i in 0..self.cqes.len() {
+                let (u, res, flags) = self.cqes[i];
+                self.complete(u, res, flags, now);
+            }
+            self.after_turn(now);
+            if self.finished(now) {
+                break;
+            }
+        }
+        self.shutdown(now_ms());
+        Ok(())
+    }
+
+    fn complete(&mut self, u: u64, res: i32, flags: u32, now: i64) {
+        let (op, slot, gen) = ud_parts(u);
+        match op {
+            OP_ACCEPT => self.on_accept(res, flags, now),
+            OP_RECV | OP_SEND => {
+                let c = &mut self.conns[slot];
+                assert!(c.in_use && c.gen == gen, "completion for a freed connection");
+                if op == OP_RECV {
+                    c.recv_inflight = false;
+                    self.on_recv(slot, res, now);
+                } else {
+                    c.send_inflight = false;
+                    self.on_send(slot, res);
+                }
+                self.dirty.push(slot);
+            }
+            OP_SYNC => self.on_sync(res),
+            OP_TIMER => {
+                self.on_tick(now);
+                self.arm_timer();
+            }
+            OP_CANCEL => {}
+            _ => unreachable!("unknown op {op}"),
+        }
+    }
+
+    fn on_accept(&mut self, res: i32, flags: u32, now: i64) {
+        if !io_uring::cqueue::more(flags) {
+            self.accept_armed = false;
+        }
+        if res < 0 {
+            if res == -libc::ECANCELED || self.drain_deadline_ms.is_some() {
+                if let Some(fd) = self.listener.take() {
+                    // SAFETY: we own the listener fd and nothing uses it now.
+                    unsafe { libc::close(fd) };
+                }
+                return;
+            }
+            tracing::warn!(shard = self.app.shard, errno = -res, "accept failed");
+        } else {
+            self.new_conn(res, now);
+        }
+        if !self.accept_armed && self.drain_deadline_ms.is_none() {
+            self.arm_accept();
+        }
+    }
+
+    fn new_conn(&mut self, fd: RawFd, now: i64) {
+        self.app.counters.connections_accepted += 1;
+        if self.open >= self.connections_max || self.drain_deadline_ms.is_some() {
+            self.app.counters.connections_refused += 1;
+            // SAFETY: a fresh fd from accept that nothing else refers to.
+            unsafe { libc::close(fd) };
+            return;
+        }
+        let peer = peer_of(fd);
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt reads `one` for the duration of the call.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_NODELAY,
+                &one as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+        };
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.conns.push(Conn::default());
+                self.conns.len() - 1
+            }
+        };
+        assert!(slot < 1 << 24);
+        let c = &mut self.conns[slot];
+        c.fd = fd;
+        c.in_use = true;
+        c.peer = peer;
+        c.rlen = 0;
+        if c.rbuf.len() < RBUF_INITIAL {
+            c.rbuf.resize(RBUF_INITIAL, 0);
+        }
+        c.out.clear();
+        c.out.reserve(WBUF_INITIAL);
+        c.sending.clear();
+        c.sending.reserve(WBUF_INITIAL);
+        c.sent = 0;
+        c.out_wait = 0;
+        c.read_done = false;
+        c.closing = false;
+        c.partial_since_ms = None;
+        c.last_active_ms = now;
+        self.open += 1;
+        self.dirty.push(slot);
+    }
+
+    fn on_recv(&mut self, slot: usize, res: i32, now: i64) {
+        let Self {
+            conns,
+            app,
+            limits,
+            country_header,
+            date,
+            rbuf_max,
+            ..
+        } = self;
+        let c = &mut conns[slot];
+        if c.closing {
+            return;
+        }
+        if res <= 0 {
+            // EOF or error: finish what is queued, then close.
+            c.read_done = true;
+            if res < 0 {
+                c.closing_soon();
+            }
+            return;
+        }
+        c.rlen += res as usize;
+        c.last_active_ms = now;
+        let mut start = 0;
+        while start < c.rlen && !c.read_done {
+            let mut w = ResponseWriter {
+                out: &mut c.out,
+                date: &date.line,
+            };
+            match http::parse(&mut c.rbuf[start..c.rlen], limits, country_header) {
+                Parse::Partial => break,
+                Parse::Request(req) => {
+                    let o = app.handle(&c.rbuf[start..c.rlen], &req, c.peer, now, &mut w);
+                    c.out_wait = c.out_wait.max(o.wait_seq);
+                    start += req.consumed;
+                    if o.close {
+                        c.read_done = true;
+                    }
+                }
+                Parse::Error(e) => {
+                    app.http_error(e, &mut w);
+                    c.read_done = true;
+                }
+            }
+        }
+        if start > 0 {
+            c.rbuf.copy_within(start..c.rlen, 0);
+            c.rlen -= start;
+        }
+        c.partial_since_ms = if c.rlen > 0 {
+            Some(c.partial_since_ms.unwrap_or(now))
+        } else {
+            None
+        };
+        // A request larger than the buffer: grow it (never while a receive is
+        // in flight; none is now). The parser refuses anything over the limits
+        // before the buffer reaches `rbuf_max`.
+        if c.rlen == c.rbuf.len() && c.rbuf.len() < *rbuf_max {
+            let n = (c.rbuf.len() * 2).min(*rbuf_max);
+            c.rbuf.resize(n, 0);
+        }
+    }
+
+    fn on_send(&mut self, slot: usize, res: i32) {
+        let c = &mut self.conns[slot];
+        if res < 0 {
+            c.read_done = true;
+            c.closing_soon();
+            return;
+        }
+        c.sent += res as usize;
+    }
+
+    fn on_sync(&mut self, res: i32) {
+        let (target, started) = self.sync_inflight.take().expect("sync completion without a sync");
+        if res < 0 {
+            // The kernel may have dropped the dirty pages: nothing since the
+            // last good sync can be called durable, now or by a later sync.
+            tracing::error!(
+                shard = self.app.shard,
+                errno = -res,
+                "fdatasync failed; shard stops acknowledging"
+            );
+            self.app.failed = true;
+            self.app.counters.flush_errors += 1;
+            for (slot, gen) in std::mem::take(&mut self.waiters) {
+                let c = &mut self.conns[slot];
+                if c.in_use && c.gen == gen {
+                    c.out.clear();
+                    c.read_done = true;
+                    c.closing_soon();
+                    self.dirty.push(slot);
+                }
+            }
+            return;
+        }
+        self.app
+            .counters
+            .flush(started.elapsed().as_micros() as u64);
+        self.app.durable_seq = target;
+        for w in std::mem::take(&mut self.waiters) {
+            self.dirty.push(w.0);
+        }
+    }
+
+    fn after_turn(&mut self, now: i64) {
+        let last = self.app.log.last_seq();
+        match self.mode {
+            DurabilityMode::Process => {
+                if last > self.app.durable_seq {
+                    self.app.durable_seq = last;
+                    for w in std::mem::take(&mut self.waiters) {
+                        self.dirty.push(w.0);
+                    }
+                }
+            }
+            DurabilityMode::Sync => {
+                if self.sync_inflight.is_none() && last > self.app.durable_seq && !self.app.failed {
+                    let e = opcode::Fsync::new(types::Fd(self.app.log.sync_fd()))
+                        .flags(types::FsyncFlags::DATASYNC)
+                        .build()
+                        .user_data(ud(OP_SYNC, 0, 0));
+                    // SAFETY: no user memory; the fd outlives the operation
+                    // (a rotated-out segment is synced before it is dropped).
+                    unsafe { self.push(e) };
+                    self.sync_inflight = Some((last, Instant::now()));
+                }
+            }
+        }
+        let mut dirty = std::mem::take(&mut self.dirty);
+        dirty.sort_unstable();
+        dirty.dedup();
+        for &slot in &dirty {
+            self.progress(slot, now);
+        }
+        dirty.clear();
+        self.dirty = dirty;
+    }
+
+    /// Sends what may be sent, reads if it should, closes if it is done.
+    fn progress(&mut self, slot: usize, _now: i64) {
+        let durable = self.app.durable_seq;
+        let pending_max = self.pending_output_max;
+        let c = &mut self.conns[slot];
+        if !c.in_use {
+            return;
+        }
+        if !c.send_inflight && !c.closing {
+            if c.sent == c.sending.len() {
+                c.sending.clear();
+                c.sent = 0;
+                if !c.out.is_empty() {
+                    if c.out_wait <= durable {
+                        std::mem::swap(&mut c.out, &mut c.sending);
+                        c.out_wait = 0;
+                    } else {
+                        self.waiters.push((slot, c.gen));
+                    }
+                }
+            }
+            if c.sent < c.sending.len() {
+                let buf = &c.sending[c.sent..];
+                let e = opcode::Send::new(types::Fd(c.fd), buf.as_ptr(), buf.len() as u32)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+                    .user_data(ud(OP_SEND, slot, c.gen));
+                c.send_inflight = true;
+                // SAFETY: `sending` is not touched until this send completes.
+                unsafe { self.push(e) };
+            }
+        }
+        let c = &mut self.conns[slot];
+        let queued = c.out.len() + c.sending.len() - c.sent;
+        if !c.recv_inflight && !c.read_done && !c.closing && queued < pending_max && c.rlen < c.rbuf.len() {
+            let buf = &mut c.rbuf[c.rlen..];
+            let e = opcode::Recv::new(types::Fd(c.fd), buf.as_mut_ptr(), buf.len() as u32)
+                .build()
+                .user_data(ud(OP_RECV, slot, c.gen));
+            c.recv_inflight = true;
+            // SAFETY: `rbuf` is not touched (nor resized) until this receive
+            // completes.
+            unsafe { self.push(e) };
+        }
+        let c = &mut self.conns[slot];
+        let idle_out = c.out.is_empty() && c.sent == c.sending.len() && !c.send_inflight;
+        if c.read_done && idle_out && !c.closing {
+            c.closing_soon();
+        }
+        if c.closing && !c.recv_inflight && !c.send_inflight {
+            // SAFETY: the fd is ours and no operation refers to it any more.
+            unsafe { libc::close(c.fd) };
+            c.in_use = false;
+            c.closing = false;
+            c.gen = c.gen.wrapping_add(1);
+            c.out.clear();
+            c.sending.clear();
+            c.sent = 0;
+            c.rlen = 0;
+            // Give back memory a large request made this connection take.
+            if c.rbuf.len() > 64 * 1024 {
+                c.rbuf = vec![0; RBUF_INITIAL];
+            }
+            self.free.push(slot);
+            self.open -= 1;
+        }
+    }
+
+    fn on_tick(&mut self, now: i64) {
+        self.date.refresh(now);
+        self.app.tick(now);
+        let draining = self.app.shared.state.load(Ordering::Relaxed) == DRAINING;
+        if draining && self.drain_deadline_ms.is_none() {
+            self.drain_deadline_ms = Some(now + self.drain_timeout_ms);
+            if self.accept_armed {
+                let e = opcode::AsyncCancel::new(ud(OP_ACCEPT, 0, 0))
+                    .build()
+                    .user_data(ud(OP_CANCEL, 0, 0));
+                // SAFETY: no user memory.
+                unsafe { self.push(e) };
+            } else if let Some(fd) = self.listener.take() {
+                // SAFETY: our listener, no accept in flight.
+                unsafe { libc::close(fd) };
+            }
+        }
+        if now - self.last_second_ms >= 1000 || draining {
+            self.last_second_ms = now;
+            self.sweep_timeouts(now, draining);
+            if let Some(seq) = read_shipped(&self.shipped_file) {
+                self.app.recycle(seq, now);
+            }
+        }
+        self.app.counters.connections_open = self.open as u64;
+        self.app.publish();
+    }
+
+    fn sweep_timeouts(&mut self, now: i64, draining: bool) {
+        for slot in 0..self.conns.len() {
+            let c = &mut self.conns[slot];
+            if !c.in_use || c.closing {
+                continue;
+            }
+            let nothing_queued = c.out.is_empty() && c.sent == c.sending.len();
+            let header_late = c
+                .partial_since_ms
+                .is_some_and(|t| now - t > self.header_timeout_ms);
+            let idle = c.rlen == 0 && nothing_queued && now - c.last_active_ms > self.idle_timeout_ms;
+            if header_late {
+                self.app.counters.drop("header_timeout");
+                self.app.counters.request(6, 408);
+                c.closing_soon();
+            } else if idle || (draining && c.rlen == 0 && nothing_queued) {
+                if idle {
+                    self.app.counters.connections_idle_closed += 1;
+                }
+                c.read_done = true;
+                c.closing_soon();
+            }
+            self.dirty.push(slot);
+        }
+    }
+
+    fn finished(&self, now: i64) -> bool {
+        match self.drain_deadline_ms {
+            Some(deadline) => {
+                (self.open == 0 && self.listener.is_none() && self.sync_inflight.is_none())
+                    || now >= deadline
+            }
+            None => false,
+        }
+    }
+
+    fn shutdown(&mut self, now: i64) {
+        if !self.app.failed {
+            if let Err(e) = self.app.append_partial(now) {
+                tracing::warn!(shard = self.app.shard, error = %e, "final partial not written");
+            }
+            if let Err(e) = self.app.log.sync_now() {
+                tracing::error!(shard = self.app.shard, error = %e, "final sync failed");
+            }
+        }
+        self.app.publish();
+        tracing::info!(
+            shard = self.app.shard,
+            last_seq = self.app.log.last_seq(),
+            open = self.open,
+            "shard drained"
+        );
+    }
+}
+
+impl Conn {
+    /// Shuts the socket down; in-flight operations then complete promptly and
+    /// the slot is freed once they have.
+    fn closing_soon(&mut self) {
+        if !self.closing {
+            self.closing = true;
+            // SAFETY: shutdown on our own socket; the fd stays open until the
+            // in-flight operations have completed.
+            unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+        }
+    }
+}
+
+fn read_shipped(path: &std::path::Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The peer address of a connected socket as IPv6 (IPv4 mapped).
+fn peer_of(fd: RawFd) -> [u8; 16] {
+    // SAFETY: sockaddr_storage is plain data; getpeername writes at most `len`
+    // bytes into it.
+    let (storage, ok) = unsafe {
+        let mut s: libc::sockaddr_storage = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        let r = libc::getpeername(fd, &mut s as *mut _ as *mut libc::sockaddr, &mut len);
+        (s, r == 0)
+    };
+    if !ok {
+        return [0; 16];
+    }
+    match storage.ss_family as i32 {
+        libc::AF_INET => {
+            // SAFETY: the family says this is a sockaddr_in.
+            let a: &libc::sockaddr_in = unsafe { &*(&storage as *const _ as *const libc::sockaddr_in) };
+            std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr))
+                .to_ipv6_mapped()
+                .octets()
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says this is a sockaddr_in6.
+            let a: &libc::sockaddr_in6 = unsafe { &*(&storage as *const _ as *const libc::sockaddr_in6) };
+            a.sin6_addr.s6_addr
+        }
+        _ => [0; 16],
+    }
+}
+
+/// Binds one shard's SO_REUSEPORT listener.
+pub fn bind_listener(addr: std::net::SocketAddr, backlog: u32) -> io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nodelay(true)?;
+    s.bind(&addr.into())?;
+    s.listen(backlog as i32)?;
+    let _ = s.as_raw_fd();
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_date_is_imf_fixdate() {
+        assert_eq!(http_date(0), "Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(http_date(1_795_400_000), "Mon, 23 Nov 2026 02:13:20 GMT");
+        assert_eq!(http_date(951_782_400), "Tue, 29 Feb 2000 00:00:00 GMT");
+    }
+
+    #[test]
+    fn user_data_round_trips() {
+        assert_eq!(ud_parts(ud(OP_SEND, 0xABCDE, 0xDEADBEEF)), (OP_SEND, 0xABCDE, 0xDEADBEEF));
+    }
+}

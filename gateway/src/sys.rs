@@ -1,0 +1,84 @@
+//! The few system calls std does not wrap. All unsafe of the gateway's file
+//! and process handling lives here.
+
+use std::io;
+use std::os::fd::AsRawFd;
+
+/// Allocates `len` bytes of real disk blocks for `file` (never a sparse hole,
+/// so writing through a mapping can not SIGBUS on a full disk later).
+pub fn fallocate(file: &std::fs::File, len: u64) -> io::Result<()> {
+    // SAFETY: plain syscall on an fd we own; no memory is passed.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Raises RLIMIT_MEMLOCK to at least `bytes` where the process may (root, or
+/// a hard limit that allows it). Returns the soft limit in force afterwards.
+pub fn raise_memlock(bytes: u64) -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass; it lives across the call.
+    unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) };
+    if lim.rlim_cur != libc::RLIM_INFINITY && lim.rlim_cur < bytes {
+        let want = libc::rlimit {
+            rlim_cur: bytes,
+            rlim_max: lim.rlim_max.max(bytes),
+        };
+        // SAFETY: setrlimit reads the struct we pass. Failure is fine (not root).
+        if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &want) } == 0 {
+            lim = want;
+        }
+    }
+    lim.rlim_cur
+}
+
+/// Raises RLIMIT_NOFILE's soft limit to its hard limit.
+pub fn raise_nofile() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: as above.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: as above.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    }
+    lim.rlim_cur
+}
+
+/// Pins the calling thread to one CPU.
+pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write within it, and
+    // sched_setaffinity reads it for the calling thread (pid 0).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The CPUs this process may run on.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: sched_getaffinity fills the zeroed set we own.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return vec![0];
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
+}

@@ -1,0 +1,617 @@
+//! Signed-click verification: HMAC-SHA256 over the exact query bytes before
+//! `&sig=`, in place, in constant time, before anything else is decoded (only
+//! `kid` is located first, since it names the key).
+//!
+//! The keyring is plain data: it is built from the keys file by the server
+//! shell and handed to each shard as an `Arc`, which the shard swaps on its
+//! tick when a reload happened. Grace for retired keys is judged against the
+//! `now` the caller passes in.
+
+use std::collections::HashMap;
+
+use base64::Engine;
+use ring::hmac;
+use serde::Deserialize;
+
+/// A secret must be at least this long (the HMAC-SHA256 block of security).
+pub const SECRET_BYTES_MIN: usize = 32;
+
+struct Key {
+    key: hmac::Key,
+    /// When the key stopped being current; it verifies until `retired_ms + grace`.
+    retired_ms: Option<i64>,
+}
+
+/// The keys a shard verifies with.
+pub struct KeyRing {
+    keys: HashMap<String, Key>,
+    grace_ms: i64,
+}
+
+impl std::fmt::Debug for KeyRing {
+    // Never prints secrets.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyRing")
+            .field("kids", &self.keys.keys().collect::<Vec<_>>())
+            .field("grace_ms", &self.grace_ms)
+            .finish()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeysFile {
+    #[serde(default)]
+    key: Vec<KeyEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyEntry {
+    kid: String,
+    /// base64url (with or without padding) of the secret bytes.
+    secret: String,
+    /// Unix seconds when the key was retired, if it was.
+    retired_at: Option<i64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeysError {
+    #[error("keys file is not valid TOML: {0}")]
+    Toml(#[from] toml::de::Error),
+    #[error("key {kid:?}: secret is not base64url")]
+    Base64 { kid: String },
+    #[error("key {kid:?}: secret has {len} bytes, at least {SECRET_BYTES_MIN} are required")]
+    Short { kid: String, len: usize },
+    #[error("key {kid:?} appears twice")]
+    Duplicate { kid: String },
+    #[error("kid {kid:?} must be 1 to 32 characters of [A-Za-z0-9_-]")]
+    BadKid { kid: String },
+}
+
+fn decode_secret(s: &str) -> Option<Vec<u8>> {
+    let s = s.trim().trim_end_matches('=');
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).ok()
+}
+
+impl KeyRing {
+    /// Parses a keys file. `previous` is the ring in force before a reload:
+    /// a key it had that the file no longer lists is kept, retired at `now_ms`
+    /// (or when it was retired before), so it keeps verifying for the grace.
+    pub fn parse(
+        text: &str,
+        grace_ms: i64,
+        previous: Option<&KeyRing>,
+        now_ms: i64,
+    ) -> Result<KeyRing, KeysError> {
+        let file: KeysFile = toml::from_str(text)?;
+        let mut keys = HashMap::new();
+        for e in file.key {
+            let kid_ok = !e.kid.is_empty()
+                && e.kid.len() <= 32
+                && e.kid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !kid_ok {
+                return Err(KeysError::BadKid { kid: e.kid });
+            }
+            let secret = decode_secret(&e.secret).ok_or(KeysError::Base64 { kid: e.kid.clone() })?;
+            if secret.len() < SECRET_BYTES_MIN {
+                return Err(KeysError::Short { kid: e.kid, len: secret.len() });
+            }
+            let key = Key {
+                key: hmac::Key::new(hmac::HMAC_SHA256, &secret),
+                retired_ms: e.retired_at.map(|s| s.saturating_mul(1000)),
+            };
+            if keys.insert(e.kid.clone(), key).is_some() {
+                return Err(KeysError::Duplicate { kid: e.kid });
+            }
+        }
+        if let Some(prev) = previous {
+            for (kid, old) in &prev.keys {
+                if !keys.contains_key(kid) {
+                    keys.insert(
+                        kid.clone(),
+                        Key {
+                            key: old.key.clone(),
+                            retired_ms: Some(old.retired_ms.unwrap_or(now_ms)),
+                        },
+                    );
+                }
+            }
+            // Drop keys whose grace has ended, so the ring stays bounded.
+            keys.retain(|_, k| k.retired_ms.is_none_or(|r| r + grace_ms > now_ms));
+        }
+        Ok(KeyRing { keys, grace_ms })
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    fn lookup(&self, kid: &[u8], now_ms: i64) -> Result<&hmac::Key, Reject> {
+        let kid = std::str::from_utf8(kid).map_err(|_| Reject::UnknownKid)?;
+        let k = self.keys.get(kid).ok_or(Reject::UnknownKid)?;
+        match k.retired_ms {
+            Some(r) if now_ms >= r + self.grace_ms => Err(Reject::RetiredKid),
+            _ => Ok(&k.key),
+        }
+    }
+}
+
+/// Why a signed event is refused. Each is counted under its `reason()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reject {
+    MissingSignature,
+    MissingField(&'static str),
+    BadField(&'static str),
+    DuplicateField,
+    UnknownKid,
+    RetiredKid,
+    BadSignature,
+    Expired,
+    FutureTimestamp,
+}
+
+impl Reject {
+    pub const REASONS: &'static [&'static str] = &[
+        "missing_signature",
+        "missing_field",
+        "bad_field",
+        "duplicate_field",
+        "unknown_kid",
+        "retired_kid",
+        "bad_signature",
+        "expired",
+        "future_timestamp",
+    ];
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::MissingSignature => "missing_signature",
+            Self::MissingField(_) => "missing_field",
+            Self::BadField(_) => "bad_field",
+            Self::DuplicateField => "duplicate_field",
+            Self::UnknownKid => "unknown_kid",
+            Self::RetiredKid => "retired_kid",
+            Self::BadSignature => "bad_signature",
+            Self::Expired => "expired",
+            Self::FutureTimestamp => "future_timestamp",
+        }
+    }
+
+    /// Index into [`Self::REASONS`].
+    pub fn index(self) -> usize {
+        Self::REASONS.iter().position(|r| *r == self.reason()).unwrap()
+    }
+
+    /// 400 for requests that are malformed, 403 for ones that are well formed
+    /// but not authentic or no longer valid.
+    pub fn status(self) -> u16 {
+        match self {
+            Self::MissingSignature
+            | Self::MissingField(_)
+            | Self::BadField(_)
+            | Self::DuplicateField => 400,
+            _ => 403,
+        }
+    }
+
+    /// A short, plain-text explanation for the response body.
+    pub fn message(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.reason().as_bytes());
+        if let Self::MissingField(f) | Self::BadField(f) = self {
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(f.as_bytes());
+        }
+        out.push(b'\n');
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// Oldest signed timestamp accepted, relative to now, ms.
+    pub max_age_ms: i64,
+    /// How far in the future a signed timestamp may be, ms.
+    pub future_skew_ms: i64,
+    /// Longest id value (advertiser, campaign, ad, click, user), bytes.
+    pub id_bytes_max: usize,
+    /// Longest redirect URL, bytes.
+    pub url_bytes_max: usize,
+    /// Largest cost per click, micros.
+    pub cost_micros_max: u64,
+    /// Whether `redirect_url` is required (clicks) or optional (impressions).
+    pub need_redirect: bool,
+}
+
+/// The decoded fields of a verified click. The strings live in the caller's
+/// scratch buffer (percent-decoded) for as long as it is borrowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Signed<'a> {
+    pub kid: &'a str,
+    pub advertiser_id: &'a str,
+    pub campaign_id: &'a str,
+    pub ad_id: &'a str,
+    pub click_id: &'a str,
+    pub user_id: &'a str,
+    pub redirect_url: &'a str,
+    pub cost_micros: u64,
+    pub timestamp_s: i64,
+}
+
+const SIG_B64_LEN: usize = 43;
+
+/// Verifies a signed query and decodes its fields into `scratch`.
+///
+/// `scratch` must have at least `query.len()` bytes (decoding never grows).
+pub fn verify<'s>(
+    query: &[u8],
+    ring: &KeyRing,
+    policy: &Policy,
+    now_ms: i64,
+    scratch: &'s mut [u8],
+) -> Result<Signed<'s>, Reject> {
+    // 1. Split at the last `&sig=`: the signature must be the final parameter.
+    let at = rfind(query, b"&sig=").ok_or(Reject::MissingSignature)?;
+    let signed = &query[..at];
+    let sig_b64 = &query[at + 5..];
+    if sig_b64.len() != SIG_B64_LEN {
+        return Err(Reject::BadSignature);
+    }
+    let mut sig = [0u8; 33];
+    let n = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode_slice(sig_b64, &mut sig)
+        .map_err(|_| Reject::BadSignature)?;
+    if n != 32 {
+        return Err(Reject::BadSignature);
+    }
+    // 2. The key id, raw (a kid never needs percent-decoding: [A-Za-z0-9_-]).
+    let kid = param(signed, b"kid").ok_or(Reject::MissingField("kid"))?;
+    let key = ring.lookup(kid, now_ms)?;
+    // 3. Constant-time verification (ring compares tags in constant time).
+    hmac::verify(key, signed, &sig[..32]).map_err(|_| Reject::BadSignature)?;
+    // 4. Only now decode the rest.
+    decode_fields(signed, policy, now_ms, scratch)
+}
+
+fn decode_fields<'s>(
+    signed: &[u8],
+    policy: &Policy,
+    now_ms: i64,
+    scratch: &'s mut [u8],
+) -> Result<Signed<'s>, Reject> {
+    assert!(scratch.len() >= signed.len());
+    const NAMES: [&str; 9] = [
+        "kid",
+        "advertiser_id",
+        "campaign_id",
+        "ad_id",
+        "click_id",
+        "user_id",
+        "redirect_url",
+        "cost_per_click",
+        "timestamp",
+    ];
+    let mut found: [Option<(usize, usize)>; 9] = [None; 9];
+    let mut w = 0usize;
+    for pair in signed.split(|&b| b == b'&') {
+        let eq = pair.iter().position(|&b| b == b'=').unwrap_or(pair.len());
+        let (name, value) = (&pair[..eq], pair.get(eq + 1..).unwrap_or(b""));
+        let Some(i) = NAMES.iter().position(|n| n.as_bytes() == name) else {
+            continue; // Unknown parameters are signed too; they are ignored.
+        };
+        if found[i].is_some() {
+            return Err(Reject::DuplicateField);
+        }
+        let n = percent_decode(value, &mut scratch[w..]).ok_or(Reject::BadField(NAMES[i]))?;
+        found[i] = Some((w, w + n));
+        w += n;
+    }
+    let scratch: &'s [u8] = scratch;
+    let get = |i: usize| -> Result<&'s str, Reject> {
+        let (s, e) = found[i].ok_or(Reject::MissingField(NAMES[i]))?;
+        std::str::from_utf8(&scratch[s..e]).map_err(|_| Reject::BadField(NAMES[i]))
+    };
+    let id = |i: usize| -> Result<&'s str, Reject> {
+        let v = get(i)?;
+        let ok = !v.is_empty()
+            && v.len() <= policy.id_bytes_max
+            && v.bytes().all(|b| b.is_ascii_graphic());
+        if ok {
+            Ok(v)
+        } else {
+            Err(Reject::BadField(NAMES[i]))
+        }
+    };
+    let timestamp_s = parse_i64(get(8)?.as_bytes()).ok_or(Reject::BadField("timestamp"))?;
+    let ts_ms = timestamp_s.saturating_mul(1000);
+    if ts_ms < now_ms - policy.max_age_ms {
+        return Err(Reject::Expired);
+    }
+    if ts_ms > now_ms + policy.future_skew_ms {
+        return Err(Reject::FutureTimestamp);
+    }
+    let redirect_url = match get(6) {
+        Ok(u) => {
+            let ok = (u.starts_with("https://") || u.starts_with("http://"))
+                && u.len() <= policy.url_bytes_max
+                && u.bytes().all(|b| b.is_ascii_graphic());
+            if !ok {
+                return Err(Reject::BadField("redirect_url"));
+            }
+            u
+        }
+        Err(Reject::MissingField(_)) if !policy.need_redirect => "",
+        Err(e) => return Err(e),
+    };
+    let cost_micros = match get(7) {
+        Ok(c) => parse_micros(c.as_bytes())
+            .filter(|&m| m <= policy.cost_micros_max)
+            .ok_or(Reject::BadField("cost_per_click"))?,
+        Err(Reject::MissingField(_)) if !policy.need_redirect => 0,
+        Err(e) => return Err(e),
+    };
+    Ok(Signed {
+        kid: id(0)?,
+        advertiser_id: id(1)?,
+        campaign_id: id(2)?,
+        ad_id: id(3)?,
+        click_id: id(4)?,
+        user_id: id(5)?,
+        redirect_url,
+        cost_micros,
+        timestamp_s,
+    })
+}
+
+fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).rposition(|w| w == needle)
+}
+
+/// The raw value of the first parameter `name` in a query.
+fn param<'q>(query: &'q [u8], name: &[u8]) -> Option<&'q [u8]> {
+    query.split(|&b| b == b'&').find_map(|pair| {
+        let rest = pair.strip_prefix(name)?;
+        rest.strip_prefix(b"=")
+    })
+}
+
+/// Percent-decodes `src` into `dst` (`+` stays `+`: this is a URL query, not a
+/// form). Returns the decoded length, or `None` on a malformed escape.
+fn percent_decode(src: &[u8], dst: &mut [u8]) -> Option<usize> {
+    let mut r = 0;
+    let mut w = 0;
+    while r < src.len() {
+        let b = src[r];
+        if b == b'%' {
+            let h = hex(*src.get(r + 1)?)?;
+            let l = hex(*src.get(r + 2)?)?;
+            dst[w] = h << 4 | l;
+            r += 3;
+        } else {
+            dst[w] = b;
+            r += 1;
+        }
+        w += 1;
+    }
+    Some(w)
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+fn parse_i64(v: &[u8]) -> Option<i64> {
+    if v.is_empty() || v.len() > 15 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(v.iter().fold(0i64, |n, &d| n * 10 + (d - b'0') as i64))
+}
+
+/// Parses a non-negative decimal amount ("1", "0.25", "12.000001") into
+/// integer micros. More than six fractional digits is an error, never rounded.
+pub fn parse_micros(v: &[u8]) -> Option<u64> {
+    let (int, frac) = match v.iter().position(|&b| b == b'.') {
+        Some(d) => (&v[..d], &v[d + 1..]),
+        None => (v, &b""[..]),
+    };
+    if int.is_empty() || int.len() > 12 || frac.len() > 6 {
+        return None;
+    }
+    if !int.iter().chain(frac).all(u8::is_ascii_digit) {
+        return None;
+    }
+    if v.contains(&b'.') && frac.is_empty() {
+        return None;
+    }
+    let i = int.iter().fold(0u64, |n, &d| n * 10 + (d - b'0') as u64);
+    let mut f = frac.iter().fold(0u64, |n, &d| n * 10 + (d - b'0') as u64);
+    for _ in frac.len()..6 {
+        f *= 10;
+    }
+    Some(i * 1_000_000 + f)
+}
+
+/// Signs a query the way the ad server does: appends `&sig=` and the
+/// base64url HMAC-SHA256 of the query bytes. Used by tests, loadgen and the
+/// dev tooling.
+pub fn sign(query: &str, secret: &[u8]) -> String {
+    let key = hmac::Key::new(hmac::HMAC_SHA256, secret);
+    let tag = hmac::sign(&key, query.as_bytes());
+    format!(
+        "{query}&sig={}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(tag.as_ref())
+    )
+}
+
+/// Percent-encodes a value for a query (unreserved characters stay).
+pub fn encode_component(v: &str) -> String {
+    let mut out = String::with_capacity(v.len() * 3);
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+    const NOW_MS: i64 = 1_800_000_000_000;
+
+    fn ring(text: &str) -> KeyRing {
+        KeyRing::parse(text, 3_600_000, None, NOW_MS).unwrap()
+    }
+
+    fn keys_toml(kid: &str, secret: &[u8]) -> String {
+        let s = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret);
+        format!("[[key]]\nkid = \"{kid}\"\nsecret = \"{s}\"\n")
+    }
+
+    const POLICY: Policy = Policy {
+        max_age_ms: 86_400_000,
+        future_skew_ms: 300_000,
+        id_bytes_max: 64,
+        url_bytes_max: 2048,
+        cost_micros_max: 1_000_000_000,
+        need_redirect: true,
+    };
+
+    fn query(ts: i64) -> String {
+        format!(
+            "ad_id=ad1&advertiser_id=adv1&campaign_id=c1&click_id=ck-1&user_id=u1&cost_per_click=0.25&timestamp={ts}&redirect_url={}&kid=k1",
+            encode_component("https://shop.example/landing?item=7&ref=ad")
+        )
+    }
+
+    fn check(q: &str, r: &KeyRing, now: i64) -> Result<(), Reject> {
+        let mut scratch = vec![0u8; q.len()];
+        verify(q.as_bytes(), r, &POLICY, now, &mut scratch).map(|_| ())
+    }
+
+    #[test]
+    fn valid_signature_decodes_all_fields() {
+        let r = ring(&keys_toml("k1", SECRET));
+        let q = sign(&query(NOW_MS / 1000), SECRET);
+        let mut scratch = vec![0u8; q.len()];
+        let s = verify(q.as_bytes(), &r, &POLICY, NOW_MS, &mut scratch).unwrap();
+        assert_eq!(s.ad_id, "ad1");
+        assert_eq!(s.advertiser_id, "adv1");
+        assert_eq!(s.click_id, "ck-1");
+        assert_eq!(s.cost_micros, 250_000);
+        assert_eq!(s.redirect_url, "https://shop.example/landing?item=7&ref=ad");
+        assert_eq!(s.kid, "k1");
+    }
+
+    #[test]
+    fn every_single_byte_change_of_a_signed_url_is_rejected() {
+        let r = ring(&keys_toml("k1", SECRET));
+        let q = sign(&query(NOW_MS / 1000), SECRET);
+        let bytes = q.as_bytes();
+        let mut tried = 0;
+        for i in 0..bytes.len() {
+            for delta in [1u8, 0x20, 0x80] {
+                let mut m = bytes.to_vec();
+                m[i] = m[i].wrapping_add(delta);
+                let mut scratch = vec![0u8; m.len()];
+                let got = verify(&m, &r, &POLICY, NOW_MS, &mut scratch);
+                assert!(got.is_err(), "byte {i} +{delta} accepted");
+                tried += 1;
+            }
+            // Deleting the byte must fail too.
+            let mut d = bytes.to_vec();
+            d.remove(i);
+            let mut scratch = vec![0u8; d.len()];
+            assert!(verify(&d, &r, &POLICY, NOW_MS, &mut scratch).is_err(), "delete {i}");
+        }
+        assert_eq!(tried, 3 * bytes.len());
+    }
+
+    #[test]
+    fn each_rejection_has_its_reason() {
+        let r = ring(&keys_toml("k1", SECRET));
+        let ts = NOW_MS / 1000;
+        assert_eq!(check(&query(ts), &r, NOW_MS), Err(Reject::MissingSignature));
+        let other = sign(&query(ts), b"another secret of thirty-two bytes!!");
+        assert_eq!(check(&other, &r, NOW_MS), Err(Reject::BadSignature));
+        let unknown = sign(&query(ts).replace("kid=k1", "kid=k9"), SECRET);
+        assert_eq!(check(&unknown, &r, NOW_MS), Err(Reject::UnknownKid));
+        let old = sign(&query(ts - 86_401), SECRET);
+        assert_eq!(check(&old, &r, NOW_MS), Err(Reject::Expired));
+        let future = sign(&query(ts + 301), SECRET);
+        assert_eq!(check(&future, &r, NOW_MS), Err(Reject::FutureTimestamp));
+        let missing = sign(&query(ts).replace("user_id=u1&", ""), SECRET);
+        assert_eq!(check(&missing, &r, NOW_MS), Err(Reject::MissingField("user_id")));
+        let twice = sign(&format!("{}&ad_id=ad2", query(ts)), SECRET);
+        assert_eq!(check(&twice, &r, NOW_MS), Err(Reject::DuplicateField));
+        let float = sign(&query(ts).replace("0.25", "0.2500001"), SECRET);
+        assert_eq!(check(&float, &r, NOW_MS), Err(Reject::BadField("cost_per_click")));
+        let js = sign(
+            &query(ts).replace(
+                &encode_component("https://shop.example/landing?item=7&ref=ad"),
+                "javascript:alert(1)",
+            ),
+            SECRET,
+        );
+        assert_eq!(check(&js, &r, NOW_MS), Err(Reject::BadField("redirect_url")));
+        let crlf = sign(&query(ts).replace("ref%3Dad", "ref%3Dad%0D%0ASet-Cookie:x"), SECRET);
+        assert_eq!(check(&crlf, &r, NOW_MS), Err(Reject::BadField("redirect_url")));
+    }
+
+    #[test]
+    fn retired_key_verifies_in_grace_and_not_after() {
+        let r1 = ring(&format!("{}{}", keys_toml("k1", SECRET), keys_toml("k2", &[7u8; 32])));
+        // Reload without k1: it is retired now, with one hour of grace.
+        let r2 = KeyRing::parse(&keys_toml("k2", &[7u8; 32]), 3_600_000, Some(&r1), NOW_MS).unwrap();
+        assert_eq!(r2.len(), 2);
+        let in_grace = NOW_MS + 3_599_000;
+        let q = sign(&query(in_grace / 1000), SECRET);
+        assert_eq!(check(&q, &r2, in_grace), Ok(()));
+        let after = NOW_MS + 3_600_000;
+        let q = sign(&query(after / 1000), SECRET);
+        assert_eq!(check(&q, &r2, after), Err(Reject::RetiredKid));
+        // A later reload after the grace forgets it entirely.
+        let r3 = KeyRing::parse(&keys_toml("k2", &[7u8; 32]), 3_600_000, Some(&r2), after).unwrap();
+        assert_eq!(r3.len(), 1);
+        assert_eq!(check(&q, &r3, after), Err(Reject::UnknownKid));
+        // retired_at in the file works across restarts.
+        let text = format!("{}retired_at = {}\n", keys_toml("k1", SECRET), NOW_MS / 1000);
+        let r4 = KeyRing::parse(&text, 3_600_000, None, NOW_MS).unwrap();
+        assert_eq!(check(&sign(&query(in_grace / 1000), SECRET), &r4, in_grace), Ok(()));
+        assert_eq!(check(&q, &r4, after), Err(Reject::RetiredKid));
+    }
+
+    #[test]
+    fn bad_keys_files_name_the_problem() {
+        let e = KeyRing::parse(&keys_toml("k1", b"short"), 0, None, 0).unwrap_err();
+        assert!(e.to_string().contains("at least 32"), "{e}");
+        let e = KeyRing::parse("[[key]]\nkid='a'\nsecret='!!'\n", 0, None, 0).unwrap_err();
+        assert!(e.to_string().contains("base64"), "{e}");
+        let e = KeyRing::parse("[[key]]\nkid='a'\nsecret='x'\nextra=1\n", 0, None, 0).unwrap_err();
+        assert!(e.to_string().contains("extra"), "{e}");
+    }
+
+    #[test]
+    fn micros_are_exact() {
+        assert_eq!(parse_micros(b"0.25"), Some(250_000));
+        assert_eq!(parse_micros(b"3"), Some(3_000_000));
+        assert_eq!(parse_micros(b"0.000001"), Some(1));
+        assert_eq!(parse_micros(b"1."), None);
+        assert_eq!(parse_micros(b".5"), None);
+        assert_eq!(parse_micros(b"-1"), None);
+        assert_eq!(parse_micros(b"1e3"), None);
+    }
+}
