@@ -1,0 +1,362 @@
+//! The real gateway binary on loopback.
+
+mod common;
+
+use std::io::Write;
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn click_redirects_with_the_signed_url_and_no_cache() {
+    let g = Gateway::start("");
+    let r = g.get(&Click::default().target());
+    assert_eq!(r.status, 302, "{}", r.body_str());
+    assert_eq!(r.header("location"), Some("https://shop.example/landing?item=7&ref=ad"));
+    assert_eq!(r.header("cache-control"), Some("no-cache, no-store, must-revalidate"));
+    assert!(r.header("date").is_some());
+    let ins = g.inspect(false);
+    assert_eq!(totals(&ins), (1, 0, 0, 0), "{ins}");
+}
+
+#[test]
+fn duplicate_is_redirected_but_not_counted_across_shards() {
+    let g = Gateway::start("cpus = [0, 1]");
+    let target = Click::default().target();
+    // Many connections, so both shards see the same click id.
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        statuses.push(g.get(&target).status);
+    }
+    assert!(statuses.iter().all(|&s| s == 302), "{statuses:?}");
+    let ins = g.inspect(false);
+    assert_eq!(totals(&ins), (1, 0, 19, 0), "{ins}");
+    assert!(ins.contains("shard 1:"), "{ins}");
+}
+
+#[test]
+fn impression_is_204_and_counted_as_impression() {
+    let g = Gateway::start("");
+    let c = Click { kind: "impressions", click_id: "imp-1", ..Click::default() };
+    let r = g.get(&c.target());
+    assert_eq!(r.status, 204);
+    assert_eq!(totals(&g.inspect(false)), (0, 1, 0, 0));
+}
+
+#[test]
+fn batch_answers_each_item_and_stores_only_good_ones() {
+    let g = Gateway::start("");
+    let good = Click { click_id: "b-1", ts: now_s() - 3 * 3600, ..Click::default() }.target();
+    let bad_sig = Click { click_id: "b-2", secret: &SECRET2, ..Click::default() }.target();
+    let imp = Click { kind: "impressions", click_id: "b-3", ..Click::default() }.target();
+    let expired = Click { click_id: "b-4", ts: now_s() - 8 * 86_400, ..Click::default() }.target();
+    let body = format!("{good}\n{bad_sig}\n{good}\n{imp}\n{expired}\n/nope?x=1\n");
+    let raw = format!(
+        "POST /api/v1/events HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let r = g.request(raw.as_bytes()).unwrap();
+    assert_eq!(r.status, 200);
+    let lines: Vec<&str> = std::str::from_utf8(&r.body).unwrap().lines().collect();
+    assert_eq!(
+        lines,
+        vec![
+            "accepted",
+            "rejected bad_signature",
+            "duplicate",
+            "accepted",
+            "rejected expired",
+            "rejected bad_field: path"
+        ]
+    );
+    let ins = g.inspect(true);
+    assert_eq!(totals(&ins), (1, 1, 1, 0), "{ins}");
+    // A batched event counts in the minute of its signed timestamp.
+    let minute = (now_s() - 3 * 3600) / 60;
+    assert!(ins.contains(&format!("click_id=b-1 minute={minute}")), "{ins}");
+}
+
+#[test]
+fn chunked_batch_is_accepted() {
+    let g = Gateway::start("");
+    let t = Click { click_id: "ch-1", ..Click::default() }.target();
+    let body = format!("{t}\n");
+    let raw = format!(
+        "POST /api/v1/events HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+        body.len()
+    );
+    let r = g.request(raw.as_bytes()).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body_str(), "accepted\n");
+}
+
+#[test]
+fn rejections_have_their_status_and_are_counted() {
+    let g = Gateway::start(
+        "[limits]\nheader_bytes_max = 1024\nbody_bytes_max = 512\n[traffic]\nrate_per_s = 1\nrate_burst = 30\n",
+    );
+    // 403 bad signature, 400 missing field, 403 unknown kid, 403 expired.
+    let r = g.get(&Click { secret: &SECRET2, ..Click::default() }.target());
+    assert_eq!((r.status, r.body_str().as_str()), (403, "bad_signature\n"));
+    let r = g.get("/api/v1/clicks?ad_id=1&sig=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA");
+    assert_eq!(r.status, 400, "{}", r.body_str());
+    let r = g.get(&Click { kid: "k9", ..Click::default() }.target());
+    assert_eq!((r.status, r.body_str().as_str()), (403, "unknown_kid\n"));
+    let r = g.get(&Click { ts: now_s() - 2 * 86_400, ..Click::default() }.target());
+    assert_eq!((r.status, r.body_str().as_str()), (403, "expired\n"));
+    let r = g.get(&Click { ts: now_s() + 3600, ..Click::default() }.target());
+    assert_eq!((r.status, r.body_str().as_str()), (403, "future_timestamp\n"));
+    // 404, 405.
+    assert_eq!(g.get("/nope").status, 404);
+    let r = g.request(b"POST /api/v1/clicks HTTP/1.1\r\nContent-Length: 0\r\n\r\n").unwrap();
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("GET"));
+    // 431: headers over the limit.
+    let big = format!("GET /healthz HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(2000));
+    assert_eq!(g.request(big.as_bytes()).unwrap().status, 431);
+    // 413: body over the limit, refused from the Content-Length alone.
+    let r = g.request(b"POST /api/v1/events HTTP/1.1\r\nContent-Length: 100000\r\n\r\n").unwrap();
+    assert_eq!(r.status, 413);
+    // 400: ambiguous framing.
+    for raw in [
+        &b"POST /api/v1/events HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab"[..],
+        b"POST /api/v1/events HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"POST /api/v1/events HTTP/1.1\r\nTransfer-Encoding: identity\r\n\r\n",
+    ] {
+        let r = g.request(raw).unwrap();
+        assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(raw));
+        assert_eq!(r.header("connection"), Some("close"));
+    }
+    // 429 with Retry-After once the burst is spent.
+    let mut limited = None;
+    for i in 0..60 {
+        let r = g.get(&Click { click_id: &format!("rl-{i}"), ..Click::default() }.target());
+        if r.status == 429 {
+            limited = Some(r);
+            break;
+        }
+    }
+    let r = limited.expect("rate limit never answered 429");
+    assert!(r.header("retry-after").is_some());
+    std::thread::sleep(Duration::from_millis(150));
+    let m = g.metrics();
+    assert!(metric(&m, "clickgate_rejects_total{reason=\"bad_signature\"}") >= 1, "{m}");
+    assert!(metric(&m, "clickgate_rejects_total{reason=\"unknown_kid\"}") >= 1);
+    assert!(metric(&m, "clickgate_rejects_total{reason=\"expired\"}") >= 1);
+    assert!(metric(&m, "clickgate_drops_total{reason=\"header_too_large\"}") >= 1);
+    assert!(metric(&m, "clickgate_drops_total{reason=\"body_too_large\"}") >= 1);
+    assert!(metric(&m, "clickgate_drops_total{reason=\"duplicate_content_length\"}") >= 1);
+    assert!(metric(&m, "clickgate_drops_total{reason=\"rate_limited\"}") >= 1);
+}
+
+#[test]
+fn keep_alive_and_pipelining_answer_in_order() {
+    let g = Gateway::start("");
+    let mut s = g.connect();
+    let mut raw = Vec::new();
+    for i in 0..10 {
+        let t = Click { click_id: &format!("p-{i}"), ..Click::default() }.target();
+        raw.extend_from_slice(format!("GET {t} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+        raw.extend_from_slice(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
+    }
+    s.write_all(&raw).unwrap();
+    for _ in 0..10 {
+        assert_eq!(read_response(&mut s).unwrap().status, 302);
+        assert_eq!(read_response(&mut s).unwrap().status, 200);
+    }
+    assert_eq!(totals(&g.inspect(false)).0, 10);
+}
+
+#[test]
+fn header_timeout_and_connection_limit_close_connections() {
+    let g = Gateway::start("[limits]\nheader_timeout_ms = 300\nconnections_max = 3\n");
+    let mut slow = g.connect();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
+    let mut buf = [0u8; 64];
+    let t = std::time::Instant::now();
+    let n = std::io::Read::read(&mut slow, &mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "expected close, got {:?}", &buf[..n]);
+    assert!(t.elapsed() < Duration::from_secs(3));
+    // Connection limit: three held open, the fourth is closed at once.
+    let held: Vec<_> = (0..3).map(|_| g.connect()).collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut extra = g.connect();
+    let _ = extra.write_all(b"GET /healthz HTTP/1.1\r\n\r\n");
+    let n = std::io::Read::read(&mut extra, &mut buf).unwrap_or(0);
+    assert_eq!(n, 0);
+    drop(held);
+    std::thread::sleep(Duration::from_millis(200));
+    let m = g.metrics();
+    assert!(metric(&m, "clickgate_connections_refused_total") >= 1, "{m}");
+    assert!(metric(&m, "clickgate_drops_total{reason=\"header_timeout\"}") >= 1, "{m}");
+}
+
+#[test]
+fn sighup_rotates_keys_without_dropping_connections() {
+    let g = Gateway::start("[tokens]\nkey_grace_s = 3600\nkeys_poll_ms = 100000\n");
+    let mut s = g.connect();
+    let send = |s: &mut std::net::TcpStream, c: Click| {
+        s.write_all(format!("GET {} HTTP/1.1\r\nHost: t\r\n\r\n", c.target()).as_bytes())
+            .unwrap();
+        read_response(s).unwrap().status
+    };
+    let k2 = |id| Click { kid: "k2", secret: &SECRET2, click_id: id, ..Click::default() };
+    assert_eq!(send(&mut s, k2("r-1")), 403);
+    // Rotate: k2 is current, k1 is removed (retired, still in grace).
+    write_keys(&g.keys_path(), &[("k2", &SECRET2)]);
+    g.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(send(&mut s, k2("r-2")), 302);
+    assert_eq!(send(&mut s, Click { click_id: "r-3", ..Click::default() }), 302);
+    let m = g.metrics();
+    assert_eq!(metric(&m, "clickgate_key_reloads_total{result=\"ok\"}"), 1, "{m}");
+    // A broken keys file keeps the old keys.
+    std::fs::write(g.keys_path(), "not toml [").unwrap();
+    g.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(send(&mut s, k2("r-4")), 302);
+    assert_eq!(metric(&g.metrics(), "clickgate_key_reloads_total{result=\"error\"}"), 1);
+}
+
+#[test]
+fn retired_key_past_grace_is_refused() {
+    let g = Gateway::start("[tokens]\nkey_grace_s = 1\nkeys_poll_ms = 50\n");
+    write_keys(&g.keys_path(), &[("k2", &SECRET2)]);
+    std::thread::sleep(Duration::from_millis(2500));
+    let r = g.get(&Click { click_id: "g-1", ..Click::default() }.target());
+    assert_eq!(r.status, 403);
+    assert!(r.body_str() == "retired_kid\n" || r.body_str() == "unknown_kid\n", "{}", r.body_str());
+}
+
+#[test]
+fn sigterm_drains_in_flight_requests_and_exits_zero() {
+    let mut g = Gateway::start("");
+    let t = Click { click_id: "d-1", ..Click::default() }.target();
+    let raw = format!("GET {t} HTTP/1.1\r\nHost: t\r\n\r\n");
+    let (head, tail) = raw.as_bytes().split_at(20);
+    let mut s = g.connect();
+    s.write_all(head).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    g.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(200));
+    // New connections are refused while draining.
+    assert!(g.request(b"GET /healthz HTTP/1.1\r\n\r\n").is_err());
+    s.write_all(tail).unwrap();
+    let r = read_response(&mut s).unwrap();
+    assert_eq!(r.status, 302);
+    assert_eq!(r.header("connection"), Some("close"));
+    assert_eq!(g.wait_exit(Duration::from_secs(15)), Some(0), "{}", g.log());
+    assert_eq!(totals(&g.inspect(false)).0, 1);
+}
+
+#[test]
+fn kill9_loses_no_acknowledged_click() {
+    let mut g = Gateway::start("cpus = [0, 1]\n[traffic]\nvelocity_per_minute_max = 0\n");
+    let addr = g.addr;
+    // Four clients send clicks until the gateway dies, keeping the ids that
+    // got their 302.
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let acked = acked.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 100_000 {
+                    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return };
+                    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    for _ in 0..50 {
+                        let id = format!("k9-{w}-{i}");
+                        i += 1;
+                        let t = Click { click_id: &id, ..Click::default() }.target();
+                        if s.write_all(format!("GET {t} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes()).is_err() {
+                            return;
+                        }
+                        match read_response(&mut s) {
+                            Ok(r) if r.status == 302 => acked.lock().unwrap().push(id),
+                            _ => return,
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(700));
+    g.kill9();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 100, "only {} clicks acknowledged", acked.len());
+    // Restart: recovery must keep every acknowledged click, once.
+    g.spawn();
+    let r = g.get(&Click { click_id: &acked[0], ..Click::default() }.target());
+    assert_eq!(r.status, 302);
+    let ins = g.inspect(true);
+    let mut stored = std::collections::HashMap::<String, (u32, u32)>::new();
+    for l in ins.lines().filter(|l| l.starts_with("event ")) {
+        let id = l.split(' ').find_map(|kv| kv.strip_prefix("click_id=")).unwrap();
+        let e = stored.entry(id.to_string()).or_default();
+        if l.contains("verdict=accepted") {
+            e.0 += 1;
+        } else {
+            e.1 += 1;
+        }
+    }
+    for id in &acked {
+        assert_eq!(stored.get(id).map(|e| e.0), Some(1), "acked {id} not stored once");
+    }
+    // The retried first click was recognised from the recovered log.
+    assert_eq!(stored[&acked[0]].1, 1);
+    assert!(ins.contains("partials consistent: yes"), "{ins}");
+}
+
+#[test]
+fn disk_budget_full_answers_503_and_never_302_without_a_record() {
+    let g = Gateway::start("[log]\nsegment_bytes = 65536\ndisk_budget_bytes = 131072\n");
+    let mut acked = Vec::new();
+    let mut refused = None;
+    for i in 0..2000 {
+        let id = format!("full-{i}");
+        let r = g.get(&Click { click_id: &id, ..Click::default() }.target());
+        match r.status {
+            302 => acked.push(id),
+            503 => {
+                refused = Some(r);
+                break;
+            }
+            s => panic!("unexpected {s}"),
+        }
+    }
+    let r = refused.expect("budget never filled");
+    assert!(r.header("retry-after").is_some());
+    let ins = g.inspect(true);
+    for id in &acked {
+        assert!(ins.contains(&format!("click_id={id} ")), "acked {id} missing");
+    }
+    // Still alive and honest about readiness of the process.
+    assert_eq!(g.get("/healthz").status, 200);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(metric(&g.metrics(), "clickgate_drops_total{reason=\"disk_full\"}") >= 1);
+}
+
+#[test]
+fn health_ready_and_metrics_endpoints() {
+    let g = Gateway::start("");
+    let r = g.get("/healthz");
+    assert_eq!((r.status, r.body_str().as_str()), (200, "ok\n"));
+    assert_eq!(g.get("/readyz").status, 200);
+    let m = g.metrics();
+    for name in [
+        "clickgate_requests_total",
+        "clickgate_rejects_total",
+        "clickgate_log_appended_bytes_total",
+        "clickgate_flush_duration_seconds_bucket",
+        "clickgate_connections_open",
+        "clickgate_dedup_entries",
+    ] {
+        assert!(m.contains(name), "{name} missing from /metrics");
+    }
+}
