@@ -1,1 +1,232 @@
-fn main() {}
+//! Micro benchmark of the per-click work on the hot path, in ns per click:
+//! parse, verify, dedup, append, pre-aggregate, each alone and all together
+//! (the whole `App::handle` of a click, response included).
+//!
+//! `cargo bench -p clickgate-gateway --bench hot_path`
+//! Prints `name ns_per_click` lines; `bench/run` collects them.
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, AtomicU8};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use gateway::app::{App, KeysHandle, Shared, READY};
+use gateway::config::Config;
+use gateway::dedup::DedupTable;
+use gateway::http::{self, Limits, Parse, ResponseWriter};
+use gateway::log::{LogConfig, ShardLog};
+use gateway::metrics::Registry;
+use gateway::preagg::PreAgg;
+use gateway::token::{self, encode_component as enc, KeyRing, Policy};
+use wire::record::{Device, EventKind, EventRef, Source, Verdict};
+
+const SECRET: [u8; 32] = [7; 32];
+
+fn keys() -> KeyRing {
+    use base64::Engine;
+    let s = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(SECRET);
+    KeyRing::parse(
+        &format!("[[key]]\nkid=\"k1\"\nsecret=\"{s}\"\n"),
+        0,
+        None,
+        0,
+    )
+    .unwrap()
+}
+
+fn now_ms() -> i64 {
+    gateway::shard::now_ms()
+}
+
+/// A realistic ~400-byte click request.
+fn request(i: u64) -> Vec<u8> {
+    let q = format!(
+        "ad_id=ad-{}&advertiser_id=adv-{}&campaign_id=camp-{}&click_id=01J9Z{i:016}&user_id=u-{}&cost_per_click=0.35&timestamp={}&redirect_url={}&kid=k1",
+        i % 100,
+        i % 10,
+        i % 30,
+        i % 5000,
+        now_ms() / 1000,
+        enc("https://shop.example.com/products/summer-sale?utm_source=clickgate&utm_medium=cpc")
+    );
+    format!(
+        "GET /api/v1/clicks?{} HTTP/1.1\r\nHost: click.example.net\r\nUser-Agent: Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) Mobile/15E148\r\nX-Country: DE\r\n\r\n",
+        token::sign(&q, &SECRET)
+    )
+    .into_bytes()
+}
+
+fn bench(name: &str, n: u64, mut f: impl FnMut(u64)) {
+    // `cargo bench ... -- <filter>` runs only the benchmarks whose name
+    // contains the filter (for profiling one of them).
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
+        return;
+    }
+    // Warm up, then the best of five runs (least disturbed by the machine).
+    for i in 0..n / 10 {
+        f(i);
+    }
+    let mut best = f64::MAX;
+    for r in 0..5 {
+        let t = Instant::now();
+        for i in 0..n {
+            f(r * n + i);
+        }
+        best = best.min(t.elapsed().as_nanos() as f64 / n as f64);
+    }
+    println!("{name:<28} {best:>8.0} ns_per_click");
+}
+
+fn main() {
+    let n = 200_000u64;
+    let reqs: Vec<Vec<u8>> = (0..4096).map(request).collect();
+    let limits = Limits {
+        header_bytes_max: 8192,
+        headers_max: 64,
+        body_bytes_max: 1 << 20,
+    };
+    println!("request bytes: {}", reqs[0].len());
+
+    bench("parse", n, |i| {
+        let mut b = reqs[(i % 4096) as usize].clone();
+        black_box(http::parse(&mut b, &limits, "x-country"));
+    });
+    bench("parse (clone only)", n, |i| {
+        black_box(reqs[(i % 4096) as usize].clone());
+    });
+
+    let ring = keys();
+    let policy = Policy {
+        max_age_ms: 86_400_000,
+        future_skew_ms: 300_000,
+        id_bytes_max: 64,
+        url_bytes_max: 2048,
+        cost_micros_max: 1_000_000_000,
+        need_redirect: true,
+    };
+    let queries: Vec<Vec<u8>> = reqs
+        .iter()
+        .map(|r| {
+            let s = std::str::from_utf8(r).unwrap();
+            let q = s.split_once('?').unwrap().1.split_once(' ').unwrap().0;
+            q.as_bytes().to_vec()
+        })
+        .collect();
+    let mut scratch = vec![0u8; 4096];
+    let now = now_ms();
+    bench("verify (hmac + decode)", n, |i| {
+        let q = &queries[(i % 4096) as usize];
+        black_box(token::verify(q, &ring, &policy, now, &mut scratch).unwrap());
+    });
+
+    let dedup = DedupTable::new(4 << 20, 15);
+    bench("dedup", n, |i| {
+        let id = format!("{i:016}");
+        let fp = dedup.fingerprint(1, id.as_bytes());
+        black_box(dedup.check_and_insert(fp, 1000));
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = ShardLog::open(
+        &LogConfig {
+            dir: dir.path().join("shard-0"),
+            shard: 0,
+            gateway_id: "bench".into(),
+            segment_bytes: 256 << 20,
+            disk_budget_bytes: 64 << 30,
+        },
+        now,
+    )
+    .unwrap();
+    let ids: Vec<String> = (0..4096).map(|i| format!("01J9Z{i:016}")).collect();
+    let ev = |i: u64| EventRef {
+        kind: EventKind::Click,
+        verdict: Verdict::Accepted,
+        source: Source::Get,
+        device: Device::Mobile,
+        country: *b"DE",
+        event_ms: now,
+        receive_ms: now,
+        signed_ts_s: now / 1000,
+        cost_micros: 350_000,
+        client_ip: [1; 16],
+        kid: "k1",
+        advertiser_id: "adv-3",
+        campaign_id: "camp-12",
+        ad_id: "ad-42",
+        click_id: &ids[(i % 4096) as usize],
+        user_id: "u-77",
+        redirect_url:
+            "https://shop.example.com/products/summer-sale?utm_source=clickgate&utm_medium=cpc",
+    };
+    bench("append (mmap, crc32c)", n, |i| {
+        if i % 1024 == 0 {
+            log.prefault(); // what the shard's tick does
+        }
+        black_box(log.append_event(&ev(i), now).unwrap());
+    });
+    let mut agg = PreAgg::new(1 << 20, 0);
+    bench("pre-aggregate", n, |i| {
+        agg.add(&ev(i)).unwrap();
+        black_box(());
+    });
+
+    // The whole request through App::handle (not the socket work).
+    let mut cfg = Config::default();
+    cfg.traffic.velocity_per_minute_max = 0;
+    let shared = Arc::new(Shared {
+        dedup: DedupTable::new(cfg.dedup.entries_max, 15),
+        registry: Registry::new(1),
+        state: AtomicU8::new(READY),
+        keys: KeysHandle {
+            version: AtomicU64::new(1),
+            ring: Mutex::new(Arc::new(keys())),
+        },
+    });
+    let (log2, _) = ShardLog::open(
+        &LogConfig {
+            dir: dir.path().join("shard-1"),
+            shard: 1,
+            gateway_id: "bench".into(),
+            segment_bytes: 256 << 20,
+            disk_budget_bytes: 64 << 30,
+        },
+        now,
+    )
+    .unwrap();
+    let mut app = App::new(0, &cfg, log2, PreAgg::new(100_000, 0), shared, now);
+    let mut out = Vec::with_capacity(1 << 20);
+    // 64 Ki distinct clicks, cycled: after the first pass they are duplicates,
+    // which take the same path (verify, dedup probe, append, aggregate).
+    let unique: Vec<Vec<u8>> = (0..65_536).map(|i| request(1_000_000 + i)).collect();
+    let mut flushes = 0;
+    bench("whole click (App::handle)", n, |i| {
+        let mut b = unique[(i % 65_536) as usize].clone();
+        let Parse::Request(req) = http::parse(&mut b, &limits, "x-country") else {
+            panic!()
+        };
+        if out.len() > 1 << 19 {
+            out.clear();
+        }
+        let mut w = ResponseWriter {
+            out: &mut out,
+            date: b"Date: Mon, 23 Nov 2026 00:00:00 GMT\r\n",
+        };
+        let o = app.handle(&b, &req, [1; 16], now, &mut w);
+        assert!(o.wait_seq > 0);
+        if i % 1024 == 0 {
+            app.log.prefault(); // what the shard's tick does
+        }
+        if i % 10_000 == 0 {
+            app.append_partial(now).unwrap();
+            flushes += 1;
+        }
+    });
+    black_box(flushes);
+    let zstd_note = "zstd of a batch: measured with the shipper (issue 4)";
+    println!("# {zstd_note}");
+}

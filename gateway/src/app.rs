@@ -251,15 +251,20 @@ impl App {
                 w.finish_body(at);
                 close
             }
-            EP_CLICKS | EP_IMPRESSIONS => {
-                self.single_event(ep, buf, req, peer, now_ms, keep, w)
-            }
+            EP_CLICKS | EP_IMPRESSIONS => self.single_event(ep, buf, req, peer, now_ms, keep, w),
             EP_EVENTS => self.batch(buf, req, peer, now_ms, keep, w),
             _ => unreachable!(),
         }
     }
 
-    fn admit(&mut self, ep: usize, peer: [u8; 16], now_ms: i64, keep: bool, w: &mut ResponseWriter<'_>) -> bool {
+    fn admit(
+        &mut self,
+        ep: usize,
+        peer: [u8; 16],
+        now_ms: i64,
+        keep: bool,
+        w: &mut ResponseWriter<'_>,
+    ) -> bool {
         match self.limiter.admit(peer, now_ms) {
             Admit::Yes => true,
             Admit::Untracked => {
@@ -303,10 +308,22 @@ impl App {
         let query = &buf[req.query.clone()];
         let mut scratch = std::mem::take(&mut self.scratch);
         let item = self.one_item(
-            kind, query, &policy, Source::Get, device, country, peer, now_ms, &mut scratch,
+            kind,
+            query,
+            &policy,
+            Source::Get,
+            device,
+            country,
+            peer,
+            now_ms,
+            &mut scratch,
         );
         let out = match item {
-            Item::Stored { seq, redirect: (s, e), .. } => {
+            Item::Stored {
+                seq,
+                redirect: (s, e),
+                ..
+            } => {
                 if kind == EventKind::Click {
                     w.redirect(&scratch[s..e], keep);
                     self.counters.request(ep, 302);
@@ -410,7 +427,10 @@ impl App {
             }
         }
         let minute = wire::minute_of(now_ms);
-        let fp = self.shared.dedup.fingerprint(kind as u8, s.click_id.as_bytes());
+        let fp = self
+            .shared
+            .dedup
+            .fingerprint(kind as u8, s.click_id.as_bytes());
         let seen = self.shared.dedup.check_and_insert(fp, minute);
         if seen == Seen::NewEvicted {
             self.counters.dedup_evictions += 1;
@@ -491,14 +511,26 @@ impl App {
             let (kind, policy, query) = if let Some(q) = line.strip_prefix(b"/api/v1/clicks?") {
                 (EventKind::Click, self.settings.batch_click_policy, q)
             } else if let Some(q) = line.strip_prefix(b"/api/v1/impressions?") {
-                (EventKind::Impression, self.settings.batch_impression_policy, q)
+                (
+                    EventKind::Impression,
+                    self.settings.batch_impression_policy,
+                    q,
+                )
             } else {
                 self.counters.reject(Reject::BadField("path"));
                 w.out.extend_from_slice(b"rejected bad_field: path\n");
                 continue;
             };
             let item = self.one_item(
-                kind, query, &policy, Source::Batch, device, country, peer, now_ms, &mut scratch,
+                kind,
+                query,
+                &policy,
+                Source::Batch,
+                device,
+                country,
+                peer,
+                now_ms,
+                &mut scratch,
             );
             match item {
                 Item::Stored { seq, verdict, .. } => {
@@ -536,6 +568,7 @@ impl App {
 
     /// Periodic work: partials, key refresh, segment recycling, metrics.
     pub fn tick(&mut self, now_ms: i64) {
+        self.log.prefault();
         if now_ms - self.last_partial_ms >= self.settings.flush_interval_ms && !self.failed {
             if let Err(e) = self.append_partial(now_ms) {
                 tracing::warn!(shard = self.shard, error = %e, "partial not appended; will retry");
@@ -551,7 +584,9 @@ impl App {
 
     /// Deletes segments the shipper has acknowledged (`shipped_seq`).
     pub fn recycle(&mut self, shipped_seq: u64, now_ms: i64) {
-        let n = self.log.recycle(shipped_seq, self.settings.retention_ms, now_ms);
+        let n = self
+            .log
+            .recycle(shipped_seq, self.settings.retention_ms, now_ms);
         self.counters.segments_recycled += n as u64;
     }
 

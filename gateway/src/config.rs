@@ -337,7 +337,7 @@ impl Config {
             }
         }
         let seg = self.log.segment_bytes;
-        if seg < 64 * 1024 || seg % 4096 != 0 || seg > 1 << 32 {
+        if seg < 64 * 1024 || !seg.is_multiple_of(4096) || seg > 1 << 32 {
             return Err("log.segment_bytes: a multiple of 4096 from 65536 to 4294967296".into());
         }
         if self.log.disk_budget_bytes < 2 * seg {
@@ -363,7 +363,10 @@ impl Config {
             return Err("limits.connections_max: 1 to 1048576".into());
         }
         if l.id_bytes_max == 0 || l.id_bytes_max > wire::record::ID_MAX {
-            return Err(format!("limits.id_bytes_max: 1 to {}", wire::record::ID_MAX));
+            return Err(format!(
+                "limits.id_bytes_max: 1 to {}",
+                wire::record::ID_MAX
+            ));
         }
         // A record must fit a segment with room to spare.
         if (l.url_bytes_max + 8 * l.id_bytes_max + 256) as u64 * 4 > seg {

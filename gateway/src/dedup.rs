@@ -24,7 +24,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 const PROBE: usize = 16;
 
-struct Slot {
+/// All-zero bytes are a valid, empty slot (see `sys::zeroed_huge_slice`).
+#[repr(C)]
+pub(crate) struct Slot {
     fp: AtomicU64,
     /// Minute (since the epoch) the entry was last claimed; 0 = never.
     minute: AtomicU32,
@@ -52,12 +54,7 @@ impl DedupTable {
     /// dedup horizon in whole minutes (an entry lives for at least that long).
     pub fn new(entries_max: usize, horizon_min: u32) -> Self {
         let n = (entries_max.max(PROBE) * 2).next_power_of_two();
-        let slots = (0..n)
-            .map(|_| Slot {
-                fp: AtomicU64::new(0),
-                minute: AtomicU32::new(0),
-            })
-            .collect();
+        let slots = crate::sys::zeroed_huge_slice::<Slot>(n);
         Self {
             slots,
             mask: n - 1,
@@ -101,22 +98,24 @@ impl DedupTable {
         let now_min = now_min.max(1);
         let start = fp as usize & self.mask;
         for _ in 0..4 {
-            if let Some(j) = self.find(start, fp) {
-                return self.claim(&self.slots[j], now_min, false);
-            }
-            // Not present: take the first free (empty or expired) slot, or
-            // evict the oldest live one when the window is full.
+            // One pass over the window: the key, else the first free slot,
+            // else the oldest live one.
             let mut target = None;
             let mut oldest: Option<(usize, u64, u32)> = None;
             for i in 0..PROBE {
                 let idx = (start + i) & self.mask;
-                let cur = self.slots[idx].fp.load(Ordering::Acquire);
-                let m = self.slots[idx].minute.load(Ordering::Acquire);
+                let slot = &self.slots[idx];
+                let cur = slot.fp.load(Ordering::Acquire);
+                if cur == fp {
+                    return self.claim(slot, now_min, false);
+                }
+                if target.is_some() {
+                    continue;
+                }
+                let m = slot.minute.load(Ordering::Acquire);
                 if cur == 0 || !self.live(m, now_min) {
                     target = Some((idx, cur, false));
-                    break;
-                }
-                if oldest.is_none_or(|(_, _, om)| m < om) {
+                } else if oldest.is_none_or(|(_, _, om)| m < om) {
                     oldest = Some((idx, cur, m));
                 }
             }

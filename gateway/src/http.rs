@@ -275,7 +275,8 @@ fn dechunk(
     let mut rd = start;
     let mut wr = start;
     loop {
-        let Ok(httparse::Status::Complete((size_len, size))) = httparse::parse_chunk_size(&buf[rd..])
+        let Ok(httparse::Status::Complete((size_len, size))) =
+            httparse::parse_chunk_size(&buf[rd..])
         else {
             unreachable!("validated in the first pass")
         };
@@ -292,8 +293,14 @@ fn dechunk(
 }
 
 fn trim(v: &[u8]) -> &[u8] {
-    let s = v.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(v.len());
-    let e = v.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(s, |e| e + 1);
+    let s = v
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(v.len());
+    let e = v
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(s, |e| e + 1);
     &v[s..e]
 }
 
@@ -396,7 +403,8 @@ impl ResponseWriter<'_> {
         self.head(200, keep_alive);
         self.out.extend_from_slice(b"Content-Type: ");
         self.out.extend_from_slice(content_type);
-        self.out.extend_from_slice(b"\r\nCache-Control: no-store\r\nContent-Length: ");
+        self.out
+            .extend_from_slice(b"\r\nCache-Control: no-store\r\nContent-Length: ");
         let len_at = self.out.len();
         self.out.extend_from_slice(b"          \r\n\r\n");
         (len_at, self.out.len())
@@ -523,7 +531,12 @@ mod tests {
             ),
         ];
         for (raw, want) in cases {
-            assert_eq!(p(raw), Parse::Error(*want), "{}", String::from_utf8_lossy(raw));
+            assert_eq!(
+                p(raw),
+                Parse::Error(*want),
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
             assert_eq!(want.status(), 400);
         }
     }
@@ -539,7 +552,10 @@ mod tests {
 
     #[test]
     fn content_length_body_waits_for_all_bytes() {
-        assert_eq!(p(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nabc"), Parse::Partial);
+        assert_eq!(
+            p(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nabc"),
+            Parse::Partial
+        );
         let raw = b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nabcdeGET";
         let r = req(raw);
         assert_eq!(&raw[r.body.clone()], b"abcde");
@@ -549,11 +565,14 @@ mod tests {
     #[test]
     fn chunked_body_is_decoded_in_place() {
         let mut raw = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\nNEXT".to_vec();
-        let Parse::Request(r) = parse(&mut raw, &L, "") else { panic!() };
+        let Parse::Request(r) = parse(&mut raw, &L, "") else {
+            panic!()
+        };
         assert_eq!(&raw[r.body.clone()], b"abcdefg");
         assert_eq!(&raw[r.consumed..], b"NEXT");
         // Partial chunked bodies leave the buffer untouched.
-        let mut part = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n4\r\nde".to_vec();
+        let mut part =
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n4\r\nde".to_vec();
         let before = part.clone();
         assert_eq!(parse(&mut part, &L, ""), Parse::Partial);
         assert_eq!(part, before);
@@ -577,14 +596,23 @@ mod tests {
 
     #[test]
     fn malformed_is_400() {
-        assert_eq!(p(b"GET\x01/ HTTP/1.1\r\n\r\n"), Parse::Error(HttpError::Malformed));
-        assert_eq!(p(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n"), Parse::Error(HttpError::Malformed));
+        assert_eq!(
+            p(b"GET\x01/ HTTP/1.1\r\n\r\n"),
+            Parse::Error(HttpError::Malformed)
+        );
+        assert_eq!(
+            p(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n"),
+            Parse::Error(HttpError::Malformed)
+        );
     }
 
     #[test]
     fn responses_are_well_formed() {
         let mut out = Vec::new();
-        let mut w = ResponseWriter { out: &mut out, date: b"Date: x\r\n" };
+        let mut w = ResponseWriter {
+            out: &mut out,
+            date: b"Date: x\r\n",
+        };
         w.redirect(b"https://a.example/", true);
         let s = String::from_utf8(out.clone()).unwrap();
         assert!(s.starts_with("HTTP/1.1 302 Found\r\n"));
@@ -592,7 +620,10 @@ mod tests {
         assert!(s.contains("Cache-Control: no-cache, no-store, must-revalidate\r\n"));
         assert!(s.ends_with("Content-Length: 0\r\n\r\n"));
         out.clear();
-        let mut w = ResponseWriter { out: &mut out, date: b"" };
+        let mut w = ResponseWriter {
+            out: &mut out,
+            date: b"",
+        };
         let at = w.begin_body(b"text/plain", false);
         w.out.extend_from_slice(b"hello");
         w.finish_body(at);

@@ -26,12 +26,22 @@ pub fn inspect(data: &Path, opts: Options) -> anyhow::Result<String> {
         .with_context(|| format!("reading {}", data.display()))?
         .flatten()
         .filter_map(|e| {
-            let n = e.file_name().to_str()?.strip_prefix("shard-")?.parse().ok()?;
+            let n = e
+                .file_name()
+                .to_str()?
+                .strip_prefix("shard-")?
+                .parse()
+                .ok()?;
             Some((n, e.path()))
         })
         .collect();
     shards.sort();
-    let _ = writeln!(out, "data dir: {} ({} shards)", data.display(), shards.len());
+    let _ = writeln!(
+        out,
+        "data dir: {} ({} shards)",
+        data.display(),
+        shards.len()
+    );
     let mut minutes: BTreeMap<MinuteKey, Counts> = BTreeMap::new();
     let mut total = Counts::default();
     let mut all_match = true;
@@ -118,7 +128,8 @@ pub fn inspect(data: &Path, opts: Options) -> anyhow::Result<String> {
                         last_partial = Some(p);
                     }
                     None => {
-                        let _ = writeln!(seg_lines, "  unknown record type {} at seq {}", f.ty, f.seq);
+                        let _ =
+                            writeln!(seg_lines, "  unknown record type {} at seq {}", f.ty, f.seq);
                     }
                 }
             }
@@ -149,7 +160,15 @@ pub fn inspect(data: &Path, opts: Options) -> anyhow::Result<String> {
     let _ = writeln!(
         out,
         "\n{:<18} {:<14} {:<14} {:<14} {:>8} {:>11} {:>16} {:>10} {:>8}",
-        "minute (UTC)", "advertiser", "campaign", "ad", "clicks", "impressions", "spend", "duplicates", "invalid"
+        "minute (UTC)",
+        "advertiser",
+        "campaign",
+        "ad",
+        "clicks",
+        "impressions",
+        "spend",
+        "duplicates",
+        "invalid"
     );
     for ((m, adv, camp, ad), c) in &minutes {
         let _ = writeln!(
@@ -175,7 +194,11 @@ pub fn inspect(data: &Path, opts: Options) -> anyhow::Result<String> {
         total.duplicates,
         total.invalid
     );
-    let _ = writeln!(out, "partials consistent: {}", if all_match { "yes" } else { "NO" });
+    let _ = writeln!(
+        out,
+        "partials consistent: {}",
+        if all_match { "yes" } else { "NO" }
+    );
     Ok(out)
 }
 

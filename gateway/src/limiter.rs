@@ -29,7 +29,9 @@ struct Bucket {
 pub enum Admit {
     Yes,
     /// Over the rate: answer 429 with Retry-After of this many seconds.
-    Limited { retry_after_s: u32 },
+    Limited {
+        retry_after_s: u32,
+    },
     /// The table is full; admitted untracked.
     Untracked,
 }
@@ -136,19 +138,33 @@ impl Velocity {
     }
 }
 
-/// Coarse device type from a User-Agent.
+/// Coarse device type from a User-Agent: one lower-casing copy of its first
+/// 512 bytes, then SIMD substring searches in order of precedence.
 pub fn device_of(ua: &[u8]) -> Device {
-    let has = |n: &[u8]| ua.windows(n.len()).any(|w| w.eq_ignore_ascii_case(n));
+    use memchr::memmem::find;
     if ua.is_empty() {
-        Device::Other
-    } else if has(b"bot") || has(b"crawler") || has(b"spider") || has(b"curl/") || has(b"wget") {
+        return Device::Other;
+    }
+    let mut low = [0u8; 512];
+    let n = ua.len().min(low.len());
+    for (d, s) in low[..n].iter_mut().zip(ua) {
+        *d = s.to_ascii_lowercase();
+    }
+    let ua = &low[..n];
+    let has = |p: &[u8]| find(ua, p).is_some();
+    if has(b"bot") || has(b"crawl") || has(b"spider") || has(b"curl/") || has(b"wget") {
         Device::Bot
-    } else if has(b"ipad") || has(b"tablet") || (has(b"android") && !has(b"mobile")) {
+    } else if has(b"ipad") || has(b"tablet") {
         Device::Tablet
-    } else if has(b"mobi") || has(b"iphone") || has(b"android") {
+    } else if has(b"android") {
+        if has(b"mobile") {
+            Device::Mobile
+        } else {
+            Device::Tablet
+        }
+    } else if has(b"mobi") || has(b"iphone") {
         Device::Mobile
-    } else if has(b"windows") || has(b"macintosh") || has(b"x11") || has(b"linux") || has(b"cros")
-    {
+    } else if has(b"windows") || has(b"macintosh") || has(b"x11") || has(b"linux") || has(b"cros") {
         Device::Desktop
     } else {
         Device::Other
@@ -206,12 +222,30 @@ mod tests {
     #[test]
     fn devices_are_classified_coarsely() {
         let cases: &[(&str, Device)] = &[
-            ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) Mobile/15E148", Device::Mobile),
-            ("Mozilla/5.0 (Linux; Android 14; Pixel 8) Mobile Safari/537.36", Device::Mobile),
-            ("Mozilla/5.0 (Linux; Android 13; SM-X200) Safari/537.36", Device::Tablet),
-            ("Mozilla/5.0 (iPad; CPU OS 17_0 like Mac OS X)", Device::Tablet),
-            ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) Chrome/120", Device::Desktop),
-            ("Googlebot/2.1 (+http://www.google.com/bot.html)", Device::Bot),
+            (
+                "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) Mobile/15E148",
+                Device::Mobile,
+            ),
+            (
+                "Mozilla/5.0 (Linux; Android 14; Pixel 8) Mobile Safari/537.36",
+                Device::Mobile,
+            ),
+            (
+                "Mozilla/5.0 (Linux; Android 13; SM-X200) Safari/537.36",
+                Device::Tablet,
+            ),
+            (
+                "Mozilla/5.0 (iPad; CPU OS 17_0 like Mac OS X)",
+                Device::Tablet,
+            ),
+            (
+                "Mozilla/5.0 (Windows NT 10.0; Win64; x64) Chrome/120",
+                Device::Desktop,
+            ),
+            (
+                "Googlebot/2.1 (+http://www.google.com/bot.html)",
+                Device::Bot,
+            ),
             ("curl/8.5.0", Device::Bot),
             ("", Device::Other),
             ("SomethingElse/1.0", Device::Other),

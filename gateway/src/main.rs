@@ -9,7 +9,10 @@ use clap::{Parser, Subcommand};
 use gateway::config::{Config, Cpus, DurabilityMode};
 
 #[derive(Parser)]
-#[command(version, about = "Clickgate edge gateway: signed clicks in, durable log out")]
+#[command(
+    version,
+    about = "Clickgate edge gateway: signed clicks in, durable log out"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -88,8 +91,7 @@ enum Cmd {
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -218,6 +220,8 @@ fn secret_of(text: &str, kid: &str) -> Option<Vec<u8>> {
             return None;
         }
         let s = k.get("secret")?.as_str()?.trim_end_matches('=');
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).ok()
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(s)
+            .ok()
     })
 }

@@ -21,7 +21,9 @@ pub const ENDPOINTS: &[&str] = &[
     "metrics",
     "other",
 ];
-pub const STATUSES: &[u16] = &[200, 204, 302, 400, 403, 404, 405, 408, 413, 429, 431, 503, 505];
+pub const STATUSES: &[u16] = &[
+    200, 204, 302, 400, 403, 404, 405, 408, 413, 429, 431, 503, 505,
+];
 /// Drops that are not a signature verdict: each is its own reason label.
 pub const DROPS: &[&str] = &[
     "rate_limited",
@@ -43,7 +45,8 @@ pub const DROPS: &[&str] = &[
     "header_timeout",
 ];
 /// Flush (fdatasync) latency histogram bucket bounds, microseconds.
-pub const FLUSH_BUCKETS_US: &[u64] = &[50, 100, 200, 500, 1000, 2000, 5000, 10_000, 50_000, 250_000];
+pub const FLUSH_BUCKETS_US: &[u64] =
+    &[50, 100, 200, 500, 1000, 2000, 5000, 10_000, 50_000, 250_000];
 
 #[derive(Debug, Clone, Default)]
 pub struct Counters {
@@ -80,7 +83,10 @@ const _: () = assert!(DROPS.len() == 17 && FLUSH_BUCKETS_US.len() + 1 == 11);
 
 impl Counters {
     pub fn request(&mut self, endpoint: usize, status: u16) {
-        let s = STATUSES.iter().position(|&x| x == status).unwrap_or(STATUSES.len() - 1);
+        let s = STATUSES
+            .iter()
+            .position(|&x| x == status)
+            .unwrap_or(STATUSES.len() - 1);
         self.requests[endpoint][s] += 1;
     }
 
@@ -89,7 +95,10 @@ impl Counters {
     }
 
     pub fn drop(&mut self, reason: &str) {
-        let i = DROPS.iter().position(|&d| d == reason).expect("drop reason is listed");
+        let i = DROPS
+            .iter()
+            .position(|&d| d == reason)
+            .expect("drop reason is listed");
         self.drops[i] += 1;
     }
 
@@ -98,17 +107,30 @@ impl Counters {
     }
 
     pub fn flush(&mut self, us: u64) {
-        let b = FLUSH_BUCKETS_US.iter().position(|&x| us <= x).unwrap_or(FLUSH_BUCKETS_US.len());
+        let b = FLUSH_BUCKETS_US
+            .iter()
+            .position(|&x| us <= x)
+            .unwrap_or(FLUSH_BUCKETS_US.len());
         self.flush_buckets[b] += 1;
         self.flush_sum_us += us;
         self.flush_count += 1;
     }
 
     fn add(&mut self, o: &Counters) {
-        for (a, b) in self.requests.iter_mut().flatten().zip(o.requests.iter().flatten()) {
+        for (a, b) in self
+            .requests
+            .iter_mut()
+            .flatten()
+            .zip(o.requests.iter().flatten())
+        {
             *a += b;
         }
-        for (a, b) in self.events.iter_mut().flatten().zip(o.events.iter().flatten()) {
+        for (a, b) in self
+            .events
+            .iter_mut()
+            .flatten()
+            .zip(o.events.iter().flatten())
+        {
             *a += b;
         }
         let pairs = [
@@ -153,7 +175,9 @@ pub struct Registry {
 impl Registry {
     pub fn new(shards: usize) -> Self {
         Self {
-            shards: (0..shards).map(|_| Mutex::new(Counters::default())).collect(),
+            shards: (0..shards)
+                .map(|_| Mutex::new(Counters::default()))
+                .collect(),
             dedup_entries: AtomicU64::new(0),
             dedup_capacity: AtomicU64::new(0),
             keys_loaded: AtomicU64::new(0),
@@ -177,14 +201,26 @@ impl Registry {
 
     /// Prometheus text exposition format 0.0.4.
     pub fn render(&self, out: &mut Vec<u8>) {
-        let per: Vec<Counters> = self.shards.iter().map(|s| s.lock().unwrap().clone()).collect();
+        let per: Vec<Counters> = self
+            .shards
+            .iter()
+            .map(|s| s.lock().unwrap().clone())
+            .collect();
         let mut t = Counters::default();
         per.iter().for_each(|c| t.add(c));
         let mut s = String::with_capacity(8192);
         let head = |s: &mut String, name: &str, ty: &str, help: &str| {
-            let _ = writeln!(s, "# HELP clickgate_{name} {help}\n# TYPE clickgate_{name} {ty}");
+            let _ = writeln!(
+                s,
+                "# HELP clickgate_{name} {help}\n# TYPE clickgate_{name} {ty}"
+            );
         };
-        head(&mut s, "requests_total", "counter", "HTTP requests answered, by endpoint and status.");
+        head(
+            &mut s,
+            "requests_total",
+            "counter",
+            "HTTP requests answered, by endpoint and status.",
+        );
         for (e, row) in t.requests.iter().enumerate() {
             for (i, n) in row.iter().enumerate().filter(|(_, n)| **n > 0) {
                 let _ = writeln!(
@@ -194,15 +230,34 @@ impl Registry {
                 );
             }
         }
-        head(&mut s, "rejects_total", "counter", "Signed events refused, by reason.");
+        head(
+            &mut s,
+            "rejects_total",
+            "counter",
+            "Signed events refused, by reason.",
+        );
         for (i, r) in Reject::REASONS.iter().enumerate() {
-            let _ = writeln!(s, "clickgate_rejects_total{{reason=\"{r}\"}} {}", t.rejects[i]);
+            let _ = writeln!(
+                s,
+                "clickgate_rejects_total{{reason=\"{r}\"}} {}",
+                t.rejects[i]
+            );
         }
-        head(&mut s, "drops_total", "counter", "Requests refused before or outside verification, by reason.");
+        head(
+            &mut s,
+            "drops_total",
+            "counter",
+            "Requests refused before or outside verification, by reason.",
+        );
         for (i, r) in DROPS.iter().enumerate() {
             let _ = writeln!(s, "clickgate_drops_total{{reason=\"{r}\"}} {}", t.drops[i]);
         }
-        head(&mut s, "events_total", "counter", "Events written to the log, by kind and verdict.");
+        head(
+            &mut s,
+            "events_total",
+            "counter",
+            "Events written to the log, by kind and verdict.",
+        );
         for k in EventKind::ALL {
             for v in Verdict::ALL {
                 let n = t.events[*k as usize - 1][*v as usize];
@@ -215,43 +270,121 @@ impl Registry {
             }
         }
         let counters: &[(&str, &str, u64)] = &[
-            ("log_appended_bytes_total", "Bytes appended to segment files.", t.bytes_appended),
-            ("log_appended_records_total", "Records appended to segment files.", t.records_appended),
-            ("partials_appended_total", "Partial-aggregate records appended.", t.partials_appended),
-            ("flush_errors_total", "fdatasync failures (the shard stops acknowledging).", t.flush_errors),
-            ("connections_accepted_total", "Connections accepted.", t.connections_accepted),
-            ("connections_refused_total", "Connections closed at once: over limits.connections_max.", t.connections_refused),
-            ("connections_idle_closed_total", "Connections closed by the idle timeout.", t.connections_idle_closed),
-            ("dedup_evictions_total", "Live dedup entries evicted because a probe window was full.", t.dedup_evictions),
-            ("velocity_untracked_total", "Clicks not velocity-checked: the table was full.", t.velocity_untracked),
-            ("rate_untracked_total", "Requests not rate-limited: the table was full.", t.rate_untracked),
-            ("segments_recycled_total", "Shipped segments deleted.", t.segments_recycled),
+            (
+                "log_appended_bytes_total",
+                "Bytes appended to segment files.",
+                t.bytes_appended,
+            ),
+            (
+                "log_appended_records_total",
+                "Records appended to segment files.",
+                t.records_appended,
+            ),
+            (
+                "partials_appended_total",
+                "Partial-aggregate records appended.",
+                t.partials_appended,
+            ),
+            (
+                "flush_errors_total",
+                "fdatasync failures (the shard stops acknowledging).",
+                t.flush_errors,
+            ),
+            (
+                "connections_accepted_total",
+                "Connections accepted.",
+                t.connections_accepted,
+            ),
+            (
+                "connections_refused_total",
+                "Connections closed at once: over limits.connections_max.",
+                t.connections_refused,
+            ),
+            (
+                "connections_idle_closed_total",
+                "Connections closed by the idle timeout.",
+                t.connections_idle_closed,
+            ),
+            (
+                "dedup_evictions_total",
+                "Live dedup entries evicted because a probe window was full.",
+                t.dedup_evictions,
+            ),
+            (
+                "velocity_untracked_total",
+                "Clicks not velocity-checked: the table was full.",
+                t.velocity_untracked,
+            ),
+            (
+                "rate_untracked_total",
+                "Requests not rate-limited: the table was full.",
+                t.rate_untracked,
+            ),
+            (
+                "segments_recycled_total",
+                "Shipped segments deleted.",
+                t.segments_recycled,
+            ),
         ];
         for (name, help, v) in counters {
             head(&mut s, name, "counter", help);
             let _ = writeln!(s, "clickgate_{name} {v}");
         }
         let gauges: &[(&str, &str, u64)] = &[
-            ("connections_open", "Open client connections.", t.connections_open),
-            ("preagg_rows", "Rows summed since the last partial.", t.preagg_rows),
+            (
+                "connections_open",
+                "Open client connections.",
+                t.connections_open,
+            ),
+            (
+                "preagg_rows",
+                "Rows summed since the last partial.",
+                t.preagg_rows,
+            ),
             ("log_segments", "Segment files on disk.", t.log_segments),
-            ("log_disk_bytes", "Bytes of segment files on disk.", t.log_disk_bytes),
-            ("dedup_entries", "Live click ids in the dedup table (sampled).", self.dedup_entries.load(Ordering::Relaxed)),
-            ("dedup_capacity_entries", "Slots in the dedup table.", self.dedup_capacity.load(Ordering::Relaxed)),
-            ("keys_loaded", "Keys in the keyring, retired ones in grace included.", self.keys_loaded.load(Ordering::Relaxed)),
+            (
+                "log_disk_bytes",
+                "Bytes of segment files on disk.",
+                t.log_disk_bytes,
+            ),
+            (
+                "dedup_entries",
+                "Live click ids in the dedup table (sampled).",
+                self.dedup_entries.load(Ordering::Relaxed),
+            ),
+            (
+                "dedup_capacity_entries",
+                "Slots in the dedup table.",
+                self.dedup_capacity.load(Ordering::Relaxed),
+            ),
+            (
+                "keys_loaded",
+                "Keys in the keyring, retired ones in grace included.",
+                self.keys_loaded.load(Ordering::Relaxed),
+            ),
         ];
         for (name, help, v) in gauges {
             head(&mut s, name, "gauge", help);
             let _ = writeln!(s, "clickgate_{name} {v}");
         }
-        head(&mut s, "key_reloads_total", "counter", "Keys file reloads, by result.");
+        head(
+            &mut s,
+            "key_reloads_total",
+            "counter",
+            "Keys file reloads, by result.",
+        );
         let _ = writeln!(
             s,
             "clickgate_key_reloads_total{{result=\"ok\"}} {}\nclickgate_key_reloads_total{{result=\"error\"}} {}",
             self.key_reloads_ok.load(Ordering::Relaxed),
             self.key_reloads_failed.load(Ordering::Relaxed)
         );
-        head(&mut s, "log_seq", "gauge", "Last appended and last durable seq, per shard.");
+        head(
+            &mut s,
+            "log_seq",
+            "gauge",
+            "Last appended and last durable seq, per shard.",
+        );
         for (i, c) in per.iter().enumerate() {
             let _ = writeln!(
                 s,
@@ -259,14 +392,22 @@ impl Registry {
                 c.log_last_seq, c.log_durable_seq
             );
         }
-        head(&mut s, "flush_duration_seconds", "histogram", "Group-commit fdatasync latency.");
+        head(
+            &mut s,
+            "flush_duration_seconds",
+            "histogram",
+            "Group-commit fdatasync latency.",
+        );
         let mut cum = 0;
         for (i, n) in t.flush_buckets.iter().enumerate() {
             cum += n;
             let le = FLUSH_BUCKETS_US
                 .get(i)
                 .map_or("+Inf".to_string(), |us| format!("{}", *us as f64 / 1e6));
-            let _ = writeln!(s, "clickgate_flush_duration_seconds_bucket{{le=\"{le}\"}} {cum}");
+            let _ = writeln!(
+                s,
+                "clickgate_flush_duration_seconds_bucket{{le=\"{le}\"}} {cum}"
+            );
         }
         let _ = writeln!(
             s,
@@ -298,7 +439,10 @@ mod tests {
         let mut out = Vec::new();
         r.render(&mut out);
         let s = String::from_utf8(out).unwrap();
-        assert!(s.contains("clickgate_requests_total{endpoint=\"clicks\",status=\"302\"} 3"), "{s}");
+        assert!(
+            s.contains("clickgate_requests_total{endpoint=\"clicks\",status=\"302\"} 3"),
+            "{s}"
+        );
         assert!(s.contains("clickgate_rejects_total{reason=\"bad_signature\"} 2"));
         assert!(s.contains("clickgate_drops_total{reason=\"rate_limited\"} 2"));
         assert!(s.contains("clickgate_events_total{kind=\"click\",verdict=\"duplicate\"} 2"));

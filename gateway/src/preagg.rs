@@ -49,7 +49,14 @@ impl PreAgg {
 
     fn find(&self, e: &EventRef<'_>) -> Option<&(u64, RowKey, Counts)> {
         let minute = wire::minute_of(e.event_ms);
-        let h = self.hash(minute, e.advertiser_id, e.campaign_id, e.ad_id, e.device, e.country);
+        let h = self.hash(
+            minute,
+            e.advertiser_id,
+            e.campaign_id,
+            e.ad_id,
+            e.device,
+            e.country,
+        );
         self.rows.find(h, |(_, k, _)| eq(k, minute, e))
     }
 
@@ -57,7 +64,14 @@ impl PreAgg {
     /// the event needs a new row; nothing is counted then.
     pub fn add(&mut self, e: &EventRef<'_>) -> Result<(), Full> {
         let minute = wire::minute_of(e.event_ms);
-        let h = self.hash(minute, e.advertiser_id, e.campaign_id, e.ad_id, e.device, e.country);
+        let h = self.hash(
+            minute,
+            e.advertiser_id,
+            e.campaign_id,
+            e.ad_id,
+            e.device,
+            e.country,
+        );
         if let Some((_, _, c)) = self.rows.find_mut(h, |(_, k, _)| eq(k, minute, e)) {
             c.add_event(e.kind, e.verdict, e.cost_micros);
             return Ok(());
@@ -127,7 +141,9 @@ pub fn recount<'a>(events: impl IntoIterator<Item = EventRef<'a>>) -> Vec<(RowKe
             device: e.device,
             country: e.country,
         };
-        m.entry(k).or_default().add_event(e.kind, e.verdict, e.cost_micros);
+        m.entry(k)
+            .or_default()
+            .add_event(e.kind, e.verdict, e.cost_micros);
     }
     m.into_iter().collect()
 }
@@ -141,7 +157,11 @@ mod tests {
         let ad = format!("ad{}", i % 7);
         let adv = format!("adv{}", i % 3);
         let e = EventRef {
-            kind: if i % 5 == 0 { EventKind::Impression } else { EventKind::Click },
+            kind: if i.is_multiple_of(5) {
+                EventKind::Impression
+            } else {
+                EventKind::Click
+            },
             verdict: match i % 11 {
                 0 => Verdict::Duplicate,
                 1 => Verdict::Invalid,
@@ -149,7 +169,7 @@ mod tests {
             },
             source: Source::Get,
             device: Device::ALL[(i % 5) as usize],
-            country: if i % 2 == 0 { *b"DE" } else { *b"ZZ" },
+            country: if i.is_multiple_of(2) { *b"DE" } else { *b"ZZ" },
             event_ms: 1_800_000_000_000 + (i as i64 * 7_919) % 300_000,
             receive_ms: 0,
             signed_ts_s: 0,
@@ -172,7 +192,11 @@ mod tests {
         let data: Vec<_> = (0..5_000).map(ev).collect();
         let events: Vec<EventRef<'_>> = data
             .iter()
-            .map(|(ad, adv, e)| EventRef { ad_id: ad, advertiser_id: adv, ..*e })
+            .map(|(ad, adv, e)| EventRef {
+                ad_id: ad,
+                advertiser_id: adv,
+                ..*e
+            })
             .collect();
         let mut partials = Vec::new();
         let mut seq = 0u64;
@@ -205,9 +229,19 @@ mod tests {
     fn row_limit_refuses_new_rows_but_counts_existing() {
         let mut agg = PreAgg::new(2, 0);
         let (ad, adv, e) = ev(2);
-        let a = EventRef { ad_id: &ad, advertiser_id: &adv, ..e };
-        let b = EventRef { ad_id: "other", ..a };
-        let c = EventRef { ad_id: "third", ..a };
+        let a = EventRef {
+            ad_id: &ad,
+            advertiser_id: &adv,
+            ..e
+        };
+        let b = EventRef {
+            ad_id: "other",
+            ..a
+        };
+        let c = EventRef {
+            ad_id: "third",
+            ..a
+        };
         agg.add(&a).unwrap();
         agg.add(&b).unwrap();
         assert!(!agg.has_room_for(&c));

@@ -57,7 +57,10 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let grace_ms = cfg.tokens.key_grace_s as i64 * 1000;
     let ring = load_keys(&cfg.keys_file, grace_ms, None)?;
     let shared = Arc::new(Shared {
-        dedup: DedupTable::new(cfg.dedup.entries_max, cfg.dedup.horizon_s.div_ceil(60) as u32),
+        dedup: DedupTable::new(
+            cfg.dedup.entries_max,
+            cfg.dedup.horizon_s.div_ceil(60) as u32,
+        ),
         registry: Registry::new(cpus.len()),
         state: AtomicU8::new(STARTING),
         keys: KeysHandle {
@@ -69,10 +72,10 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         .registry
         .dedup_capacity
         .store(shared.dedup.capacity() as u64, Ordering::Relaxed);
-    shared
-        .registry
-        .keys_loaded
-        .store(shared.keys.ring.lock().unwrap().len() as u64, Ordering::Relaxed);
+    shared.registry.keys_loaded.store(
+        shared.keys.ring.lock().unwrap().len() as u64,
+        Ordering::Relaxed,
+    );
 
     // Signals first, so a SIGTERM during recovery is not lost.
     let mut signals = signal_hook::iterator::Signals::new([
@@ -106,7 +109,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     }
     drop(started_tx);
     for _ in 0..cpus.len() {
-        let (i, r) = started_rx.recv().context("a shard thread died during start-up")?;
+        let (i, r) = started_rx
+            .recv()
+            .context("a shard thread died during start-up")?;
         if let Err(e) = r {
             shared.state.store(DRAINING, Ordering::Release);
             bail!("shard {i} failed to start: {e:#}");
@@ -143,7 +148,10 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         if last_dedup_count.elapsed() >= Duration::from_secs(10) {
             last_dedup_count = Instant::now();
             let live = shared.dedup.live_entries(wire::minute_of(now_ms()));
-            shared.registry.dedup_entries.store(live as u64, Ordering::Relaxed);
+            shared
+                .registry
+                .dedup_entries
+                .store(live as u64, Ordering::Relaxed);
         }
         if handles.iter().all(|h| h.is_finished()) {
             break;
@@ -189,12 +197,21 @@ fn reload_keys(cfg: &Config, shared: &Shared, grace_ms: i64, why: &str) {
             let n = ring.len();
             *shared.keys.ring.lock().unwrap() = Arc::new(ring);
             shared.keys.version.fetch_add(1, Ordering::AcqRel);
-            shared.registry.keys_loaded.store(n as u64, Ordering::Relaxed);
-            shared.registry.key_reloads_ok.fetch_add(1, Ordering::Relaxed);
+            shared
+                .registry
+                .keys_loaded
+                .store(n as u64, Ordering::Relaxed);
+            shared
+                .registry
+                .key_reloads_ok
+                .fetch_add(1, Ordering::Relaxed);
             tracing::info!(keys = n, why, "keys reloaded");
         }
         Err(e) => {
-            shared.registry.key_reloads_failed.fetch_add(1, Ordering::Relaxed);
+            shared
+                .registry
+                .key_reloads_failed
+                .fetch_add(1, Ordering::Relaxed);
             tracing::error!(error = %format!("{e:#}"), why, "keys reload failed; keeping the old keys");
         }
     }
@@ -202,7 +219,12 @@ fn reload_keys(cfg: &Config, shared: &Shared, grace_ms: i64, why: &str) {
 
 /// Pins, recovers the shard's log, refills dedup and the pre-aggregate, binds
 /// the listener: everything before the shard may answer.
-fn start_shard(i: usize, cpu: usize, cfg: &Config, shared: Arc<Shared>) -> anyhow::Result<ShardLoop> {
+fn start_shard(
+    i: usize,
+    cpu: usize,
+    cfg: &Config,
+    shared: Arc<Shared>,
+) -> anyhow::Result<ShardLoop> {
     if let Err(e) = sys::pin_to_cpu(cpu) {
         tracing::warn!(shard = i, cpu, error = %e, "could not pin shard");
     }
@@ -235,7 +257,9 @@ fn start_shard(i: usize, cpu: usize, cfg: &Config, shared: Arc<Shared>) -> anyho
             panic!("shard {i}: undecodable event record at seq {}", f.seq);
         };
         if now - e.receive_ms < horizon_ms {
-            let fp = shared.dedup.fingerprint(e.kind as u8, e.click_id.as_bytes());
+            let fp = shared
+                .dedup
+                .fingerprint(e.kind as u8, e.click_id.as_bytes());
             shared
                 .dedup
                 .check_and_insert(fp, wire::minute_of(e.receive_ms));
@@ -246,10 +270,18 @@ fn start_shard(i: usize, cpu: usize, cfg: &Config, shared: Arc<Shared>) -> anyho
             rebuilt += 1;
         }
     })?;
-    let mut app = App::new(i, cfg, log, PreAgg::new(cfg.aggregate.rows_max, 0), shared, now);
+    let mut app = App::new(
+        i,
+        cfg,
+        log,
+        PreAgg::new(cfg.aggregate.rows_max, 0),
+        shared,
+        now,
+    );
     app.preagg = preagg;
     // Write the rebuilt partial now, so live sums start from a clean slate.
-    app.append_partial(now).context("writing the recovered partial")?;
+    app.append_partial(now)
+        .context("writing the recovered partial")?;
     app.log.sync_now()?;
     app.durable_seq = app.log.last_seq();
     app.preagg = {

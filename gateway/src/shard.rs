@@ -272,7 +272,10 @@ impl ShardLoop {
             OP_ACCEPT => self.on_accept(res, flags, now),
             OP_RECV | OP_SEND => {
                 let c = &mut self.conns[slot];
-                assert!(c.in_use && c.gen == gen, "completion for a freed connection");
+                assert!(
+                    c.in_use && c.gen == gen,
+                    "completion for a freed connection"
+                );
                 if op == OP_RECV {
                     c.recv_inflight = false;
                     self.on_recv(slot, res, now);
@@ -438,7 +441,10 @@ impl ShardLoop {
     }
 
     fn on_sync(&mut self, res: i32) {
-        let (target, started) = self.sync_inflight.take().expect("sync completion without a sync");
+        let (target, started) = self
+            .sync_inflight
+            .take()
+            .expect("sync completion without a sync");
         if res < 0 {
             // The kernel may have dropped the dirty pages: nothing since the
             // last good sync can be called durable, now or by a later sync.
@@ -537,7 +543,12 @@ impl ShardLoop {
         }
         let c = &mut self.conns[slot];
         let queued = c.out.len() + c.sending.len() - c.sent;
-        if !c.recv_inflight && !c.read_done && !c.closing && queued < pending_max && c.rlen < c.rbuf.len() {
+        if !c.recv_inflight
+            && !c.read_done
+            && !c.closing
+            && queued < pending_max
+            && c.rlen < c.rbuf.len()
+        {
             let buf = &mut c.rbuf[c.rlen..];
             let e = opcode::Recv::new(types::Fd(c.fd), buf.as_mut_ptr(), buf.len() as u32)
                 .build()
@@ -609,7 +620,8 @@ impl ShardLoop {
             let header_late = c
                 .partial_since_ms
                 .is_some_and(|t| now - t > self.header_timeout_ms);
-            let idle = c.rlen == 0 && nothing_queued && now - c.last_active_ms > self.idle_timeout_ms;
+            let idle =
+                c.rlen == 0 && nothing_queued && now - c.last_active_ms > self.idle_timeout_ms;
             if header_late {
                 self.app.counters.drop("header_timeout");
                 self.app.counters.request(6, 408);
@@ -687,14 +699,16 @@ fn peer_of(fd: RawFd) -> [u8; 16] {
     match storage.ss_family as i32 {
         libc::AF_INET => {
             // SAFETY: the family says this is a sockaddr_in.
-            let a: &libc::sockaddr_in = unsafe { &*(&storage as *const _ as *const libc::sockaddr_in) };
+            let a: &libc::sockaddr_in =
+                unsafe { &*(&storage as *const _ as *const libc::sockaddr_in) };
             std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr))
                 .to_ipv6_mapped()
                 .octets()
         }
         libc::AF_INET6 => {
             // SAFETY: the family says this is a sockaddr_in6.
-            let a: &libc::sockaddr_in6 = unsafe { &*(&storage as *const _ as *const libc::sockaddr_in6) };
+            let a: &libc::sockaddr_in6 =
+                unsafe { &*(&storage as *const _ as *const libc::sockaddr_in6) };
             a.sin6_addr.s6_addr
         }
         _ => [0; 16],
@@ -727,6 +741,9 @@ mod tests {
 
     #[test]
     fn user_data_round_trips() {
-        assert_eq!(ud_parts(ud(OP_SEND, 0xABCDE, 0xDEADBEEF)), (OP_SEND, 0xABCDE, 0xDEADBEEF));
+        assert_eq!(
+            ud_parts(ud(OP_SEND, 0xABCDE, 0xDEADBEEF)),
+            (OP_SEND, 0xABCDE, 0xDEADBEEF)
+        );
     }
 }

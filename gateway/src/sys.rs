@@ -82,3 +82,31 @@ pub fn allowed_cpus() -> Vec<usize> {
             .collect()
     }
 }
+
+/// A boxed slice of `n` zero-initialised `T`, whose memory is advised to use
+/// transparent huge pages before it is first touched: a large hash table
+/// probed at random otherwise pays a TLB miss on nearly every lookup.
+///
+/// Only for types whose all-zero bit pattern is a valid value (atomics and
+/// integers); the dedup table's `Slot` is one.
+pub(crate) fn zeroed_huge_slice<T>(n: usize) -> Box<[T]> {
+    assert!(n > 0 && std::mem::size_of::<T>() > 0);
+    let layout = std::alloc::Layout::array::<T>(n).expect("table size overflows");
+    // SAFETY: the layout has non-zero size (asserted above).
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) } as *mut T;
+    if ptr.is_null() {
+        std::alloc::handle_alloc_error(layout);
+    }
+    let page = 4096usize;
+    let start = (ptr as usize).next_multiple_of(page);
+    let end = (ptr as usize + layout.size()) & !(page - 1);
+    if end > start {
+        // SAFETY: [start, end) lies within the allocation we own; MADV_HUGEPAGE
+        // changes no contents, only how later faults are served.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+    }
+    // SAFETY: `ptr` came from the global allocator with the layout of `[T; n]`,
+    // is zero-initialised, and zero is a valid `T` (the caller's contract), so
+    // Box may own and later free it with that same layout.
+    unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, n)) }
+}

@@ -72,7 +72,9 @@ pub enum KeysError {
 
 fn decode_secret(s: &str) -> Option<Vec<u8>> {
     let s = s.trim().trim_end_matches('=');
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).ok()
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s)
+        .ok()
 }
 
 impl KeyRing {
@@ -90,13 +92,19 @@ impl KeyRing {
         for e in file.key {
             let kid_ok = !e.kid.is_empty()
                 && e.kid.len() <= 32
-                && e.kid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                && e.kid
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
             if !kid_ok {
                 return Err(KeysError::BadKid { kid: e.kid });
             }
-            let secret = decode_secret(&e.secret).ok_or(KeysError::Base64 { kid: e.kid.clone() })?;
+            let secret =
+                decode_secret(&e.secret).ok_or(KeysError::Base64 { kid: e.kid.clone() })?;
             if secret.len() < SECRET_BYTES_MIN {
-                return Err(KeysError::Short { kid: e.kid, len: secret.len() });
+                return Err(KeysError::Short {
+                    kid: e.kid,
+                    len: secret.len(),
+                });
             }
             let key = Key {
                 key: hmac::Key::new(hmac::HMAC_SHA256, &secret),
@@ -185,7 +193,10 @@ impl Reject {
 
     /// Index into [`Self::REASONS`].
     pub fn index(self) -> usize {
-        Self::REASONS.iter().position(|r| *r == self.reason()).unwrap()
+        Self::REASONS
+            .iter()
+            .position(|r| *r == self.reason())
+            .unwrap()
     }
 
     /// 400 for requests that are malformed, 403 for ones that are well formed
@@ -297,8 +308,8 @@ fn decode_fields<'s>(
     ];
     let mut found: [Option<(usize, usize)>; 9] = [None; 9];
     let mut w = 0usize;
-    for pair in signed.split(|&b| b == b'&') {
-        let eq = pair.iter().position(|&b| b == b'=').unwrap_or(pair.len());
+    for pair in pairs(signed) {
+        let eq = memchr::memchr(b'=', pair).unwrap_or(pair.len());
         let (name, value) = (&pair[..eq], pair.get(eq + 1..).unwrap_or(b""));
         let Some(i) = NAMES.iter().position(|n| n.as_bytes() == name) else {
             continue; // Unknown parameters are signed too; they are ignored.
@@ -368,12 +379,27 @@ fn decode_fields<'s>(
 }
 
 fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).rposition(|w| w == needle)
+    memchr::memmem::rfind(hay, needle)
+}
+
+/// The `&`-separated parameters of a query (SIMD search for the separators).
+fn pairs(query: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut start = 0;
+    let mut seps = memchr::memchr_iter(b'&', query);
+    std::iter::from_fn(move || {
+        if start > query.len() {
+            return None;
+        }
+        let end = seps.next().unwrap_or(query.len());
+        let p = &query[start..end];
+        start = end + 1;
+        Some(p)
+    })
 }
 
 /// The raw value of the first parameter `name` in a query.
 fn param<'q>(query: &'q [u8], name: &[u8]) -> Option<&'q [u8]> {
-    query.split(|&b| b == b'&').find_map(|pair| {
+    pairs(query).find_map(|pair| {
         let rest = pair.strip_prefix(name)?;
         rest.strip_prefix(b"=")
     })
@@ -384,20 +410,20 @@ fn param<'q>(query: &'q [u8], name: &[u8]) -> Option<&'q [u8]> {
 fn percent_decode(src: &[u8], dst: &mut [u8]) -> Option<usize> {
     let mut r = 0;
     let mut w = 0;
-    while r < src.len() {
-        let b = src[r];
-        if b == b'%' {
-            let h = hex(*src.get(r + 1)?)?;
-            let l = hex(*src.get(r + 2)?)?;
-            dst[w] = h << 4 | l;
-            r += 3;
-        } else {
-            dst[w] = b;
-            r += 1;
-        }
+    // Copy the runs between escapes whole.
+    while let Some(p) = memchr::memchr(b'%', &src[r..]) {
+        dst[w..w + p].copy_from_slice(&src[r..r + p]);
+        w += p;
+        r += p;
+        let h = hex(*src.get(r + 1)?)?;
+        let l = hex(*src.get(r + 2)?)?;
+        dst[w] = h << 4 | l;
+        r += 3;
         w += 1;
     }
-    Some(w)
+    let rest = src.len() - r;
+    dst[w..w + rest].copy_from_slice(&src[r..]);
+    Some(w + rest)
 }
 
 fn hex(b: u8) -> Option<u8> {
@@ -535,7 +561,10 @@ mod tests {
             let mut d = bytes.to_vec();
             d.remove(i);
             let mut scratch = vec![0u8; d.len()];
-            assert!(verify(&d, &r, &POLICY, NOW_MS, &mut scratch).is_err(), "delete {i}");
+            assert!(
+                verify(&d, &r, &POLICY, NOW_MS, &mut scratch).is_err(),
+                "delete {i}"
+            );
         }
         assert_eq!(tried, 3 * bytes.len());
     }
@@ -554,11 +583,17 @@ mod tests {
         let future = sign(&query(ts + 301), SECRET);
         assert_eq!(check(&future, &r, NOW_MS), Err(Reject::FutureTimestamp));
         let missing = sign(&query(ts).replace("user_id=u1&", ""), SECRET);
-        assert_eq!(check(&missing, &r, NOW_MS), Err(Reject::MissingField("user_id")));
+        assert_eq!(
+            check(&missing, &r, NOW_MS),
+            Err(Reject::MissingField("user_id"))
+        );
         let twice = sign(&format!("{}&ad_id=ad2", query(ts)), SECRET);
         assert_eq!(check(&twice, &r, NOW_MS), Err(Reject::DuplicateField));
         let float = sign(&query(ts).replace("0.25", "0.2500001"), SECRET);
-        assert_eq!(check(&float, &r, NOW_MS), Err(Reject::BadField("cost_per_click")));
+        assert_eq!(
+            check(&float, &r, NOW_MS),
+            Err(Reject::BadField("cost_per_click"))
+        );
         let js = sign(
             &query(ts).replace(
                 &encode_component("https://shop.example/landing?item=7&ref=ad"),
@@ -566,16 +601,30 @@ mod tests {
             ),
             SECRET,
         );
-        assert_eq!(check(&js, &r, NOW_MS), Err(Reject::BadField("redirect_url")));
-        let crlf = sign(&query(ts).replace("ref%3Dad", "ref%3Dad%0D%0ASet-Cookie:x"), SECRET);
-        assert_eq!(check(&crlf, &r, NOW_MS), Err(Reject::BadField("redirect_url")));
+        assert_eq!(
+            check(&js, &r, NOW_MS),
+            Err(Reject::BadField("redirect_url"))
+        );
+        let crlf = sign(
+            &query(ts).replace("ref%3Dad", "ref%3Dad%0D%0ASet-Cookie:x"),
+            SECRET,
+        );
+        assert_eq!(
+            check(&crlf, &r, NOW_MS),
+            Err(Reject::BadField("redirect_url"))
+        );
     }
 
     #[test]
     fn retired_key_verifies_in_grace_and_not_after() {
-        let r1 = ring(&format!("{}{}", keys_toml("k1", SECRET), keys_toml("k2", &[7u8; 32])));
+        let r1 = ring(&format!(
+            "{}{}",
+            keys_toml("k1", SECRET),
+            keys_toml("k2", &[7u8; 32])
+        ));
         // Reload without k1: it is retired now, with one hour of grace.
-        let r2 = KeyRing::parse(&keys_toml("k2", &[7u8; 32]), 3_600_000, Some(&r1), NOW_MS).unwrap();
+        let r2 =
+            KeyRing::parse(&keys_toml("k2", &[7u8; 32]), 3_600_000, Some(&r1), NOW_MS).unwrap();
         assert_eq!(r2.len(), 2);
         let in_grace = NOW_MS + 3_599_000;
         let q = sign(&query(in_grace / 1000), SECRET);
@@ -588,9 +637,16 @@ mod tests {
         assert_eq!(r3.len(), 1);
         assert_eq!(check(&q, &r3, after), Err(Reject::UnknownKid));
         // retired_at in the file works across restarts.
-        let text = format!("{}retired_at = {}\n", keys_toml("k1", SECRET), NOW_MS / 1000);
+        let text = format!(
+            "{}retired_at = {}\n",
+            keys_toml("k1", SECRET),
+            NOW_MS / 1000
+        );
         let r4 = KeyRing::parse(&text, 3_600_000, None, NOW_MS).unwrap();
-        assert_eq!(check(&sign(&query(in_grace / 1000), SECRET), &r4, in_grace), Ok(()));
+        assert_eq!(
+            check(&sign(&query(in_grace / 1000), SECRET), &r4, in_grace),
+            Ok(())
+        );
         assert_eq!(check(&q, &r4, after), Err(Reject::RetiredKid));
     }
 

@@ -12,8 +12,14 @@ fn click_redirects_with_the_signed_url_and_no_cache() {
     let g = Gateway::start("");
     let r = g.get(&Click::default().target());
     assert_eq!(r.status, 302, "{}", r.body_str());
-    assert_eq!(r.header("location"), Some("https://shop.example/landing?item=7&ref=ad"));
-    assert_eq!(r.header("cache-control"), Some("no-cache, no-store, must-revalidate"));
+    assert_eq!(
+        r.header("location"),
+        Some("https://shop.example/landing?item=7&ref=ad")
+    );
+    assert_eq!(
+        r.header("cache-control"),
+        Some("no-cache, no-store, must-revalidate")
+    );
     assert!(r.header("date").is_some());
     let ins = g.inspect(false);
     assert_eq!(totals(&ins), (1, 0, 0, 0), "{ins}");
@@ -37,7 +43,11 @@ fn duplicate_is_redirected_but_not_counted_across_shards() {
 #[test]
 fn impression_is_204_and_counted_as_impression() {
     let g = Gateway::start("");
-    let c = Click { kind: "impressions", click_id: "imp-1", ..Click::default() };
+    let c = Click {
+        kind: "impressions",
+        click_id: "imp-1",
+        ..Click::default()
+    };
     let r = g.get(&c.target());
     assert_eq!(r.status, 204);
     assert_eq!(totals(&g.inspect(false)), (0, 1, 0, 0));
@@ -46,10 +56,30 @@ fn impression_is_204_and_counted_as_impression() {
 #[test]
 fn batch_answers_each_item_and_stores_only_good_ones() {
     let g = Gateway::start("");
-    let good = Click { click_id: "b-1", ts: now_s() - 3 * 3600, ..Click::default() }.target();
-    let bad_sig = Click { click_id: "b-2", secret: &SECRET2, ..Click::default() }.target();
-    let imp = Click { kind: "impressions", click_id: "b-3", ..Click::default() }.target();
-    let expired = Click { click_id: "b-4", ts: now_s() - 8 * 86_400, ..Click::default() }.target();
+    let good = Click {
+        click_id: "b-1",
+        ts: now_s() - 3 * 3600,
+        ..Click::default()
+    }
+    .target();
+    let bad_sig = Click {
+        click_id: "b-2",
+        secret: &SECRET2,
+        ..Click::default()
+    }
+    .target();
+    let imp = Click {
+        kind: "impressions",
+        click_id: "b-3",
+        ..Click::default()
+    }
+    .target();
+    let expired = Click {
+        click_id: "b-4",
+        ts: now_s() - 8 * 86_400,
+        ..Click::default()
+    }
+    .target();
     let body = format!("{good}\n{bad_sig}\n{good}\n{imp}\n{expired}\n/nope?x=1\n");
     let raw = format!(
         "POST /api/v1/events HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
@@ -73,13 +103,20 @@ fn batch_answers_each_item_and_stores_only_good_ones() {
     assert_eq!(totals(&ins), (1, 1, 1, 0), "{ins}");
     // A batched event counts in the minute of its signed timestamp.
     let minute = (now_s() - 3 * 3600) / 60;
-    assert!(ins.contains(&format!("click_id=b-1 minute={minute}")), "{ins}");
+    assert!(
+        ins.contains(&format!("click_id=b-1 minute={minute}")),
+        "{ins}"
+    );
 }
 
 #[test]
 fn chunked_batch_is_accepted() {
     let g = Gateway::start("");
-    let t = Click { click_id: "ch-1", ..Click::default() }.target();
+    let t = Click {
+        click_id: "ch-1",
+        ..Click::default()
+    }
+    .target();
     let body = format!("{t}\n");
     let raw = format!(
         "POST /api/v1/events HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
@@ -96,26 +133,60 @@ fn rejections_have_their_status_and_are_counted() {
         "[limits]\nheader_bytes_max = 1024\nbody_bytes_max = 512\n[traffic]\nrate_per_s = 1\nrate_burst = 30\n",
     );
     // 403 bad signature, 400 missing field, 403 unknown kid, 403 expired.
-    let r = g.get(&Click { secret: &SECRET2, ..Click::default() }.target());
+    let r = g.get(
+        &Click {
+            secret: &SECRET2,
+            ..Click::default()
+        }
+        .target(),
+    );
     assert_eq!((r.status, r.body_str().as_str()), (403, "bad_signature\n"));
     let r = g.get("/api/v1/clicks?ad_id=1&sig=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA");
     assert_eq!(r.status, 400, "{}", r.body_str());
-    let r = g.get(&Click { kid: "k9", ..Click::default() }.target());
+    let r = g.get(
+        &Click {
+            kid: "k9",
+            ..Click::default()
+        }
+        .target(),
+    );
     assert_eq!((r.status, r.body_str().as_str()), (403, "unknown_kid\n"));
-    let r = g.get(&Click { ts: now_s() - 2 * 86_400, ..Click::default() }.target());
+    let r = g.get(
+        &Click {
+            ts: now_s() - 2 * 86_400,
+            ..Click::default()
+        }
+        .target(),
+    );
     assert_eq!((r.status, r.body_str().as_str()), (403, "expired\n"));
-    let r = g.get(&Click { ts: now_s() + 3600, ..Click::default() }.target());
-    assert_eq!((r.status, r.body_str().as_str()), (403, "future_timestamp\n"));
+    let r = g.get(
+        &Click {
+            ts: now_s() + 3600,
+            ..Click::default()
+        }
+        .target(),
+    );
+    assert_eq!(
+        (r.status, r.body_str().as_str()),
+        (403, "future_timestamp\n")
+    );
     // 404, 405.
     assert_eq!(g.get("/nope").status, 404);
-    let r = g.request(b"POST /api/v1/clicks HTTP/1.1\r\nContent-Length: 0\r\n\r\n").unwrap();
+    let r = g
+        .request(b"POST /api/v1/clicks HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+        .unwrap();
     assert_eq!(r.status, 405);
     assert_eq!(r.header("allow"), Some("GET"));
     // 431: headers over the limit.
-    let big = format!("GET /healthz HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(2000));
+    let big = format!(
+        "GET /healthz HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(2000)
+    );
     assert_eq!(g.request(big.as_bytes()).unwrap().status, 431);
     // 413: body over the limit, refused from the Content-Length alone.
-    let r = g.request(b"POST /api/v1/events HTTP/1.1\r\nContent-Length: 100000\r\n\r\n").unwrap();
+    let r = g
+        .request(b"POST /api/v1/events HTTP/1.1\r\nContent-Length: 100000\r\n\r\n")
+        .unwrap();
     assert_eq!(r.status, 413);
     // 400: ambiguous framing.
     for raw in [
@@ -130,7 +201,13 @@ fn rejections_have_their_status_and_are_counted() {
     // 429 with Retry-After once the burst is spent.
     let mut limited = None;
     for i in 0..60 {
-        let r = g.get(&Click { click_id: &format!("rl-{i}"), ..Click::default() }.target());
+        let r = g.get(
+            &Click {
+                click_id: &format!("rl-{i}"),
+                ..Click::default()
+            }
+            .target(),
+        );
         if r.status == 429 {
             limited = Some(r);
             break;
@@ -140,12 +217,20 @@ fn rejections_have_their_status_and_are_counted() {
     assert!(r.header("retry-after").is_some());
     std::thread::sleep(Duration::from_millis(150));
     let m = g.metrics();
-    assert!(metric(&m, "clickgate_rejects_total{reason=\"bad_signature\"}") >= 1, "{m}");
+    assert!(
+        metric(&m, "clickgate_rejects_total{reason=\"bad_signature\"}") >= 1,
+        "{m}"
+    );
     assert!(metric(&m, "clickgate_rejects_total{reason=\"unknown_kid\"}") >= 1);
     assert!(metric(&m, "clickgate_rejects_total{reason=\"expired\"}") >= 1);
     assert!(metric(&m, "clickgate_drops_total{reason=\"header_too_large\"}") >= 1);
     assert!(metric(&m, "clickgate_drops_total{reason=\"body_too_large\"}") >= 1);
-    assert!(metric(&m, "clickgate_drops_total{reason=\"duplicate_content_length\"}") >= 1);
+    assert!(
+        metric(
+            &m,
+            "clickgate_drops_total{reason=\"duplicate_content_length\"}"
+        ) >= 1
+    );
     assert!(metric(&m, "clickgate_drops_total{reason=\"rate_limited\"}") >= 1);
 }
 
@@ -155,7 +240,11 @@ fn keep_alive_and_pipelining_answer_in_order() {
     let mut s = g.connect();
     let mut raw = Vec::new();
     for i in 0..10 {
-        let t = Click { click_id: &format!("p-{i}"), ..Click::default() }.target();
+        let t = Click {
+            click_id: &format!("p-{i}"),
+            ..Click::default()
+        }
+        .target();
         raw.extend_from_slice(format!("GET {t} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
         raw.extend_from_slice(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
     }
@@ -187,8 +276,14 @@ fn header_timeout_and_connection_limit_close_connections() {
     drop(held);
     std::thread::sleep(Duration::from_millis(200));
     let m = g.metrics();
-    assert!(metric(&m, "clickgate_connections_refused_total") >= 1, "{m}");
-    assert!(metric(&m, "clickgate_drops_total{reason=\"header_timeout\"}") >= 1, "{m}");
+    assert!(
+        metric(&m, "clickgate_connections_refused_total") >= 1,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "clickgate_drops_total{reason=\"header_timeout\"}") >= 1,
+        "{m}"
+    );
 }
 
 #[test]
@@ -200,22 +295,46 @@ fn sighup_rotates_keys_without_dropping_connections() {
             .unwrap();
         read_response(s).unwrap().status
     };
-    let k2 = |id| Click { kid: "k2", secret: &SECRET2, click_id: id, ..Click::default() };
+    let k2 = |id| Click {
+        kid: "k2",
+        secret: &SECRET2,
+        click_id: id,
+        ..Click::default()
+    };
     assert_eq!(send(&mut s, k2("r-1")), 403);
     // Rotate: k2 is current, k1 is removed (retired, still in grace).
     write_keys(&g.keys_path(), &[("k2", &SECRET2)]);
     g.signal(libc::SIGHUP);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(send(&mut s, k2("r-2")), 302);
-    assert_eq!(send(&mut s, Click { click_id: "r-3", ..Click::default() }), 302);
+    assert_eq!(
+        send(
+            &mut s,
+            Click {
+                click_id: "r-3",
+                ..Click::default()
+            }
+        ),
+        302
+    );
     let m = g.metrics();
-    assert_eq!(metric(&m, "clickgate_key_reloads_total{result=\"ok\"}"), 1, "{m}");
+    assert_eq!(
+        metric(&m, "clickgate_key_reloads_total{result=\"ok\"}"),
+        1,
+        "{m}"
+    );
     // A broken keys file keeps the old keys.
     std::fs::write(g.keys_path(), "not toml [").unwrap();
     g.signal(libc::SIGHUP);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(send(&mut s, k2("r-4")), 302);
-    assert_eq!(metric(&g.metrics(), "clickgate_key_reloads_total{result=\"error\"}"), 1);
+    assert_eq!(
+        metric(
+            &g.metrics(),
+            "clickgate_key_reloads_total{result=\"error\"}"
+        ),
+        1
+    );
 }
 
 #[test]
@@ -223,15 +342,29 @@ fn retired_key_past_grace_is_refused() {
     let g = Gateway::start("[tokens]\nkey_grace_s = 1\nkeys_poll_ms = 50\n");
     write_keys(&g.keys_path(), &[("k2", &SECRET2)]);
     std::thread::sleep(Duration::from_millis(2500));
-    let r = g.get(&Click { click_id: "g-1", ..Click::default() }.target());
+    let r = g.get(
+        &Click {
+            click_id: "g-1",
+            ..Click::default()
+        }
+        .target(),
+    );
     assert_eq!(r.status, 403);
-    assert!(r.body_str() == "retired_kid\n" || r.body_str() == "unknown_kid\n", "{}", r.body_str());
+    assert!(
+        r.body_str() == "retired_kid\n" || r.body_str() == "unknown_kid\n",
+        "{}",
+        r.body_str()
+    );
 }
 
 #[test]
 fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let mut g = Gateway::start("");
-    let t = Click { click_id: "d-1", ..Click::default() }.target();
+    let t = Click {
+        click_id: "d-1",
+        ..Click::default()
+    }
+    .target();
     let raw = format!("GET {t} HTTP/1.1\r\nHost: t\r\n\r\n");
     let (head, tail) = raw.as_bytes().split_at(20);
     let mut s = g.connect();
@@ -264,13 +397,21 @@ fn kill9_loses_no_acknowledged_click() {
             std::thread::spawn(move || {
                 let mut i = 0;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 100_000 {
-                    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return };
+                    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+                        return;
+                    };
                     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
                     for _ in 0..50 {
                         let id = format!("k9-{w}-{i}");
                         i += 1;
-                        let t = Click { click_id: &id, ..Click::default() }.target();
-                        if s.write_all(format!("GET {t} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes()).is_err() {
+                        let t = Click {
+                            click_id: &id,
+                            ..Click::default()
+                        }
+                        .target();
+                        if s.write_all(format!("GET {t} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+                            .is_err()
+                        {
                             return;
                         }
                         match read_response(&mut s) {
@@ -289,15 +430,28 @@ fn kill9_loses_no_acknowledged_click() {
         w.join().unwrap();
     }
     let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() > 100, "only {} clicks acknowledged", acked.len());
+    assert!(
+        acked.len() > 100,
+        "only {} clicks acknowledged",
+        acked.len()
+    );
     // Restart: recovery must keep every acknowledged click, once.
     g.spawn();
-    let r = g.get(&Click { click_id: &acked[0], ..Click::default() }.target());
+    let r = g.get(
+        &Click {
+            click_id: &acked[0],
+            ..Click::default()
+        }
+        .target(),
+    );
     assert_eq!(r.status, 302);
     let ins = g.inspect(true);
     let mut stored = std::collections::HashMap::<String, (u32, u32)>::new();
     for l in ins.lines().filter(|l| l.starts_with("event ")) {
-        let id = l.split(' ').find_map(|kv| kv.strip_prefix("click_id=")).unwrap();
+        let id = l
+            .split(' ')
+            .find_map(|kv| kv.strip_prefix("click_id="))
+            .unwrap();
         let e = stored.entry(id.to_string()).or_default();
         if l.contains("verdict=accepted") {
             e.0 += 1;
@@ -306,7 +460,11 @@ fn kill9_loses_no_acknowledged_click() {
         }
     }
     for id in &acked {
-        assert_eq!(stored.get(id).map(|e| e.0), Some(1), "acked {id} not stored once");
+        assert_eq!(
+            stored.get(id).map(|e| e.0),
+            Some(1),
+            "acked {id} not stored once"
+        );
     }
     // The retried first click was recognised from the recovered log.
     assert_eq!(stored[&acked[0]].1, 1);
@@ -320,7 +478,13 @@ fn disk_budget_full_answers_503_and_never_302_without_a_record() {
     let mut refused = None;
     for i in 0..2000 {
         let id = format!("full-{i}");
-        let r = g.get(&Click { click_id: &id, ..Click::default() }.target());
+        let r = g.get(
+            &Click {
+                click_id: &id,
+                ..Click::default()
+            }
+            .target(),
+        );
         match r.status {
             302 => acked.push(id),
             503 => {
@@ -334,7 +498,10 @@ fn disk_budget_full_answers_503_and_never_302_without_a_record() {
     assert!(r.header("retry-after").is_some());
     let ins = g.inspect(true);
     for id in &acked {
-        assert!(ins.contains(&format!("click_id={id} ")), "acked {id} missing");
+        assert!(
+            ins.contains(&format!("click_id={id} ")),
+            "acked {id} missing"
+        );
     }
     // Still alive and honest about readiness of the process.
     assert_eq!(g.get("/healthz").status, 200);

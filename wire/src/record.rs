@@ -254,7 +254,13 @@ impl PartialRecord {
             out.push(k.device as u8);
             out.extend_from_slice(&k.country);
             out.push(0);
-            for v in [c.clicks, c.impressions, c.spend_micros, c.duplicates, c.invalid] {
+            for v in [
+                c.clicks,
+                c.impressions,
+                c.spend_micros,
+                c.duplicates,
+                c.invalid,
+            ] {
                 out.extend_from_slice(&v.to_le_bytes());
             }
             for s in [&k.advertiser_id, &k.campaign_id, &k.ad_id] {
@@ -295,8 +301,12 @@ impl PartialRecord {
             let mut ids: [String; 3] = Default::default();
             for id in ids.iter_mut() {
                 let len = *b.get(off).ok_or(DecodeError::Truncated)? as usize;
-                let s = b.get(off + 1..off + 1 + len).ok_or(DecodeError::Truncated)?;
-                *id = std::str::from_utf8(s).map_err(|_| DecodeError::Utf8)?.to_owned();
+                let s = b
+                    .get(off + 1..off + 1 + len)
+                    .ok_or(DecodeError::Truncated)?;
+                *id = std::str::from_utf8(s)
+                    .map_err(|_| DecodeError::Utf8)?
+                    .to_owned();
                 off += 1 + len;
             }
             let [advertiser_id, campaign_id, ad_id] = ids;
@@ -368,7 +378,10 @@ mod tests {
         }
         let mut bad = buf.clone();
         bad[0] = 9;
-        assert!(matches!(EventRef::decode(&bad), Err(DecodeError::Enum { .. })));
+        assert!(matches!(
+            EventRef::decode(&bad),
+            Err(DecodeError::Enum { .. })
+        ));
     }
 
     #[test]
@@ -386,8 +399,23 @@ mod tests {
             to_seq: 19,
             watermark_ms: 42,
             rows: vec![
-                (key("a"), Counts { clicks: 3, spend_micros: 30, ..Counts::default() }),
-                (key("b"), Counts { impressions: 7, duplicates: 1, invalid: 2, ..Counts::default() }),
+                (
+                    key("a"),
+                    Counts {
+                        clicks: 3,
+                        spend_micros: 30,
+                        ..Counts::default()
+                    },
+                ),
+                (
+                    key("b"),
+                    Counts {
+                        impressions: 7,
+                        duplicates: 1,
+                        invalid: 2,
+                        ..Counts::default()
+                    },
+                ),
             ],
         };
         let mut buf = Vec::new();

@@ -30,8 +30,8 @@ pub const GATEWAY_ID_MAX: usize = 24;
 /// The page size power-loss holes are judged by.
 pub const PAGE: usize = 4096;
 
-const _: () = assert!(HEADER_LEN % 8 == 0);
-const _: () = assert!(FRAME_HEADER_LEN % 8 == 0);
+const _: () = assert!(HEADER_LEN.is_multiple_of(8));
+const _: () = assert!(FRAME_HEADER_LEN.is_multiple_of(8));
 
 /// The type byte of a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,7 +134,10 @@ pub const fn frame_len(payload_len: usize) -> usize {
 /// The payload must already be in place at `dst[FRAME_HEADER_LEN..]`, so that a
 /// record is encoded once, straight into the mapped segment.
 pub fn seal_frame(dst: &mut [u8], payload_len: usize, seq: u64, ty: RecordType) -> usize {
-    assert!(payload_len > 0, "empty payloads are reserved for the end marker");
+    assert!(
+        payload_len > 0,
+        "empty payloads are reserved for the end marker"
+    );
     assert!(payload_len <= u32::MAX as usize);
     let total = frame_len(payload_len);
     assert!(dst.len() >= total);
@@ -169,7 +172,7 @@ impl Frame<'_> {
 
 /// Reads the frame at `off`, if it is whole (length in bounds and CRC matches).
 pub fn read_frame(seg: &[u8], off: usize) -> Option<Frame<'_>> {
-    if off % 8 != 0 || off + FRAME_HEADER_LEN > seg.len() {
+    if !off.is_multiple_of(8) || off + FRAME_HEADER_LEN > seg.len() {
         return None;
     }
     let len = u32::from_le_bytes(seg[off..off + 4].try_into().unwrap()) as usize;
@@ -345,7 +348,10 @@ mod tests {
         assert_eq!(s.last_seq, Some(12));
         assert_eq!(s.tail, Tail::Clean);
         let got: Vec<_> = frames(&seg, s.end).map(|f| f.payload.to_vec()).collect();
-        assert_eq!(got, vec![b"one".to_vec(), b"two-two".to_vec(), b"three".to_vec()]);
+        assert_eq!(
+            got,
+            vec![b"one".to_vec(), b"two-two".to_vec(), b"three".to_vec()]
+        );
     }
 
     #[test]
@@ -361,7 +367,11 @@ mod tests {
             let expect = all.iter().filter(|f| payload_end(f) <= cut).count() as u64;
             assert_eq!(s.frames, expect, "cut at {cut}");
             assert!(s.end <= cut.next_multiple_of(8), "cut {cut}: end {}", s.end);
-            assert!(matches!(s.tail, Tail::Clean | Tail::Torn), "cut {cut}: {:?}", s.tail);
+            assert!(
+                matches!(s.tail, Tail::Clean | Tail::Torn),
+                "cut {cut}: {:?}",
+                s.tail
+            );
             // What survives is byte-identical to what was written.
             for (a, b) in frames(&seg, s.end).zip(all.iter()) {
                 assert_eq!(a, *b);

@@ -109,7 +109,9 @@ impl Gateway {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("gateway exited during start ({st}):\n{}", self.log());
             }
-            if let Ok(r) = self.request(b"GET /readyz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n") {
+            if let Ok(r) =
+                self.request(b"GET /readyz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            {
                 if r.status == 200 {
                     return;
                 }
@@ -163,7 +165,9 @@ impl Gateway {
     }
 
     pub fn get(&self, target: &str) -> Response {
-        let raw = format!("GET {target} HTTP/1.1\r\nHost: t\r\nUser-Agent: test-agent (Windows NT)\r\n\r\n");
+        let raw = format!(
+            "GET {target} HTTP/1.1\r\nHost: t\r\nUser-Agent: test-agent (Windows NT)\r\n\r\n"
+        );
         self.request(raw.as_bytes()).unwrap()
     }
 
@@ -174,7 +178,11 @@ impl Gateway {
             cmd.arg("--events");
         }
         let out = cmd.output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     }
 
@@ -219,7 +227,10 @@ pub fn read_response(s: &mut TcpStream) -> std::io::Result<Response> {
     let mut byte = [0u8; 1];
     while !buf.ends_with(b"\r\n\r\n") {
         if s.read(&mut byte)? == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "eof"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "eof",
+            ));
         }
         buf.push(byte[0]);
     }
@@ -240,7 +251,11 @@ pub fn read_response(s: &mut TcpStream) -> std::io::Result<Response> {
         .map_or(0, |(_, v)| v.parse().unwrap());
     let mut body = vec![0u8; len];
     s.read_exact(&mut body)?;
-    Ok(Response { status, headers, body })
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
 }
 
 pub struct Click<'a> {
@@ -293,7 +308,12 @@ pub fn totals(inspect: &str) -> (u64, u64, u64, u64) {
             .parse()
             .unwrap()
     };
-    (get("clicks"), get("impressions"), get("duplicates"), get("invalid"))
+    (
+        get("clicks"),
+        get("impressions"),
+        get("duplicates"),
+        get("invalid"),
+    )
 }
 
 pub fn metric(text: &str, name_and_labels: &str) -> u64 {
