@@ -404,6 +404,23 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_in_deploy_is_valid_and_lists_every_default() {
+        let text = include_str!("../../deploy/gateway.toml");
+        let c = parse(text).unwrap();
+        let d = Config::default();
+        // Every documented value equals the built-in default, except the
+        // fields an operator must set per host.
+        assert_eq!(format!("{:?}", c.limits), format!("{:?}", d.limits));
+        assert_eq!(format!("{:?}", c.tokens), format!("{:?}", d.tokens));
+        assert_eq!(format!("{:?}", c.traffic), format!("{:?}", d.traffic));
+        assert_eq!(format!("{:?}", c.dedup), format!("{:?}", d.dedup));
+        assert_eq!(format!("{:?}", c.log), format!("{:?}", d.log));
+        assert_eq!(format!("{:?}", c.aggregate), format!("{:?}", d.aggregate));
+        assert_eq!(format!("{:?}", c.drain), format!("{:?}", d.drain));
+        assert_eq!(c.durability, d.durability);
+    }
+
+    #[test]
     fn empty_file_is_the_defaults() {
         let c = parse("").unwrap();
         assert_eq!(c.durability.mode, DurabilityMode::Sync);
