@@ -138,6 +138,7 @@ fn main() {
             gateway_id: "bench".into(),
             segment_bytes: 256 << 20,
             disk_budget_bytes: 64 << 30,
+            zero_fill: false,
         },
         now,
     )
@@ -194,6 +195,7 @@ fn main() {
             gateway_id: "bench".into(),
             segment_bytes: 256 << 20,
             disk_budget_bytes: 64 << 30,
+            zero_fill: false,
         },
         now,
     )

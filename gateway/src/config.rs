@@ -83,6 +83,10 @@ pub struct Log {
     /// A shipped segment is kept at least this long after it was sealed,
     /// seconds. Default 3600.
     pub retention_s: u64,
+    /// Also write zeros over each new segment in the background (like
+    /// PostgreSQL's wal_init_zero), so appends never convert unwritten
+    /// extents. Costs one extra write of every segment. Default false.
+    pub zero_fill: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -229,6 +233,7 @@ impl Default for Log {
             segment_bytes: 64 << 20,
             disk_budget_bytes: 8 << 30,
             retention_s: 3600,
+            zero_fill: false,
         }
     }
 }

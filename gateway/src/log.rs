@@ -83,6 +83,88 @@ pub struct ShardLog {
     /// Set after a failed segment creation; retried no sooner than this.
     create_retry_at_ms: i64,
     partial_buf: Vec<u8>,
+    /// The background preparer of the next segment file (see [`Spare`]).
+    spare: Spare,
+}
+
+/// Creating a segment (fallocate, fsync, directory fsync) takes milliseconds;
+/// a helper thread does it ahead of time, so rotation on the request path is
+/// a rename and a header write. A prepared spare is `spare-<n>.seg.tmp`,
+/// zero-filled with no header; recovery deletes one that never got a header
+/// and renames one that did (a crash right after rotation) to its seq name.
+struct Spare {
+    want: std::sync::mpsc::Sender<()>,
+    ready: std::sync::mpsc::Receiver<io::Result<(File, PathBuf)>>,
+    requested: bool,
+}
+
+impl Spare {
+    fn start(dir: PathBuf, bytes: usize, zero_fill: bool) -> Spare {
+        let (want, want_rx) = std::sync::mpsc::channel::<()>();
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let name = format!(
+            "segprep-{}",
+            dir.file_name().and_then(|n| n.to_str()).unwrap_or("log")
+        );
+        let _ = std::thread::Builder::new().name(name).spawn(move || {
+            let mut n = 0u64;
+            while want_rx.recv().is_ok() {
+                n += 1;
+                let path = dir.join(format!("spare-{}-{n}.seg.tmp", std::process::id()));
+                let made = (|| {
+                    let f = OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .open(&path)?;
+                    sys::fallocate(&f, bytes as u64)?;
+                    if zero_fill {
+                        write_zeros(&f, bytes)?;
+                    }
+                    f.sync_all()?;
+                    sync_dir(&dir)?;
+                    Ok((f, path.clone()))
+                })();
+                if made.is_err() {
+                    let _ = fs::remove_file(&path);
+                }
+                if ready_tx.send(made).is_err() {
+                    return;
+                }
+            }
+        });
+        Spare {
+            want,
+            ready,
+            requested: false,
+        }
+    }
+
+    fn request(&mut self) {
+        if !self.requested {
+            self.requested = self.want.send(()).is_ok();
+        }
+    }
+
+    /// A prepared file, if the helper has one ready now.
+    fn take(&mut self) -> Option<(File, PathBuf)> {
+        if !self.requested {
+            return None;
+        }
+        match self.ready.try_recv() {
+            Ok(Ok(f)) => {
+                self.requested = false;
+                Some(f)
+            }
+            Ok(Err(e)) => {
+                self.requested = false;
+                tracing::warn!(error = %e, "preparing the next segment failed; will create it inline");
+                None
+            }
+            Err(_) => None,
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -102,6 +184,22 @@ pub struct LogConfig {
     pub gateway_id: String,
     pub segment_bytes: usize,
     pub disk_budget_bytes: u64,
+    /// Write zeros over new segments (not only fallocate), so appends never
+    /// convert unwritten extents and a group commit needs no journal commit.
+    pub zero_fill: bool,
+}
+
+/// Overwrites a file's first `bytes` with zeros, 1 MiB at a time.
+fn write_zeros(f: &File, bytes: usize) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let z = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < bytes {
+        let n = z.len().min(bytes - off);
+        f.write_all_at(&z[..n], off as u64)?;
+        off += n;
+    }
+    Ok(())
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> OpenError + '_ {
@@ -157,7 +255,20 @@ impl ShardLog {
         let dir = cfg.dir.clone();
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         assert!(cfg.segment_bytes >= 64 * 1024 && cfg.segment_bytes.is_multiple_of(4096));
-        let segs = list_segments(&dir).map_err(io_err(&dir))?;
+        adopt_or_remove_spares(&dir, cfg.shard).map_err(io_err(&dir))?;
+        let mut segs = list_segments(&dir).map_err(io_err(&dir))?;
+        // A last segment whose header never became durable held nothing that
+        // was acknowledged (its first group commit would have synced the
+        // header page too): it is a spare that was being put to use.
+        if let Some((_, path)) = segs.last() {
+            let empty_header = map_readonly(path)
+                .map(|m| m.len() >= HEADER_LEN && m[..HEADER_LEN].iter().all(|&b| b == 0))
+                .unwrap_or(false);
+            if empty_header {
+                fs::remove_file(path).map_err(io_err(path))?;
+                segs.pop();
+            }
+        }
         let mut rec = Recovery::default();
         let mut sealed = Vec::new();
         let mut next_seq = seq_floor(&dir);
@@ -259,6 +370,7 @@ impl ShardLog {
             next_seq: next_seq.max(1),
             create_retry_at_ms: 0,
             partial_buf: Vec::with_capacity(64 * 1024),
+            spare: Spare::start(cfg.dir.clone(), cfg.segment_bytes, cfg.zero_fill),
         };
         // A seq floor from quarantined files may be past the active segment's
         // chain; start a fresh segment then, so the chain inside a file holds.
@@ -268,7 +380,48 @@ impl ShardLog {
                 source: io::Error::other(e.to_string()),
             })?;
         }
+        log.maybe_request_spare();
         Ok((log, rec))
+    }
+
+    /// Asks the helper for the next segment file if the disk budget leaves
+    /// room for it beside the active and sealed ones.
+    fn maybe_request_spare(&mut self) {
+        let with_spare = (self.sealed.len() as u64 + 2) * self.segment_bytes as u64;
+        if with_spare <= self.disk_budget_bytes {
+            self.spare.request();
+        }
+    }
+
+    /// Puts a prepared spare to use as the segment starting at `base_seq`.
+    fn adopt_spare(
+        &self,
+        file: File,
+        tmp: &Path,
+        base_seq: u64,
+        now_ms: i64,
+    ) -> io::Result<Active> {
+        let path = segment_path(&self.dir, base_seq);
+        // SAFETY: the helper created and preallocated this file for us alone.
+        let mut map = unsafe { MmapMut::map_mut(&file) }?;
+        let header = SegmentHeader {
+            shard: self.shard,
+            base_seq,
+            created_ms: now_ms,
+            gateway_id: self.gateway_id.clone(),
+        };
+        map[..HEADER_LEN].copy_from_slice(&header.encode());
+        // The header page becomes durable with the first group commit of the
+        // new segment; the name, with a later directory sync (recovery finds
+        // a renamed-but-unsynced spare by its header either way).
+        fs::rename(tmp, &path)?;
+        Ok(Active {
+            file,
+            map,
+            base_seq,
+            write_off: HEADER_LEN,
+            populated_to: 0,
+        })
     }
 
     fn create_segment(
@@ -327,19 +480,33 @@ impl ShardLog {
         // Everything in the old segment becomes durable before the next one
         // exists: recovery relies on the chain being whole across files.
         self.active.file.sync_data()?;
-        let next = match Self::create_segment(
-            &self.dir,
-            self.shard,
-            &self.gateway_id,
-            self.segment_bytes,
-            self.next_seq,
-            now_ms,
-        ) {
-            Ok(a) => a,
-            Err(e) => {
-                self.create_retry_at_ms = now_ms + 1000;
-                return Err(e.into());
-            }
+        let prepared = match self.spare.take() {
+            Some((file, tmp)) => match self.adopt_spare(file, &tmp, self.next_seq, now_ms) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    let _ = fs::remove_file(&tmp);
+                    tracing::warn!(error = %e, "could not use the prepared segment");
+                    None
+                }
+            },
+            None => None,
+        };
+        let next = match prepared {
+            Some(a) => a,
+            None => match Self::create_segment(
+                &self.dir,
+                self.shard,
+                &self.gateway_id,
+                self.segment_bytes,
+                self.next_seq,
+                now_ms,
+            ) {
+                Ok(a) => a,
+                Err(e) => {
+                    self.create_retry_at_ms = now_ms + 1000;
+                    return Err(e.into());
+                }
+            },
         };
         let old = std::mem::replace(&mut self.active, next);
         self.sealed.push(Sealed {
@@ -348,6 +515,7 @@ impl ShardLog {
             last_seq: self.next_seq - 1,
             sealed_ms: now_ms,
         });
+        self.maybe_request_spare();
         Ok(())
     }
 
@@ -425,7 +593,7 @@ impl ShardLog {
 
     /// Faults in the pages the next appends will write, so that they do not
     /// each take a page fault on the request path (one batched
-    /// MADV_POPULATE_WRITE instead of a trap per 4 KiB). Called from the
+    /// MADV_POPULATE_READ instead of a trap per 4 KiB; read, not write, so the pages ahead are not dirtied and the group commit does not write them back). Called from the
     /// shard's tick; harmless to skip (appends then fault as usual).
     pub fn prefault(&mut self) {
         let a = &mut self.active;
@@ -436,7 +604,7 @@ impl ShardLog {
         let from = a.populated_to.max(a.write_off) & !4095;
         match a
             .map
-            .advise_range(memmap2::Advice::PopulateWrite, from, want - from)
+            .advise_range(memmap2::Advice::PopulateRead, from, want - from)
         {
             Ok(()) => a.populated_to = want,
             // Older kernels lack it; stop trying.
@@ -486,6 +654,7 @@ impl ShardLog {
         }
         if n > 0 {
             let _ = sync_dir(&self.dir);
+            self.maybe_request_spare();
         }
         n
     }
@@ -501,6 +670,26 @@ impl ShardLog {
         segment::frames(map, self.active.write_off).for_each(|fr| f(&fr));
         Ok(())
     }
+}
+
+/// Deals with spare files left by an earlier run: one with a valid header was
+/// in use (renamed back to its seq name), one without was never used (removed).
+fn adopt_or_remove_spares(dir: &Path, shard: u16) -> io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let p = entry?.path();
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if !name.ends_with(".seg.tmp") {
+            continue;
+        }
+        let header = map_readonly(&p)
+            .ok()
+            .and_then(|m| SegmentHeader::decode(&m).ok());
+        match header {
+            Some(h) if h.shard == shard => fs::rename(&p, segment_path(dir, h.base_seq))?,
+            _ => fs::remove_file(&p)?,
+        }
+    }
+    sync_dir(dir)
 }
 
 /// The seq after any record ever seen in a quarantined file of this shard, so
@@ -573,6 +762,7 @@ mod tests {
             gateway_id: "test".into(),
             segment_bytes: 64 * 1024,
             disk_budget_bytes: 1 << 30,
+            zero_fill: false,
         }
     }
 
@@ -624,6 +814,40 @@ mod tests {
         assert_eq!(rec.frames, 2000);
         assert_eq!(log.last_seq(), last);
         assert_eq!(ids(&log), names);
+    }
+
+    #[test]
+    fn rotation_uses_prepared_spares_and_recovery_cleans_up_after_them() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut log, _) = ShardLog::open(&cfg(d.path()), 0).unwrap();
+        let mut names = Vec::new();
+        for i in 0..3000 {
+            names.push(format!("c{i}"));
+            log.append_event(&event(&names[i]), 0).unwrap();
+            if i % 100 == 0 {
+                // Give the helper a moment, as a running shard would have.
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        }
+        assert!(log.segments() >= 4);
+        drop(log);
+        // A spare that was renamed but whose header never became durable
+        // (power loss right after rotation) must not stop recovery.
+        let segs = list_segments(d.path()).unwrap();
+        let last_base = segs.last().unwrap().0;
+        let fake = segment_path(d.path(), last_base + 1_000_000);
+        let f = File::create(&fake).unwrap();
+        sys::fallocate(&f, 64 * 1024).unwrap();
+        // And an unused spare left behind.
+        File::create(d.path().join("spare-1-9.seg.tmp"))
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        let (log, rec) = ShardLog::open(&cfg(d.path()), 0).unwrap();
+        assert_eq!(rec.frames, 3000);
+        assert_eq!(ids(&log), names);
+        assert!(!fake.exists());
+        assert!(!d.path().join("spare-1-9.seg.tmp").exists());
     }
 
     #[test]

@@ -235,6 +235,7 @@ fn start_shard(
         gateway_id: cfg.gateway_id.clone(),
         segment_bytes: cfg.log.segment_bytes as usize,
         disk_budget_bytes: cfg.log.disk_budget_bytes,
+        zero_fill: cfg.log.zero_fill,
     };
     let t0 = Instant::now();
     let (log, rec) = ShardLog::open(&log_cfg, now)?;

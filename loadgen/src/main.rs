@@ -1,0 +1,382 @@
+//! `loadgen`: an open-loop (or closed-loop) HTTP/1.1 load generator on
+//! io_uring, with a signed-click workload model and an exact-count oracle.
+//!
+//! ```text
+//! loadgen run --target 127.0.0.1:8080 --keys keys.toml --cpus 0 --connections 64 \
+//!             --duration 10 --rate 50000 --oracle oracle.json --json report.json
+//! loadgen verify --oracle oracle.json --gateway-data ./data
+//! ```
+
+mod engine;
+mod oracle;
+mod workload;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+#[derive(Parser)]
+#[command(version, about = "Clickgate load generator and exact-count oracle")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Send load and report latency, throughput and errors.
+    Run(Box<RunArgs>),
+    /// Compare an oracle file with what the pipeline counted.
+    Verify {
+        #[arg(long)]
+        oracle: PathBuf,
+        /// A gateway data directory (counts what its logs hold).
+        #[arg(long)]
+        gateway_data: PathBuf,
+        /// Also write the comparison as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+#[derive(Parser, Clone)]
+struct RunArgs {
+    /// Server address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    target: SocketAddr,
+    /// CPUs to run one worker on each, e.g. "0" or "0,1".
+    #[arg(long, default_value = "0")]
+    cpus: String,
+    /// Connections in all (split across workers).
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Measured seconds (after the warm-up).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Warm-up seconds (sent, not measured).
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Requests per second in all (open loop). Omit for closed loop.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Stop after this many requests in all (warm-up included).
+    #[arg(long)]
+    requests: Option<u64>,
+    /// A new connection per request instead of keep-alive.
+    #[arg(long)]
+    no_keepalive: bool,
+    /// A request with no answer after this long counts as a timeout, ms.
+    #[arg(long, default_value_t = 5000)]
+    timeout_ms: u64,
+    /// Gateway keys file to sign with; without it, requests carry signatures
+    /// no gateway accepts (fine for peers that do not verify).
+    #[arg(long)]
+    keys: Option<PathBuf>,
+    #[arg(long, default_value = "k1")]
+    kid: String,
+    /// Distinct requests generated per worker (cycled; a repeat is a duplicate).
+    #[arg(long, default_value_t = 200_000)]
+    pool: usize,
+    #[arg(long, default_value_t = 10)]
+    advertisers: u32,
+    #[arg(long, default_value_t = 5)]
+    campaigns: u32,
+    #[arg(long, default_value_t = 20)]
+    ads: u32,
+    /// Zipf exponent of ad popularity (1.0+: a few hot ads).
+    #[arg(long, default_value_t = 1.1)]
+    zipf: f64,
+    #[arg(long, default_value_t = 0.0)]
+    dup_rate: f64,
+    #[arg(long, default_value_t = 0.0)]
+    bad_sig_rate: f64,
+    #[arg(long, default_value_t = 0.0)]
+    expired_rate: f64,
+    #[arg(long, default_value_t = 0.0)]
+    unknown_kid_rate: f64,
+    /// Share of valid clicks sent as batched events with an old timestamp.
+    #[arg(long, default_value_t = 0.0)]
+    late_rate: f64,
+    #[arg(long, default_value_t = 7200)]
+    late_age_s: i64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Write the oracle (acknowledged click ids) here.
+    #[arg(long)]
+    oracle: Option<PathBuf>,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// A label for the report.
+    #[arg(long, default_value = "")]
+    label: String,
+}
+
+#[derive(Serialize)]
+struct Report {
+    label: String,
+    target: String,
+    mode: &'static str,
+    workers: usize,
+    connections: usize,
+    keepalive: bool,
+    duration_s: f64,
+    requested_rate: Option<f64>,
+    achieved_rate: f64,
+    measured_requests: u64,
+    measured_completed: u64,
+    latency_us: BTreeMap<String, f64>,
+    statuses: BTreeMap<u16, u64>,
+    errors_connect: u64,
+    errors_timeout: u64,
+    errors_reset: u64,
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("error: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Run(a) => run(*a),
+        Cmd::Verify {
+            oracle,
+            gateway_data,
+            json,
+        } => {
+            let o: oracle::Oracle = serde_json::from_slice(
+                &std::fs::read(&oracle).with_context(|| format!("reading {}", oracle.display()))?,
+            )?;
+            let counted = oracle::read_gateway_log(&gateway_data)?;
+            let v = oracle::compare(&o, &counted);
+            println!(
+                "expected {}  counted {}  missing {}  duplicated {}  unexpected {}  mismatched {}  wrong_answers {}  unknown_outcome(counted {}, not {})",
+                v.expected,
+                v.counted,
+                v.missing.len(),
+                v.duplicated.len(),
+                v.unexpected.len(),
+                v.mismatched.len(),
+                v.wrong_answers,
+                v.unknown_outcome_counted,
+                v.unknown_outcome_not_counted
+            );
+            for (what, ids) in [
+                ("missing", &v.missing),
+                ("duplicated", &v.duplicated),
+                ("unexpected", &v.unexpected),
+                ("mismatched", &v.mismatched),
+            ] {
+                for id in ids.iter().take(10) {
+                    println!("  {what}: {id}");
+                }
+            }
+            for (k, n) in &o.wrong_answers {
+                println!("  wrong answer: {k}: {n}");
+            }
+            if let Some(p) = json {
+                std::fs::write(p, serde_json::to_vec_pretty(&v)?)?;
+            }
+            if v.ok() {
+                println!("verify: OK (exact)");
+                Ok(())
+            } else {
+                println!("verify: FAILED");
+                std::process::exit(1);
+            }
+        }
+    }
+}
+
+fn run(a: RunArgs) -> anyhow::Result<()> {
+    let cpus: Vec<usize> = a
+        .cpus
+        .split(',')
+        .map(|c| c.trim().parse())
+        .collect::<Result<_, _>>()
+        .context("--cpus: a list like 0 or 0,1")?;
+    let workers = cpus.len();
+    anyhow::ensure!(
+        a.connections >= workers,
+        "--connections must be at least the number of workers"
+    );
+    let secret = match &a.keys {
+        Some(p) => workload::secret_from_keys_file(p, &a.kid)?,
+        None => vec![0x55; 32],
+    };
+    let model = workload::Model {
+        host: a.target.to_string(),
+        kid: a.kid.clone(),
+        secret,
+        advertisers: a.advertisers,
+        campaigns_per_advertiser: a.campaigns,
+        ads_per_campaign: a.ads,
+        zipf_s: a.zipf,
+        dup_rate: a.dup_rate,
+        bad_sig_rate: a.bad_sig_rate,
+        expired_rate: a.expired_rate,
+        unknown_kid_rate: a.unknown_kid_rate,
+        late_rate: a.late_rate,
+        late_age_s: a.late_age_s,
+        seed: a.seed,
+    };
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs() as i64;
+    let record = a.oracle.is_some();
+    let handles: Vec<_> = cpus
+        .iter()
+        .enumerate()
+        .map(|(w, &cpu)| {
+            let model = model.clone();
+            let a = a.clone();
+            std::thread::spawn(
+                move || -> anyhow::Result<(workload::Pool, engine::WorkerResult)> {
+                    let _ = gateway::sys::pin_to_cpu(cpu);
+                    let pool = model.generate(a.pool, w, now_s);
+                    let conns = a.connections / workers + usize::from(w < a.connections % workers);
+                    let plan = engine::Plan {
+                        addr: a.target,
+                        connections: conns,
+                        rate_per_s: a.rate.map(|r| r / workers as f64),
+                        warmup: Duration::from_secs_f64(a.warmup),
+                        duration: Duration::from_secs_f64(a.duration),
+                        keepalive: !a.no_keepalive,
+                        timeout: Duration::from_millis(a.timeout_ms),
+                        requests_max: a.requests.map(|r| {
+                            r / workers as u64 + u64::from((w as u64) < r % workers as u64)
+                        }),
+                        record_answers: record,
+                    };
+                    let r = engine::run_worker(&plan, &pool.requests)?;
+                    Ok((pool, r))
+                },
+            )
+        })
+        .collect();
+    let mut hist = Histogram::<u64>::new_with_bounds(1_000, 60_000_000_000, 3)?;
+    let mut statuses = BTreeMap::new();
+    let (mut mreq, mut mdone, mut ec, mut et, mut er) = (0, 0, 0, 0, 0);
+    let mut orc = oracle::Oracle::default();
+    let mut unknown = HashSet::new();
+    for h in handles {
+        let (pool, r) = h.join().map_err(|_| anyhow::anyhow!("worker panicked"))??;
+        hist.add(&r.hist)?;
+        for (s, n) in r.statuses {
+            *statuses.entry(s).or_insert(0) += n;
+        }
+        mreq += r.measured_requests;
+        mdone += r.measured_completed;
+        ec += r.errors.connect;
+        et += r.errors.timeout;
+        er += r.errors.reset;
+        for (idx, ans) in &r.answers {
+            orc.record(&pool.meta[*idx as usize], *ans, &mut unknown);
+        }
+    }
+    orc.finish(unknown);
+    let q = |p: f64| hist.value_at_quantile(p) as f64 / 1000.0;
+    let mut lat = BTreeMap::new();
+    for (k, p) in [
+        ("p50", 0.5),
+        ("p90", 0.9),
+        ("p99", 0.99),
+        ("p99.9", 0.999),
+        ("p99.99", 0.9999),
+    ] {
+        lat.insert(k.to_string(), q(p));
+    }
+    lat.insert("max".into(), hist.max() as f64 / 1000.0);
+    lat.insert("mean".into(), hist.mean() / 1000.0);
+    let report = Report {
+        label: a.label.clone(),
+        target: a.target.to_string(),
+        mode: if a.rate.is_some() { "open" } else { "closed" },
+        workers,
+        connections: a.connections,
+        keepalive: !a.no_keepalive,
+        duration_s: a.duration,
+        requested_rate: a.rate,
+        achieved_rate: mdone as f64 / a.duration,
+        measured_requests: mreq,
+        measured_completed: mdone,
+        latency_us: lat,
+        statuses,
+        errors_connect: ec,
+        errors_timeout: et,
+        errors_reset: er,
+    };
+    print_report(&report);
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_vec_pretty(&report)?)?;
+    }
+    if let Some(p) = &a.oracle {
+        std::fs::write(p, serde_json::to_vec(&orc)?)?;
+        println!(
+            "oracle: {} acknowledged click ids, {} unknown outcomes, {} wrong answers -> {}",
+            orc.acknowledged.len(),
+            orc.unknown.len(),
+            orc.wrong_answers.values().sum::<u64>(),
+            p.display()
+        );
+    }
+    Ok(())
+}
+
+fn print_report(r: &Report) {
+    println!(
+        "{} loop, {} worker(s), {} connections{}, {:.1} s measured{}",
+        r.mode,
+        r.workers,
+        r.connections,
+        if r.keepalive {
+            ""
+        } else {
+            " (new connection per request)"
+        },
+        r.duration_s,
+        if r.label.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", r.label)
+        }
+    );
+    match r.requested_rate {
+        Some(rr) => println!(
+            "rate: requested {rr:.0}/s, achieved {:.0}/s",
+            r.achieved_rate
+        ),
+        None => println!("rate: achieved {:.0}/s", r.achieved_rate),
+    }
+    println!("| p50 | p90 | p99 | p99.9 | p99.99 | max | (us)");
+    println!("|---|---|---|---|---|---|");
+    let l = |k: &str| r.latency_us.get(k).copied().unwrap_or(0.0);
+    println!(
+        "| {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+        l("p50"),
+        l("p90"),
+        l("p99"),
+        l("p99.9"),
+        l("p99.99"),
+        l("max")
+    );
+    let st: Vec<String> = r.statuses.iter().map(|(s, n)| format!("{s}={n}")).collect();
+    println!(
+        "statuses: {}  errors: connect={} timeout={} reset={}  measured {} of {} completed",
+        st.join(" "),
+        r.errors_connect,
+        r.errors_timeout,
+        r.errors_reset,
+        r.measured_completed,
+        r.measured_requests
+    );
+}

@@ -1,0 +1,294 @@
+//! The exact-count oracle: what the gateway acknowledged, and the comparison
+//! with what the pipeline counted.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use wire::record::{EventKind, EventRef, Verdict};
+use wire::segment::{self, RecordType, SegmentHeader};
+
+use crate::engine::{Answer, BatchVerdict};
+use crate::workload::{Meta, Shape};
+
+/// Written by `loadgen run --oracle FILE`, read by `loadgen verify`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Oracle {
+    /// Click ids acknowledged (302, or a batch item accepted/duplicate/invalid),
+    /// with what was signed for them.
+    pub acknowledged: BTreeMap<String, Expected>,
+    /// Click ids whose every send ended without an answer: they may or may not
+    /// be in the log.
+    pub unknown: Vec<String>,
+    /// Answers that contradict the workload (a bad signature answered 302, a
+    /// valid click refused), by description.
+    pub wrong_answers: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Expected {
+    pub advertiser_id: String,
+    pub campaign_id: String,
+    pub ad_id: String,
+    pub cost_micros: u64,
+    /// The event-time minute when it is known in advance (batched events use
+    /// the signed timestamp); browser clicks count in their receive minute.
+    pub minute: Option<u32>,
+}
+
+impl Oracle {
+    pub fn record(&mut self, m: &Meta, a: Answer, pending_unknown: &mut HashSet<String>) {
+        let is_valid = matches!(m.shape, Shape::Valid | Shape::Duplicate | Shape::Late);
+        let ok = match a {
+            Answer::Status(302) => true,
+            Answer::BatchItem(
+                BatchVerdict::Accepted | BatchVerdict::Duplicate | BatchVerdict::Invalid,
+            ) => true,
+            Answer::Unknown => {
+                if is_valid {
+                    pending_unknown.insert(m.click_id.clone());
+                }
+                return;
+            }
+            // Back-pressure is a legitimate answer for anything.
+            Answer::Status(429 | 503) | Answer::BatchItem(BatchVerdict::Unavailable) => return,
+            _ => false,
+        };
+        if m.shape == Shape::Fixed {
+            return;
+        }
+        match (is_valid, ok) {
+            (true, true) => {
+                self.acknowledged
+                    .entry(m.click_id.clone())
+                    .or_insert_with(|| Expected {
+                        advertiser_id: m.advertiser_id.clone(),
+                        campaign_id: m.campaign_id.clone(),
+                        ad_id: m.ad_id.clone(),
+                        cost_micros: m.cost_micros,
+                        minute: (m.shape == Shape::Late).then(|| wire::minute_of(m.ts * 1000)),
+                    });
+            }
+            (false, true) => {
+                *self
+                    .wrong_answers
+                    .entry(format!("{:?} acknowledged ({a:?})", m.shape))
+                    .or_insert(0) += 1
+            }
+            (true, false) => {
+                *self
+                    .wrong_answers
+                    .entry(format!("valid click refused ({a:?})"))
+                    .or_insert(0) += 1
+            }
+            (false, false) => {}
+        }
+    }
+
+    pub fn finish(&mut self, pending_unknown: HashSet<String>) {
+        let mut u: Vec<String> = pending_unknown
+            .into_iter()
+            .filter(|id| !self.acknowledged.contains_key(id))
+            .collect();
+        u.sort();
+        self.unknown = u;
+    }
+}
+
+/// One click as the log holds it.
+#[derive(Debug, Clone)]
+pub struct Counted {
+    pub advertiser_id: String,
+    pub campaign_id: String,
+    pub ad_id: String,
+    pub cost_micros: u64,
+    pub minute: u32,
+}
+
+/// Reads every click record (verdict accepted or invalid: the click's one
+/// billable-or-flagged record) from a gateway data directory.
+pub fn read_gateway_log(data: &Path) -> anyhow::Result<HashMap<String, Vec<Counted>>> {
+    let mut out: HashMap<String, Vec<Counted>> = HashMap::new();
+    for entry in std::fs::read_dir(data)? {
+        let dir = entry?.path();
+        if !dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("shard-"))
+        {
+            continue;
+        }
+        for (_, path) in gateway::log::list_segments(&dir)? {
+            let map = gateway::log::map_readonly(&path)?;
+            let h = SegmentHeader::decode(&map)?;
+            let scan = segment::scan(&map, h.base_seq);
+            for f in segment::frames(&map, scan.end) {
+                if f.ty != RecordType::Event as u8 {
+                    continue;
+                }
+                let e = EventRef::decode(f.payload)?;
+                if e.kind != EventKind::Click || e.verdict == Verdict::Duplicate {
+                    continue;
+                }
+                out.entry(e.click_id.to_string())
+                    .or_default()
+                    .push(Counted {
+                        advertiser_id: e.advertiser_id.into(),
+                        campaign_id: e.campaign_id.into(),
+                        ad_id: e.ad_id.into(),
+                        cost_micros: e.cost_micros,
+                        minute: wire::minute_of(e.event_ms),
+                    });
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Verdicts {
+    pub expected: u64,
+    pub counted: u64,
+    pub missing: Vec<String>,
+    pub duplicated: Vec<String>,
+    /// Counted, never acknowledged, and not among the unknown outcomes.
+    pub unexpected: Vec<String>,
+    /// Counted with other dimensions, cost or (for batched events) minute than signed.
+    pub mismatched: Vec<String>,
+    pub unknown_outcome_counted: u64,
+    pub unknown_outcome_not_counted: u64,
+    pub wrong_answers: u64,
+    /// (advertiser, campaign, ad) -> (expected clicks, counted clicks, expected spend, counted spend)
+    pub per_ad: BTreeMap<String, (u64, u64, u64, u64)>,
+}
+
+impl Verdicts {
+    pub fn ok(&self) -> bool {
+        self.missing.is_empty()
+            && self.duplicated.is_empty()
+            && self.unexpected.is_empty()
+            && self.mismatched.is_empty()
+            && self.wrong_answers == 0
+    }
+}
+
+pub fn compare(o: &Oracle, counted: &HashMap<String, Vec<Counted>>) -> Verdicts {
+    let mut v = Verdicts {
+        expected: o.acknowledged.len() as u64,
+        wrong_answers: o.wrong_answers.values().sum(),
+        ..Default::default()
+    };
+    let unknown: HashSet<&String> = o.unknown.iter().collect();
+    for (id, recs) in counted {
+        let Some(e) = o.acknowledged.get(id) else {
+            if unknown.contains(id) {
+                v.unknown_outcome_counted += 1;
+            } else {
+                v.unexpected.push(id.clone());
+            }
+            continue;
+        };
+        v.counted += 1;
+        if recs.len() > 1 {
+            v.duplicated.push(id.clone());
+        }
+        let c = &recs[0];
+        let same = c.advertiser_id == e.advertiser_id
+            && c.campaign_id == e.campaign_id
+            && c.ad_id == e.ad_id
+            && c.cost_micros == e.cost_micros
+            && e.minute.is_none_or(|m| m == c.minute);
+        if !same {
+            v.mismatched.push(id.clone());
+        }
+        let k = format!("{}/{}/{}", c.advertiser_id, c.campaign_id, c.ad_id);
+        let t = v.per_ad.entry(k).or_default();
+        t.1 += recs.len() as u64;
+        t.3 += recs.iter().map(|r| r.cost_micros).sum::<u64>();
+    }
+    for (id, e) in &o.acknowledged {
+        let k = format!("{}/{}/{}", e.advertiser_id, e.campaign_id, e.ad_id);
+        let t = v.per_ad.entry(k).or_default();
+        t.0 += 1;
+        t.2 += e.cost_micros;
+        if !counted.contains_key(id) {
+            v.missing.push(id.clone());
+        }
+    }
+    v.unknown_outcome_not_counted = o.unknown.len() as u64 - v.unknown_outcome_counted;
+    v.missing.sort();
+    v.duplicated.sort();
+    v.unexpected.sort();
+    v.mismatched.sort();
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(id: &str, shape: Shape) -> Meta {
+        Meta {
+            shape,
+            click_id: id.into(),
+            advertiser_id: "a".into(),
+            campaign_id: "c".into(),
+            ad_id: "d".into(),
+            cost_micros: 5,
+            ts: 1_800_000_000,
+        }
+    }
+
+    fn counted(ids: &[&str]) -> HashMap<String, Vec<Counted>> {
+        let mut m: HashMap<String, Vec<Counted>> = HashMap::new();
+        for id in ids {
+            m.entry(id.to_string()).or_default().push(Counted {
+                advertiser_id: "a".into(),
+                campaign_id: "c".into(),
+                ad_id: "d".into(),
+                cost_micros: 5,
+                minute: 1,
+            });
+        }
+        m
+    }
+
+    #[test]
+    fn exact_match_passes_and_every_kind_of_difference_fails() {
+        let mut o = Oracle::default();
+        let mut unk = HashSet::new();
+        o.record(&meta("x", Shape::Valid), Answer::Status(302), &mut unk);
+        o.record(&meta("x", Shape::Duplicate), Answer::Status(302), &mut unk);
+        o.record(&meta("y", Shape::Valid), Answer::Status(302), &mut unk);
+        o.record(&meta("z", Shape::Valid), Answer::Unknown, &mut unk);
+        o.record(
+            &meta("b", Shape::BadSignature),
+            Answer::Status(403),
+            &mut unk,
+        );
+        o.finish(unk);
+        assert_eq!(o.acknowledged.len(), 2);
+        assert_eq!(o.unknown, vec!["z".to_string()]);
+        assert!(compare(&o, &counted(&["x", "y"])).ok());
+        assert!(compare(&o, &counted(&["x", "y", "z"])).ok());
+        let v = compare(&o, &counted(&["x"]));
+        assert_eq!(v.missing, vec!["y".to_string()]);
+        assert!(!v.ok());
+        assert_eq!(
+            compare(&o, &counted(&["x", "y", "y"])).duplicated,
+            vec!["y".to_string()]
+        );
+        assert_eq!(
+            compare(&o, &counted(&["x", "y", "q"])).unexpected,
+            vec!["q".to_string()]
+        );
+        let mut o2 = Oracle::default();
+        let mut unk = HashSet::new();
+        o2.record(
+            &meta("b", Shape::BadSignature),
+            Answer::Status(302),
+            &mut unk,
+        );
+        assert!(!compare(&o2, &counted(&[])).ok());
+    }
+}
