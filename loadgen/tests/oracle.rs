@@ -1,0 +1,110 @@
+//! loadgen against the real gateway: the oracle's acknowledged clicks are
+//! exactly what the gateway's log counted, through duplicates, bad
+//! signatures, expired tokens, unknown kids and late batched events; and
+//! `verify` fails when they differ.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn gateway_bin() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_BIN_EXE_loadgen")).parent().unwrap().to_path_buf();
+    let bin = dir.join("clickgate-gateway");
+    if !bin.exists() {
+        let profile_release = dir.ends_with("release");
+        let mut c = Command::new(env!("CARGO"));
+        c.args(["build", "-q", "-p", "clickgate-gateway"]);
+        if profile_release {
+            c.arg("--release");
+        }
+        assert!(c.status().unwrap().success());
+    }
+    bin
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn verify_is_exact_against_the_gateway_log_and_fails_on_any_difference() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let keys = d.join("keys.toml");
+    let st = Command::new(gateway_bin())
+        .args(["keygen", "--kid", "k1", "--out"])
+        .arg(&keys)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut gw = Command::new(gateway_bin())
+        .args(["run", "--cpus", "0,1", "--listen", &addr, "--keys"])
+        .arg(&keys)
+        .arg("--data-dir")
+        .arg(d.join("data"))
+        .stderr(std::fs::File::create(d.join("gw.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(20), "gateway did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let oracle = d.join("oracle.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["run", "--target", &addr, "--cpus", "0", "--connections", "8", "--requests", "4000"])
+        .args(["--duration", "30", "--warmup", "0", "--pool", "4000"])
+        .args(["--dup-rate", "0.1", "--bad-sig-rate", "0.05", "--expired-rate", "0.05"])
+        .args(["--unknown-kid-rate", "0.05", "--late-rate", "0.05", "--seed", "7"])
+        .arg("--keys")
+        .arg(&keys)
+        .arg("--oracle")
+        .arg(&oracle)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("302="), "{stdout}");
+    assert!(stdout.contains("403="), "{stdout}");
+    // Drain so the log is complete, then verify.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(gw.id() as i32, libc::SIGTERM) };
+    assert!(gw.wait().unwrap().success());
+    let verify = |oracle: &PathBuf| {
+        Command::new(env!("CARGO_BIN_EXE_loadgen"))
+            .arg("verify")
+            .arg("--oracle")
+            .arg(oracle)
+            .arg("--gateway-data")
+            .arg(d.join("data"))
+            .output()
+            .unwrap()
+    };
+    let v = verify(&oracle);
+    let text = String::from_utf8_lossy(&v.stdout).into_owned();
+    assert!(v.status.success(), "{text}");
+    assert!(text.contains("verify: OK"), "{text}");
+    let expected: u64 = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(expected > 2500, "{text}");
+
+    // The same comparison must fail when the oracle claims one click more
+    // (missing) or one fewer (unexpected).
+    let mut o: serde_json::Value = serde_json::from_slice(&std::fs::read(&oracle).unwrap()).unwrap();
+    let ack = o["acknowledged"].as_object_mut().unwrap();
+    let (first_id, first) = ack.iter().next().map(|(k, v)| (k.clone(), v.clone())).unwrap();
+    ack.insert("never-sent".into(), first);
+    let extra = d.join("extra.json");
+    std::fs::write(&extra, serde_json::to_vec(&o).unwrap()).unwrap();
+    let v = verify(&extra);
+    assert_eq!(v.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&v.stdout).contains("missing: never-sent"));
+    let ack = o["acknowledged"].as_object_mut().unwrap();
+    ack.remove("never-sent");
+    ack.remove(&first_id);
+    std::fs::write(&extra, serde_json::to_vec(&o).unwrap()).unwrap();
+    let v = verify(&extra);
+    assert_eq!(v.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&v.stdout).contains(&format!("unexpected: {first_id}")));
+}
