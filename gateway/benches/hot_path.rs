@@ -139,6 +139,7 @@ fn main() {
             segment_bytes: 256 << 20,
             disk_budget_bytes: 64 << 30,
             zero_fill: false,
+            sync_on_rotate: true,
         },
         now,
     )
@@ -196,6 +197,7 @@ fn main() {
             segment_bytes: 256 << 20,
             disk_budget_bytes: 64 << 30,
             zero_fill: false,
+            sync_on_rotate: true,
         },
         now,
     )

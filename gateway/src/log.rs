@@ -85,6 +85,7 @@ pub struct ShardLog {
     partial_buf: Vec<u8>,
     /// The background preparer of the next segment file (see [`Spare`]).
     spare: Spare,
+    sync_on_rotate: bool,
 }
 
 /// Creating a segment (fallocate, fsync, directory fsync) takes milliseconds;
@@ -93,14 +94,19 @@ pub struct ShardLog {
 /// zero-filled with no header; recovery deletes one that never got a header
 /// and renames one that did (a crash right after rotation) to its seq name.
 struct Spare {
-    want: std::sync::mpsc::Sender<()>,
+    want: std::sync::mpsc::Sender<Job>,
     ready: std::sync::mpsc::Receiver<io::Result<(File, PathBuf)>>,
     requested: bool,
 }
 
+enum Job {
+    Prepare,
+    Sync(File),
+}
+
 impl Spare {
     fn start(dir: PathBuf, bytes: usize, zero_fill: bool) -> Spare {
-        let (want, want_rx) = std::sync::mpsc::channel::<()>();
+        let (want, want_rx) = std::sync::mpsc::channel::<Job>();
         let (ready_tx, ready) = std::sync::mpsc::channel();
         let name = format!(
             "segprep-{}",
@@ -108,7 +114,13 @@ impl Spare {
         );
         let _ = std::thread::Builder::new().name(name).spawn(move || {
             let mut n = 0u64;
-            while want_rx.recv().is_ok() {
+            while let Ok(job) = want_rx.recv() {
+                if let Job::Sync(f) = job {
+                    if let Err(e) = f.sync_data() {
+                        tracing::error!(error = %e, "background sync of a sealed segment failed");
+                    }
+                    continue;
+                }
                 n += 1;
                 let path = dir.join(format!("spare-{}-{n}.seg.tmp", std::process::id()));
                 let made = (|| {
@@ -143,7 +155,13 @@ impl Spare {
 
     fn request(&mut self) {
         if !self.requested {
-            self.requested = self.want.send(()).is_ok();
+            self.requested = self.want.send(Job::Prepare).is_ok();
+        }
+    }
+
+    fn sync_in_background(&self, f: &File) {
+        if let Ok(dup) = f.try_clone() {
+            let _ = self.want.send(Job::Sync(dup));
         }
     }
 
@@ -187,6 +205,10 @@ pub struct LogConfig {
     /// Write zeros over new segments (not only fallocate), so appends never
     /// convert unwritten extents and a group commit needs no journal commit.
     pub zero_fill: bool,
+    /// Sync a full segment before starting the next (durability `sync`). In
+    /// `process` mode the page cache is the promise, and the sealed segment is
+    /// synced by the helper thread instead, off the request path.
+    pub sync_on_rotate: bool,
 }
 
 /// Overwrites a file's first `bytes` with zeros, 1 MiB at a time.
@@ -371,6 +393,7 @@ impl ShardLog {
             create_retry_at_ms: 0,
             partial_buf: Vec::with_capacity(64 * 1024),
             spare: Spare::start(cfg.dir.clone(), cfg.segment_bytes, cfg.zero_fill),
+            sync_on_rotate: cfg.sync_on_rotate,
         };
         // A seq floor from quarantined files may be past the active segment's
         // chain; start a fresh segment then, so the chain inside a file holds.
@@ -479,7 +502,13 @@ impl ShardLog {
         }
         // Everything in the old segment becomes durable before the next one
         // exists: recovery relies on the chain being whole across files.
-        self.active.file.sync_data()?;
+        let t0 = std::time::Instant::now();
+        if self.sync_on_rotate {
+            self.active.file.sync_data()?;
+        } else {
+            self.spare.sync_in_background(&self.active.file);
+        }
+        let synced_us = t0.elapsed().as_micros() as u64;
         let prepared = match self.spare.take() {
             Some((file, tmp)) => match self.adopt_spare(file, &tmp, self.next_seq, now_ms) {
                 Ok(a) => Some(a),
@@ -516,6 +545,13 @@ impl ShardLog {
             sealed_ms: now_ms,
         });
         self.maybe_request_spare();
+        tracing::info!(
+            shard = self.shard,
+            base_seq = self.active.base_seq,
+            sync_us = synced_us,
+            total_us = t0.elapsed().as_micros() as u64,
+            "segment rotated"
+        );
         Ok(())
     }
 
@@ -763,6 +799,7 @@ mod tests {
             segment_bytes: 64 * 1024,
             disk_budget_bytes: 1 << 30,
             zero_fill: false,
+            sync_on_rotate: true,
         }
     }
 

@@ -56,6 +56,17 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     );
     let grace_ms = cfg.tokens.key_grace_s as i64 * 1000;
     let ring = load_keys(&cfg.keys_file, grace_ms, None)?;
+    // One process per data directory: SO_REUSEPORT would happily let a second
+    // gateway share the port, and two writers would corrupt the logs.
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
+    let lock_path = cfg.data_dir.join("LOCK");
+    let _lock = sys::lock_exclusive(&lock_path).with_context(|| {
+        format!(
+            "locking {}: is another gateway using this data_dir?",
+            lock_path.display()
+        )
+    })?;
     let shared = Arc::new(Shared {
         dedup: DedupTable::new(
             cfg.dedup.entries_max,
@@ -236,6 +247,7 @@ fn start_shard(
         segment_bytes: cfg.log.segment_bytes as usize,
         disk_budget_bytes: cfg.log.disk_budget_bytes,
         zero_fill: cfg.log.zero_fill,
+        sync_on_rotate: cfg.durability.mode == crate::config::DurabilityMode::Sync,
     };
     let t0 = Instant::now();
     let (log, rec) = ShardLog::open(&log_cfg, now)?;

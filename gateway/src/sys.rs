@@ -110,3 +110,18 @@ pub(crate) fn zeroed_huge_slice<T>(n: usize) -> Box<[T]> {
     // Box may own and later free it with that same layout.
     unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, n)) }
 }
+
+/// Takes an exclusive, non-blocking flock on `path` (created if missing) and
+/// returns the open file that holds it; the lock lasts as long as the file.
+pub fn lock_exclusive(path: &std::path::Path) -> io::Result<std::fs::File> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    // SAFETY: flock on an fd we own; no memory is passed.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(f)
+}

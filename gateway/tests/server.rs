@@ -536,3 +536,23 @@ fn health_ready_and_metrics_endpoints() {
         assert!(m.contains(name), "{name} missing from /metrics");
     }
 }
+
+#[test]
+fn a_second_gateway_on_the_same_data_dir_refuses_to_start() {
+    let g = Gateway::start("");
+    let cfg = std::fs::read_to_string(g.config_path())
+        .unwrap()
+        .replace(&g.addr.to_string(), &format!("127.0.0.1:{}", free_port()));
+    let second = g.dir.path().join("second.toml");
+    std::fs::write(&second, cfg).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_clickgate-gateway"))
+        .args(["run", "--config"])
+        .arg(&second)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another gateway"), "{err}");
+    // The first one is unaffected.
+    assert_eq!(g.get("/healthz").status, 200);
+}

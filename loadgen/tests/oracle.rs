@@ -8,7 +8,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn gateway_bin() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_BIN_EXE_loadgen")).parent().unwrap().to_path_buf();
+    let dir = PathBuf::from(env!("CARGO_BIN_EXE_loadgen"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
     let bin = dir.join("clickgate-gateway");
     if !bin.exists() {
         let profile_release = dir.ends_with("release");
@@ -23,7 +26,11 @@ fn gateway_bin() -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[test]
@@ -49,15 +56,42 @@ fn verify_is_exact_against_the_gateway_log_and_fails_on_any_difference() {
         .unwrap();
     let t = Instant::now();
     while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(20), "gateway did not start");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "gateway did not start"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let oracle = d.join("oracle.json");
     let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
-        .args(["run", "--target", &addr, "--cpus", "0", "--connections", "8", "--requests", "4000"])
+        .args([
+            "run",
+            "--target",
+            &addr,
+            "--cpus",
+            "0",
+            "--connections",
+            "8",
+            "--requests",
+            "4000",
+        ])
         .args(["--duration", "30", "--warmup", "0", "--pool", "4000"])
-        .args(["--dup-rate", "0.1", "--bad-sig-rate", "0.05", "--expired-rate", "0.05"])
-        .args(["--unknown-kid-rate", "0.05", "--late-rate", "0.05", "--seed", "7"])
+        .args([
+            "--dup-rate",
+            "0.1",
+            "--bad-sig-rate",
+            "0.05",
+            "--expired-rate",
+            "0.05",
+        ])
+        .args([
+            "--unknown-kid-rate",
+            "0.05",
+            "--late-rate",
+            "0.05",
+            "--seed",
+            "7",
+        ])
         .arg("--keys")
         .arg(&keys)
         .arg("--oracle")
@@ -65,7 +99,11 @@ fn verify_is_exact_against_the_gateway_log_and_fails_on_any_difference() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("302="), "{stdout}");
     assert!(stdout.contains("403="), "{stdout}");
     // Drain so the log is complete, then verify.
@@ -91,9 +129,14 @@ fn verify_is_exact_against_the_gateway_log_and_fails_on_any_difference() {
 
     // The same comparison must fail when the oracle claims one click more
     // (missing) or one fewer (unexpected).
-    let mut o: serde_json::Value = serde_json::from_slice(&std::fs::read(&oracle).unwrap()).unwrap();
+    let mut o: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&oracle).unwrap()).unwrap();
     let ack = o["acknowledged"].as_object_mut().unwrap();
-    let (first_id, first) = ack.iter().next().map(|(k, v)| (k.clone(), v.clone())).unwrap();
+    let (first_id, first) = ack
+        .iter()
+        .next()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .unwrap();
     ack.insert("never-sent".into(), first);
     let extra = d.join("extra.json");
     std::fs::write(&extra, serde_json::to_vec(&o).unwrap()).unwrap();
