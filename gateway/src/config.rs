@@ -85,7 +85,8 @@ pub struct Log {
     pub retention_s: u64,
     /// Also write zeros over each new segment in the background (like
     /// PostgreSQL's wal_init_zero), so appends never convert unwritten
-    /// extents. Costs one extra write of every segment. Default false.
+    /// extents. Costs one extra write of every segment; measured on ext4 here
+    /// it cut p99 at 40k clicks/s from 15-25 ms to 2-4 ms. Default true.
     pub zero_fill: bool,
 }
 
@@ -233,7 +234,7 @@ impl Default for Log {
             segment_bytes: 64 << 20,
             disk_budget_bytes: 8 << 30,
             retention_s: 3600,
-            zero_fill: false,
+            zero_fill: true,
         }
     }
 }

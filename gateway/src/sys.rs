@@ -125,3 +125,13 @@ pub fn lock_exclusive(path: &std::path::Path) -> io::Result<std::fs::File> {
     }
     Ok(f)
 }
+
+/// Lowers the calling thread's scheduling priority (Linux nice values are per
+/// thread). Failure is harmless.
+pub fn lower_thread_priority(nice: i32) {
+    // SAFETY: gettid and setpriority take no pointers.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, nice);
+    }
+}

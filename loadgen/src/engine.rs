@@ -86,7 +86,6 @@ struct Conn {
     req: usize,
     due: Instant,
     started: Instant,
-    sent: usize,
     buf: Vec<u8>,
     rlen: usize,
     send_inflight: bool,
@@ -169,6 +168,49 @@ fn batch_verdict(body: &[u8]) -> BatchVerdict {
     }
 }
 
+/// Queues a request's send and, linked behind it, the receive of its answer:
+/// one submission, and only the receive completes unless the send fails.
+fn push_exchange(ring: &mut IoUring, c: &mut Conn, slot: usize, req: &[u8]) {
+    let send = opcode::Send::new(types::Fd(c.fd), req.as_ptr(), req.len() as u32)
+        // MSG_WAITALL: io_uring retries a short send instead of completing it.
+        .flags(libc::MSG_NOSIGNAL | libc::MSG_WAITALL)
+        .build()
+        .flags(io_uring::squeue::Flags::IO_LINK | io_uring::squeue::Flags::SKIP_SUCCESS)
+        .user_data(ud(OP_SEND, slot, c.gen));
+    let recv = opcode::Recv::new(types::Fd(c.fd), c.buf.as_mut_ptr(), c.buf.len() as u32)
+        .build()
+        .user_data(ud(OP_RECV, slot, c.gen));
+    c.rlen = 0;
+    c.send_inflight = true;
+    c.recv_inflight = true;
+    push2(ring, &send, &recv);
+}
+
+fn push2(ring: &mut IoUring, a: &io_uring::squeue::Entry, b: &io_uring::squeue::Entry) {
+    let room = {
+        let sq = ring.submission();
+        sq.capacity() - sq.len()
+    };
+    if room < 2 {
+        let _ = ring.submit();
+    }
+    // SAFETY: the callers' buffers (the immutable request pool, a connection's
+    // receive buffer untouched until its receive completes) outlive the ops.
+    unsafe {
+        let mut sq = ring.submission();
+        sq.push(a).expect("room was made");
+        sq.push(b).expect("room was made");
+    }
+}
+
+fn push1(ring: &mut IoUring, e: &io_uring::squeue::Entry) {
+    if ring.submission().is_full() {
+        let _ = ring.submit();
+    }
+    // SAFETY: as in `push2`.
+    unsafe { ring.submission().push(e).expect("room was made") };
+}
+
 pub fn run_worker(plan: &Plan, requests: &[Vec<u8>]) -> anyhow::Result<WorkerResult> {
     assert!(!requests.is_empty() && plan.connections > 0);
     let mut ring = IoUring::builder()
@@ -193,7 +235,6 @@ pub fn run_worker(plan: &Plan, requests: &[Vec<u8>]) -> anyhow::Result<WorkerRes
             req: 0,
             due: Instant::now(),
             started: Instant::now(),
-            sent: 0,
             buf: vec![0; 16 * 1024],
             rlen: 0,
             send_inflight: false,
@@ -205,16 +246,15 @@ pub fn run_worker(plan: &Plan, requests: &[Vec<u8>]) -> anyhow::Result<WorkerRes
     let measure_from = t0 + plan.warmup;
     let end = measure_from + plan.duration;
     let interval = plan.rate_per_s.map(|r| Duration::from_secs_f64(1.0 / r));
-    let mut next_k: u64 = 0; // next request to send
+    let mut next_k: u64 = 0;
     let mut sent_total: u64 = 0;
     let mut measured_requests = 0u64;
     let mut measured_completed = 0u64;
     let mut next_req = 0usize;
-    let mut inflight_ops = 0usize;
     let requests_max = plan.requests_max.unwrap_or(u64::MAX);
 
-    // Opens (or reopens) a connection: a blocking socket(2), then an async connect.
-    let connect = |c: &mut Conn, slot: usize, ring: &mut IoUring, inflight: &mut usize| -> bool {
+    // Opens a connection: a blocking socket(2), then an async connect.
+    let connect = |c: &mut Conn, slot: usize, ring: &mut IoUring| -> bool {
         // SAFETY: plain socket(2) call.
         let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
         if fd < 0 {
@@ -242,18 +282,16 @@ pub fn run_worker(plan: &Plan, requests: &[Vec<u8>]) -> anyhow::Result<WorkerRes
         )
         .build()
         .user_data(ud(OP_CONNECT, slot, c.gen));
-        // SAFETY: `sa` lives on this function's stack frame for the whole run.
-        unsafe {
-            ring.submission()
-                .push(&e)
-                .expect("ring sized for every connection")
-        };
-        *inflight += 1;
+        // `sa` lives on this function's stack frame for the whole run.
+        push1(ring, &e);
+        c.recv_inflight = true; // the connect stands in for "an op in flight"
         true
     };
+    // Requests in flight (sent or connecting for one).
+    let mut busy = 0usize;
     if plan.keepalive {
         for (i, c) in conns.iter_mut().enumerate() {
-            if !connect(c, i, &mut ring, &mut inflight_ops) {
+            if !connect(c, i, &mut ring) {
                 errors.connect += 1;
             }
         }
@@ -264,6 +302,7 @@ pub fn run_worker(plan: &Plan, requests: &[Vec<u8>]) -> anyhow::Result<WorkerRes
         (0..plan.connections).collect()
     };
     let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(1024);
+    let mut last_sweep = Instant::now();
     loop {
         let now = Instant::now();
         let sending_allowed = now < end && sent_total < requests_max;
@@ -285,40 +324,21 @@ pub fn run_worker(plan: &Plan, requests: &[Vec<u8>]) -> anyhow::Result<WorkerRes
             next_req = (next_req + 1) % requests.len();
             c.due = due;
             c.started = now;
-            c.sent = 0;
-            c.rlen = 0;
             next_k += 1;
             sent_total += 1;
             if due >= measure_from {
                 measured_requests += 1;
             }
             if plan.keepalive {
-                c.st = St::Busy;
-                let r = &requests[c.req];
-                let e = opcode::Send::new(types::Fd(c.fd), r.as_ptr(), r.len() as u32)
-                    .flags(libc::MSG_NOSIGNAL)
-                    .build()
-                    .user_data(ud(OP_SEND, slot, c.gen));
-                // SAFETY: the request pool outlives the run; it is never mutated.
-                unsafe {
-                    ring.submission()
-                        .push(&e)
-                        .expect("ring sized for every connection")
-                };
-                c.send_inflight = true;
-                inflight_ops += 1;
-            } else if !connect(c, slot, &mut ring, &mut inflight_ops) {
+                push_exchange(&mut ring, c, slot, &requests[c.req]);
+            } else if !connect(c, slot, &mut ring) {
                 errors.connect += 1;
                 idle.push(slot);
                 break;
-            } else {
-                c.st = St::Busy;
             }
+            c.st = St::Busy;
+            busy += 1;
         }
-        let busy = conns
-            .iter()
-            .filter(|c| c.st == St::Busy || c.st == St::Connecting)
-            .count();
         if (!sending_allowed && busy == 0) || now > end + plan.timeout + Duration::from_secs(1) {
             break;
         }
@@ -346,7 +366,6 @@ pub fn run_worker(plan: &Plan, requests: &[Vec<u8>]) -> anyhow::Result<WorkerRes
         cqes.extend(ring.completion().map(|c| (c.user_data(), c.result())));
         let now = Instant::now();
         for &(u, res) in &cqes {
-            inflight_ops -= 1;
             let op = u >> 56;
             let slot = ((u >> 32) & 0xFF_FFFF) as usize;
             let gen = u as u32;
@@ -356,6 +375,7 @@ pub fn run_worker(plan: &Plan, requests: &[Vec<u8>]) -> anyhow::Result<WorkerRes
             }
             match op {
                 OP_CONNECT => {
+                    c.recv_inflight = false;
                     if res < 0 {
                         errors.connect += 1;
                         c.dead = true;
@@ -363,124 +383,87 @@ pub fn run_worker(plan: &Plan, requests: &[Vec<u8>]) -> anyhow::Result<WorkerRes
                         c.st = St::Idle;
                         idle.push(slot);
                     } else {
-                        let r = &requests[c.req];
-                        let e = opcode::Send::new(types::Fd(c.fd), r.as_ptr(), r.len() as u32)
-                            .flags(libc::MSG_NOSIGNAL)
-                            .build()
-                            .user_data(ud(OP_SEND, slot, c.gen));
-                        // SAFETY: as above.
-                        unsafe { ring.submission().push(&e).expect("ring sized") };
-                        c.send_inflight = true;
-                        inflight_ops += 1;
+                        push_exchange(&mut ring, c, slot, &requests[c.req]);
                     }
                 }
                 OP_SEND => {
+                    // Only failures complete (success is skipped); the linked
+                    // receive is cancelled and completes too.
                     c.send_inflight = false;
-                    if res <= 0 {
-                        errors.reset += 1;
-                        c.dead = true;
-                    } else {
-                        c.sent += res as usize;
-                        let r = &requests[c.req];
-                        let (ptr, len, op) = if c.sent < r.len() {
-                            (
-                                r[c.sent..].as_ptr() as *mut u8,
-                                (r.len() - c.sent) as u32,
-                                OP_SEND,
-                            )
-                        } else {
-                            (
-                                c.buf[c.rlen..].as_mut_ptr(),
-                                (c.buf.len() - c.rlen) as u32,
-                                OP_RECV,
-                            )
-                        };
-                        let e = if op == OP_SEND {
-                            opcode::Send::new(types::Fd(c.fd), ptr, len)
-                                .flags(libc::MSG_NOSIGNAL)
-                                .build()
-                        } else {
-                            opcode::Recv::new(types::Fd(c.fd), ptr, len).build()
-                        };
-                        // SAFETY: request bytes are immutable; the receive
-                        // buffer is untouched until the receive completes.
-                        unsafe {
-                            ring.submission()
-                                .push(&e.user_data(ud(op, slot, c.gen)))
-                                .expect("ring sized")
-                        };
-                        if op == OP_SEND {
-                            c.send_inflight = true;
-                        } else {
-                            c.recv_inflight = true;
-                        }
-                        inflight_ops += 1;
-                    }
+                    errors.reset += 1;
+                    c.dead = true;
                 }
                 OP_RECV => {
                     c.recv_inflight = false;
+                    c.send_inflight = false;
+                    if res == -libc::ECANCELED {
+                        c.dead = true;
+                        continue;
+                    }
                     if res <= 0 {
                         errors.reset += 1;
                         c.dead = true;
-                    } else {
-                        c.rlen += res as usize;
-                        match parse_response(&c.buf[..c.rlen]) {
-                            Some(Ok((status, _total, body))) => {
-                                let answer =
-                                    if status == 200 && requests[c.req].starts_with(b"POST") {
-                                        Answer::BatchItem(batch_verdict(body))
-                                    } else {
-                                        Answer::Status(status)
-                                    };
-                                *statuses.entry(status).or_insert(0) += 1;
-                                if c.due >= measure_from && c.due < end {
-                                    let ns = now.duration_since(c.due).as_nanos() as u64;
-                                    hist.saturating_record(ns.max(1_000));
-                                    measured_completed += 1;
-                                }
-                                if plan.record_answers {
-                                    answers.push((c.req as u32, answer));
-                                }
-                                c.rlen = 0;
-                                if plan.keepalive {
-                                    c.st = St::Idle;
-                                    idle.push(slot);
-                                } else {
-                                    // SAFETY: our socket; nothing is in flight on it.
-                                    unsafe { libc::close(c.fd) };
-                                    c.fd = -1;
-                                    c.st = St::Closed;
-                                    idle.push(slot);
-                                }
+                        continue;
+                    }
+                    c.rlen += res as usize;
+                    match parse_response(&c.buf[..c.rlen]) {
+                        Some(Ok((status, _total, body))) => {
+                            let answer = if status == 200 && requests[c.req].starts_with(b"POST") {
+                                Answer::BatchItem(batch_verdict(body))
+                            } else {
+                                Answer::Status(status)
+                            };
+                            *statuses.entry(status).or_insert(0) += 1;
+                            if c.due >= measure_from && c.due < end {
+                                let ns = now.duration_since(c.due).as_nanos() as u64;
+                                hist.saturating_record(ns.max(1_000));
+                                measured_completed += 1;
                             }
-                            Some(Err(())) => {
-                                errors.reset += 1;
-                                c.dead = true;
+                            if plan.record_answers {
+                                answers.push((c.req as u32, answer));
                             }
-                            None => {
-                                if c.rlen == c.buf.len() {
-                                    c.buf.resize(c.buf.len() * 2, 0);
-                                }
-                                let e = opcode::Recv::new(
-                                    types::Fd(c.fd),
-                                    c.buf[c.rlen..].as_mut_ptr(),
-                                    (c.buf.len() - c.rlen) as u32,
-                                )
-                                .build()
-                                .user_data(ud(OP_RECV, slot, c.gen));
-                                // SAFETY: as above.
-                                unsafe { ring.submission().push(&e).expect("ring sized") };
-                                c.recv_inflight = true;
-                                inflight_ops += 1;
+                            c.rlen = 0;
+                            busy -= 1;
+                            if plan.keepalive {
+                                c.st = St::Idle;
+                            } else {
+                                // SAFETY: our socket; nothing is in flight on it.
+                                unsafe { libc::close(c.fd) };
+                                c.fd = -1;
+                                c.st = St::Closed;
                             }
+                            idle.push(slot);
+                        }
+                        Some(Err(())) => {
+                            errors.reset += 1;
+                            c.dead = true;
+                        }
+                        None => {
+                            if c.rlen == c.buf.len() {
+                                c.buf.resize(c.buf.len() * 2, 0);
+                            }
+                            let e = opcode::Recv::new(
+                                types::Fd(c.fd),
+                                c.buf[c.rlen..].as_mut_ptr(),
+                                (c.buf.len() - c.rlen) as u32,
+                            )
+                            .build()
+                            .user_data(ud(OP_RECV, slot, c.gen));
+                            push1(&mut ring, &e);
+                            c.recv_inflight = true;
                         }
                     }
                 }
                 _ => unreachable!(),
             }
         }
-        // Timeouts and dead connections: close, record, reopen.
+        // Timeouts and dead connections: close, record, reopen. Swept once a
+        // millisecond, not per completion (it walks every connection).
         let now = Instant::now();
+        if now.duration_since(last_sweep) < Duration::from_millis(1) {
+            continue;
+        }
+        last_sweep = now;
         for (slot, c) in conns.iter_mut().enumerate() {
             if c.st == St::Busy && !c.dead && now.duration_since(c.started) > plan.timeout {
                 errors.timeout += 1;
@@ -489,8 +472,11 @@ pub fn run_worker(plan: &Plan, requests: &[Vec<u8>]) -> anyhow::Result<WorkerRes
                 unsafe { libc::shutdown(c.fd, libc::SHUT_RDWR) };
             }
             if c.dead && !c.send_inflight && !c.recv_inflight && c.st != St::Closed {
-                if c.st == St::Busy && plan.record_answers {
-                    answers.push((c.req as u32, Answer::Unknown));
+                if c.st == St::Busy {
+                    busy -= 1;
+                    if plan.record_answers {
+                        answers.push((c.req as u32, Answer::Unknown));
+                    }
                 }
                 if c.fd >= 0 {
                     // SAFETY: our socket, no operation in flight.
@@ -500,7 +486,7 @@ pub fn run_worker(plan: &Plan, requests: &[Vec<u8>]) -> anyhow::Result<WorkerRes
                 c.st = St::Closed;
                 c.gen = c.gen.wrapping_add(1);
                 if plan.keepalive {
-                    if Instant::now() < end && !connect(c, slot, &mut ring, &mut inflight_ops) {
+                    if now < end && !connect(c, slot, &mut ring) {
                         errors.connect += 1;
                     }
                 } else {
@@ -515,7 +501,6 @@ pub fn run_worker(plan: &Plan, requests: &[Vec<u8>]) -> anyhow::Result<WorkerRes
             unsafe { libc::close(c.fd) };
         }
     }
-    let _ = inflight_ops;
     Ok(WorkerResult {
         hist,
         measured_requests,
