@@ -556,10 +556,9 @@ impl App {
 
     /// Appends the partial for everything since the previous one.
     pub fn append_partial(&mut self, now_ms: i64) -> Result<u64, AppendError> {
-        let preagg = &mut self.preagg;
-        let seq = self
-            .log
-            .append_partial(now_ms, |seq| preagg.take_partial(seq, now_ms))?;
+        let p = self.preagg.partial(self.log.next_seq(), now_ms);
+        let seq = self.log.append_partial(&p, now_ms)?;
+        self.preagg.committed(seq);
         self.counters.partials_appended += 1;
         self.counters.records_appended += 1;
         self.last_partial_ms = now_ms;

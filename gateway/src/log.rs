@@ -619,16 +619,10 @@ impl ShardLog {
     }
 
     /// Appends the partial produced by `make` with the seq it will have.
-    pub fn append_partial(
-        &mut self,
-        now_ms: i64,
-        make: impl FnOnce(u64) -> PartialRecord,
-    ) -> Result<u64, AppendError> {
-        let seq = self.next_seq;
-        let p = make(seq);
+    pub fn append_partial(&mut self, p: &PartialRecord, now_ms: i64) -> Result<u64, AppendError> {
         assert_eq!(
             p.to_seq + 1,
-            seq,
+            self.next_seq,
             "partial must end just before its own seq"
         );
         let mut buf = std::mem::take(&mut self.partial_buf);
@@ -643,9 +637,18 @@ impl ShardLog {
         });
         self.partial_buf = buf;
         if let Ok(s) = r {
-            assert_eq!(s, seq, "rotation must not change the partial's seq");
+            assert_eq!(
+                s,
+                p.to_seq + 1,
+                "rotation must not change the partial's seq"
+            );
         }
         r
+    }
+
+    /// The seq the next record will get.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
     }
 
     fn seal(&mut self, off: usize, len: usize, ty: RecordType) -> u64 {
@@ -998,14 +1001,13 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let (mut log, _) = ShardLog::open(&cfg(d.path()), 0).unwrap();
         log.append_event(&event("a"), 0).unwrap();
-        let s = log
-            .append_partial(0, |seq| PartialRecord {
-                from_seq: 0,
-                to_seq: seq - 1,
-                watermark_ms: 5,
-                rows: vec![],
-            })
-            .unwrap();
+        let p = PartialRecord {
+            from_seq: 0,
+            to_seq: log.next_seq() - 1,
+            watermark_ms: 5,
+            rows: vec![],
+        };
+        let s = log.append_partial(&p, 0).unwrap();
         assert_eq!(s, 2);
         drop(log);
         let (_, rec) = ShardLog::open(&cfg(d.path()), 0).unwrap();

@@ -1,8 +1,9 @@
 //! Per-minute pre-aggregation of one shard's event records.
 //!
 //! The shard feeds every event record it appends ([`PreAgg::add`]); every
-//! flush interval it takes the sums ([`PreAgg::take_partial`]) and appends them
-//! as a partial record covering the seq range since the previous partial. The
+//! flush interval it builds a partial from the sums ([`PreAgg::partial`]),
+//! appends it as a partial record covering the seq range since the previous
+//! partial, and only then clears them ([`PreAgg::committed`]). The
 //! partial is a pure function of the event records in its range, which is
 //! what lets recovery rebuild it from the log after a crash.
 //!
@@ -97,20 +98,34 @@ impl PreAgg {
         self.rows.len()
     }
 
-    /// Takes the sums for the partial record about to be appended with seq
-    /// `own_seq`. Rows are sorted so a partial's bytes are a function of its
-    /// records alone.
-    pub fn take_partial(&mut self, own_seq: u64, watermark_ms: i64) -> PartialRecord {
+    /// The partial record to append with seq `own_seq`, without changing the
+    /// sums: they are cleared by [`Self::committed`] only once the record is
+    /// in the log (an append that fails, say on a full disk, loses nothing).
+    /// Rows are sorted so a partial's bytes are a function of its records.
+    pub fn partial(&self, own_seq: u64, watermark_ms: i64) -> PartialRecord {
         assert!(own_seq > self.last_partial_seq);
-        let mut rows: Vec<(RowKey, Counts)> = self.rows.drain().map(|(_, k, c)| (k, c)).collect();
+        let mut rows: Vec<(RowKey, Counts)> =
+            self.rows.iter().map(|(_, k, c)| (k.clone(), *c)).collect();
         rows.sort_by(|a, b| a.0.cmp(&b.0));
-        let p = PartialRecord {
+        PartialRecord {
             from_seq: self.last_partial_seq,
             to_seq: own_seq - 1,
             watermark_ms,
             rows,
-        };
+        }
+    }
+
+    /// The partial made by [`Self::partial`] for `own_seq` is in the log.
+    pub fn committed(&mut self, own_seq: u64) {
+        assert!(own_seq > self.last_partial_seq);
+        self.rows.clear();
         self.last_partial_seq = own_seq;
+    }
+
+    /// [`Self::partial`] then [`Self::committed`], for callers that cannot fail.
+    pub fn take_partial(&mut self, own_seq: u64, watermark_ms: i64) -> PartialRecord {
+        let p = self.partial(own_seq, watermark_ms);
+        self.committed(own_seq);
         p
     }
 
@@ -223,6 +238,32 @@ mod tests {
         }
         let want = recount(events.iter().copied());
         assert_eq!(merged.into_iter().collect::<Vec<_>>(), want);
+    }
+
+    #[test]
+    fn a_partial_that_was_not_written_loses_nothing() {
+        let mut agg = PreAgg::new(100, 0);
+        let (ad, adv, e) = ev(2);
+        let a = EventRef {
+            ad_id: &ad,
+            advertiser_id: &adv,
+            ..e
+        };
+        agg.add(&a).unwrap();
+        // The append of seq 2 failed (say, disk full): the sums stay.
+        let first = agg.partial(2, 0);
+        assert_eq!(agg.rows(), 1);
+        agg.add(&a).unwrap();
+        // The retry, at the same seq, carries both events.
+        let retry = agg.partial(3, 0);
+        assert_eq!(retry.from_seq, first.from_seq);
+        assert_eq!(
+            retry.rows[0].1.clicks + retry.rows[0].1.invalid + retry.rows[0].1.duplicates,
+            2
+        );
+        agg.committed(3);
+        assert_eq!(agg.rows(), 0);
+        assert_eq!(agg.partial(5, 0).from_seq, 3);
     }
 
     #[test]

@@ -487,13 +487,16 @@ fn disk_budget_full_answers_503_and_never_302_without_a_record() {
     let mut refused = None;
     for i in 0..2000 {
         let id = format!("full-{i}");
-        let r = g.get(
-            &Click {
-                click_id: &id,
-                ..Click::default()
-            }
-            .target(),
-        );
+        let t = Click {
+            click_id: &id,
+            ..Click::default()
+        }
+        .target();
+        let raw = format!("GET {t} HTTP/1.1\r\nHost: t\r\n\r\n");
+        let r = match g.request(raw.as_bytes()) {
+            Ok(r) => r,
+            Err(e) => panic!("request {i}: {e}\n{}", g.log()),
+        };
         match r.status {
             302 => acked.push(id),
             503 => {
@@ -512,10 +515,17 @@ fn disk_budget_full_answers_503_and_never_302_without_a_record() {
             "acked {id} missing"
         );
     }
-    // Still alive and honest about readiness of the process.
-    assert_eq!(g.get("/healthz").status, 200);
+    // Still alive.
+    match g.request(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n") {
+        Ok(r) => assert_eq!(r.status, 200),
+        Err(e) => panic!("healthz after disk full: {e}\n{}", g.log()),
+    }
     std::thread::sleep(Duration::from_millis(100));
-    assert!(metric(&g.metrics(), "clickgate_drops_total{reason=\"disk_full\"}") >= 1);
+    let m = match g.request(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n") {
+        Ok(r) => r.body_str(),
+        Err(e) => panic!("metrics after disk full: {e}\n{}", g.log()),
+    };
+    assert!(metric(&m, "clickgate_drops_total{reason=\"disk_full\"}") >= 1);
 }
 
 #[test]
