@@ -56,7 +56,12 @@ fn request(i: u64) -> Vec<u8> {
     .into_bytes()
 }
 
-fn bench(name: &str, n: u64, mut f: impl FnMut(u64)) {
+fn bench(name: &str, n: u64, f: impl FnMut(u64)) {
+    bench_scaled(name, n, 1, f)
+}
+
+/// Like `bench`, for a closure that handles `per_call` clicks each time.
+fn bench_scaled(name: &str, n: u64, per_call: u64, mut f: impl FnMut(u64)) {
     // `cargo bench ... -- <filter>` runs only the benchmarks whose name
     // contains the filter (for profiling one of them).
     let filter: Vec<String> = std::env::args()
@@ -76,7 +81,7 @@ fn bench(name: &str, n: u64, mut f: impl FnMut(u64)) {
         for i in 0..n {
             f(r * n + i);
         }
-        best = best.min(t.elapsed().as_nanos() as f64 / n as f64);
+        best = best.min(t.elapsed().as_nanos() as f64 / (n * per_call) as f64);
     }
     println!("{name:<28} {best:>8.0} ns_per_click");
 }
@@ -231,6 +236,35 @@ fn main() {
         }
     });
     black_box(flushes);
-    let zstd_note = "zstd of a batch: measured with the shipper (issue 4)";
-    println!("# {zstd_note}");
+
+    // zstd of a batch, as the shipper will send them: 4096 raw event records
+    // (level 3), and one second of partials for the same clicks.
+    let mut raw = Vec::new();
+    let mut agg = PreAgg::new(1 << 20, 0);
+    let ads: Vec<String> = (0..1000).map(|i| format!("ad-{i}")).collect();
+    for i in 0..4096u64 {
+        // A skewed ad choice: a few hot ads, a long tail.
+        let ad = &ads[((i * i) % 997 * (i % 7 + 1) % 1000) as usize];
+        let e = EventRef { ad_id: ad, ..ev(i) };
+        let mut b = vec![0u8; e.encoded_len()];
+        e.encode_into(&mut b);
+        raw.extend_from_slice(&b);
+        agg.add(&e).unwrap();
+    }
+    let mut partial = Vec::new();
+    agg.take_partial(4097, now).encode(&mut partial);
+    let raw_z = zstd::bulk::compress(&raw, 3).unwrap();
+    let part_z = zstd::bulk::compress(&partial, 3).unwrap();
+    bench_scaled("zstd raw batch", 64, 4096, |_| {
+        black_box(zstd::bulk::compress(&raw, 3).unwrap());
+    });
+    println!(
+        "# zstd level 3: raw {} -> {} bytes ({:.1} bytes/click); partial {} -> {} bytes ({:.2} bytes/click)",
+        raw.len(),
+        raw_z.len(),
+        raw_z.len() as f64 / 4096.0,
+        partial.len(),
+        part_z.len(),
+        part_z.len() as f64 / 4096.0
+    );
 }
