@@ -61,6 +61,10 @@ pub struct Durability {
     /// (survives power loss). "process": answer once in the page cache
     /// (survives kill -9 of any process, not power loss).
     pub mode: DurabilityMode,
+    /// fdatasyncs a shard keeps in flight at once in `sync` mode (pipelined
+    /// group commit: each covers what was appended since the previous one
+    /// started). 1 = strictly one at a time. Default 2.
+    pub syncs_in_flight_max: usize,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -224,6 +228,7 @@ impl Default for Durability {
     fn default() -> Self {
         Self {
             mode: DurabilityMode::Sync,
+            syncs_in_flight_max: 2,
         }
     }
 }
@@ -354,6 +359,9 @@ impl Config {
         }
         if self.aggregate.rows_max == 0 {
             return Err("aggregate.rows_max: at least 1".into());
+        }
+        if !(1..=16).contains(&self.durability.syncs_in_flight_max) {
+            return Err("durability.syncs_in_flight_max: 1 to 16".into());
         }
         let l = &self.limits;
         if l.headers_max == 0 || l.headers_max > crate::http::HEADERS_HARD_MAX {

@@ -138,7 +138,10 @@ pub struct ShardLoop {
     idle_timeout_ms: i64,
     drain_timeout_ms: i64,
     mode: DurabilityMode,
-    sync_inflight: Option<(u64, Instant)>,
+    /// fdatasyncs in flight: (id, seq it makes durable, started).
+    syncs: Vec<(u32, u64, Instant)>,
+    sync_next_id: u32,
+    syncs_max: usize,
     waiters: Vec<(usize, u32)>,
     dirty: Vec<usize>,
     timespec: Box<types::Timespec>,
@@ -181,7 +184,9 @@ impl ShardLoop {
             idle_timeout_ms: l.idle_timeout_ms as i64,
             drain_timeout_ms: cfg.drain.timeout_ms as i64,
             mode: cfg.durability.mode,
-            sync_inflight: None,
+            syncs: Vec::with_capacity(8),
+            sync_next_id: 0,
+            syncs_max: cfg.durability.syncs_in_flight_max,
             waiters: Vec::new(),
             dirty: Vec::new(),
             timespec: Box::new(types::Timespec::from(Duration::from_millis(TICK_MS))),
@@ -285,7 +290,7 @@ impl ShardLoop {
                 }
                 self.dirty.push(slot);
             }
-            OP_SYNC => self.on_sync(res),
+            OP_SYNC => self.on_sync(res, gen),
             OP_TIMER => {
                 self.on_tick(now);
                 self.arm_timer();
@@ -440,11 +445,13 @@ impl ShardLoop {
         c.sent += res as usize;
     }
 
-    fn on_sync(&mut self, res: i32) {
-        let (target, started) = self
-            .sync_inflight
-            .take()
+    fn on_sync(&mut self, res: i32, id: u32) {
+        let i = self
+            .syncs
+            .iter()
+            .position(|s| s.0 == id)
             .expect("sync completion without a sync");
+        let (_, target, started) = self.syncs.swap_remove(i);
         if res < 0 {
             // The kernel may have dropped the dirty pages: nothing since the
             // last good sync can be called durable, now or by a later sync.
@@ -469,7 +476,9 @@ impl ShardLoop {
         self.app
             .counters
             .flush(started.elapsed().as_micros() as u64);
-        self.app.durable_seq = target;
+        // An fdatasync makes durable everything written before it started,
+        // whatever other syncs are still in flight.
+        self.app.durable_seq = self.app.durable_seq.max(target);
         for w in std::mem::take(&mut self.waiters) {
             self.dirty.push(w.0);
         }
@@ -487,15 +496,27 @@ impl ShardLoop {
                 }
             }
             DurabilityMode::Sync => {
-                if self.sync_inflight.is_none() && last > self.app.durable_seq && !self.app.failed {
+                // Group commit, pipelined: a new sync for what was appended
+                // since the newest one in flight, up to `syncs_max` at once.
+                let covered = self
+                    .syncs
+                    .iter()
+                    .map(|s| s.1)
+                    .max()
+                    .unwrap_or(0)
+                    .max(self.app.durable_seq);
+                if self.syncs.len() < self.syncs_max && last > covered && !self.app.failed {
+                    let id = self.sync_next_id;
+                    self.sync_next_id = self.sync_next_id.wrapping_add(1);
                     let e = opcode::Fsync::new(types::Fd(self.app.log.sync_fd()))
                         .flags(types::FsyncFlags::DATASYNC)
                         .build()
-                        .user_data(ud(OP_SYNC, 0, 0));
-                    // SAFETY: no user memory; the fd outlives the operation
-                    // (a rotated-out segment is synced before it is dropped).
+                        .user_data(ud(OP_SYNC, 0, id));
+                    // SAFETY: no user memory; the kernel takes its own file
+                    // reference at submission, which happens before any
+                    // rotation (rotations run while handling completions).
                     unsafe { self.push(e) };
-                    self.sync_inflight = Some((last, Instant::now()));
+                    self.syncs.push((id, last, Instant::now()));
                 }
             }
         }
@@ -640,7 +661,7 @@ impl ShardLoop {
     fn finished(&self, now: i64) -> bool {
         match self.drain_deadline_ms {
             Some(deadline) => {
-                (self.open == 0 && self.listener.is_none() && self.sync_inflight.is_none())
+                (self.open == 0 && self.listener.is_none() && self.syncs.is_empty())
                     || now >= deadline
             }
             None => false,
