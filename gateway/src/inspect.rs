@@ -88,14 +88,7 @@ pub fn inspect(data: &Path, opts: Options) -> anyhow::Result<String> {
                         let e = EventRef::decode(f.payload)
                             .with_context(|| format!("event at seq {}", f.seq))?;
                         events += 1;
-                        let k = RowKey {
-                            minute: wire::minute_of(e.event_ms),
-                            advertiser_id: e.advertiser_id.into(),
-                            campaign_id: e.campaign_id.into(),
-                            ad_id: e.ad_id.into(),
-                            device: e.device,
-                            country: e.country,
-                        };
+                        let k = RowKey::of(&e);
                         let mut c = Counts::default();
                         c.add_event(e.kind, e.verdict, e.cost_micros);
                         pending.push((f.seq, k.clone(), c));

@@ -122,7 +122,6 @@ impl Spare {
         let _ = std::thread::Builder::new().name(name).spawn(move || {
             // Background work must not take the core from the shard it serves.
             sys::lower_thread_priority(10);
-            let mut n = 0u64;
             while let Ok(job) = want_rx.recv() {
                 match job {
                     Job::Prepare => {}
@@ -137,7 +136,10 @@ impl Spare {
                         continue;
                     }
                 }
-                n += 1;
+                // Unique within the process too: tests (and a restarted
+                // shard) may run two helpers on one directory.
+                static SPARES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let n = SPARES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let path = dir.join(format!("spare-{}-{n}.seg.tmp", std::process::id()));
                 let made = (|| {
                     let f = OpenOptions::new()

@@ -14,7 +14,7 @@
 use std::hash::BuildHasher;
 
 use hashbrown::HashTable;
-use wire::record::{Counts, Device, EventRef, PartialRecord, RowKey};
+use wire::record::{Counts, EventRef, PartialRecord, RowKey};
 
 pub struct PreAgg {
     rows: HashTable<(u64, RowKey, Counts)>,
@@ -39,8 +39,18 @@ impl PreAgg {
         }
     }
 
-    fn hash(&self, minute: u32, adv: &str, camp: &str, ad: &str, dev: Device, cc: [u8; 2]) -> u64 {
-        self.hasher.hash_one((minute, adv, camp, ad, dev as u8, cc))
+    /// The event's minute and the hash of its row key.
+    fn key_hash(&self, e: &EventRef<'_>) -> (u32, u64) {
+        let minute = wire::minute_of(e.event_ms);
+        let h = self.hasher.hash_one((
+            minute,
+            e.advertiser_id,
+            e.campaign_id,
+            e.ad_id,
+            e.device as u8,
+            e.country,
+        ));
+        (minute, h)
     }
 
     /// Whether a row for this event exists or there is room for a new one.
@@ -49,30 +59,14 @@ impl PreAgg {
     }
 
     fn find(&self, e: &EventRef<'_>) -> Option<&(u64, RowKey, Counts)> {
-        let minute = wire::minute_of(e.event_ms);
-        let h = self.hash(
-            minute,
-            e.advertiser_id,
-            e.campaign_id,
-            e.ad_id,
-            e.device,
-            e.country,
-        );
+        let (minute, h) = self.key_hash(e);
         self.rows.find(h, |(_, k, _)| eq(k, minute, e))
     }
 
     /// Counts one event record. Fails only when the row limit is reached and
     /// the event needs a new row; nothing is counted then.
     pub fn add(&mut self, e: &EventRef<'_>) -> Result<(), Full> {
-        let minute = wire::minute_of(e.event_ms);
-        let h = self.hash(
-            minute,
-            e.advertiser_id,
-            e.campaign_id,
-            e.ad_id,
-            e.device,
-            e.country,
-        );
+        let (minute, h) = self.key_hash(e);
         if let Some((_, _, c)) = self.rows.find_mut(h, |(_, k, _)| eq(k, minute, e)) {
             c.add_event(e.kind, e.verdict, e.cost_micros);
             return Ok(());
@@ -82,15 +76,8 @@ impl PreAgg {
         }
         let mut c = Counts::default();
         c.add_event(e.kind, e.verdict, e.cost_micros);
-        let key = RowKey {
-            minute,
-            advertiser_id: e.advertiser_id.to_owned(),
-            campaign_id: e.campaign_id.to_owned(),
-            ad_id: e.ad_id.to_owned(),
-            device: e.device,
-            country: e.country,
-        };
-        self.rows.insert_unique(h, (h, key, c), |(h, _, _)| *h);
+        self.rows
+            .insert_unique(h, (h, RowKey::of(e), c), |(h, _, _)| *h);
         Ok(())
     }
 
@@ -148,15 +135,7 @@ fn eq(k: &RowKey, minute: u32, e: &EventRef<'_>) -> bool {
 pub fn recount<'a>(events: impl IntoIterator<Item = EventRef<'a>>) -> Vec<(RowKey, Counts)> {
     let mut m = std::collections::BTreeMap::<RowKey, Counts>::new();
     for e in events {
-        let k = RowKey {
-            minute: wire::minute_of(e.event_ms),
-            advertiser_id: e.advertiser_id.into(),
-            campaign_id: e.campaign_id.into(),
-            ad_id: e.ad_id.into(),
-            device: e.device,
-            country: e.country,
-        };
-        m.entry(k)
+        m.entry(RowKey::of(&e))
             .or_default()
             .add_event(e.kind, e.verdict, e.cost_micros);
     }
@@ -166,7 +145,7 @@ pub fn recount<'a>(events: impl IntoIterator<Item = EventRef<'a>>) -> Vec<(RowKe
 #[cfg(test)]
 mod tests {
     use super::*;
-    use wire::record::{EventKind, Source, Verdict};
+    use wire::record::{Device, EventKind, Source, Verdict};
 
     fn ev(i: u64) -> (String, String, EventRef<'static>) {
         let ad = format!("ad{}", i % 7);

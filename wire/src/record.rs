@@ -192,6 +192,20 @@ pub struct RowKey {
     pub country: [u8; 2],
 }
 
+impl RowKey {
+    /// The row an event is summed into.
+    pub fn of(e: &EventRef<'_>) -> RowKey {
+        RowKey {
+            minute: crate::minute_of(e.event_ms),
+            advertiser_id: e.advertiser_id.to_owned(),
+            campaign_id: e.campaign_id.to_owned(),
+            ad_id: e.ad_id.to_owned(),
+            device: e.device,
+            country: e.country,
+        }
+    }
+}
+
 /// The sums kept per [`RowKey`]. Money is integer micros.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
