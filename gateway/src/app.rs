@@ -127,6 +127,7 @@ pub struct App {
     /// Set when an fdatasync failed: nothing more is acknowledged.
     pub failed: bool,
     last_partial_ms: i64,
+    last_partial_warn_ms: i64,
     /// Seq up to which a sync has completed (kept by the event loop).
     pub durable_seq: u64,
 }
@@ -164,6 +165,7 @@ impl App {
             scratch: vec![0u8; cfg.limits.header_bytes_max.max(cfg.limits.body_bytes_max)],
             failed: false,
             last_partial_ms: now_ms,
+            last_partial_warn_ms: i64::MIN / 2,
             durable_seq,
         }
     }
@@ -570,7 +572,13 @@ impl App {
         self.log.prefault();
         if now_ms - self.last_partial_ms >= self.settings.flush_interval_ms && !self.failed {
             if let Err(e) = self.append_partial(now_ms) {
-                tracing::warn!(shard = self.shard, error = %e, "partial not appended; will retry");
+                // Once a minute at most: a full disk would otherwise log this
+                // every flush interval. Counted every time.
+                self.counters.drop("partial_deferred");
+                if now_ms - self.last_partial_warn_ms >= 60_000 {
+                    self.last_partial_warn_ms = now_ms;
+                    tracing::warn!(shard = self.shard, error = %e, "partial not appended; will retry");
+                }
             }
         }
         let v = self.shared.keys.version.load(Ordering::Acquire);

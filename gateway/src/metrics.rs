@@ -43,6 +43,7 @@ pub const DROPS: &[&str] = &[
     "bad_chunk",
     "unsupported_version",
     "header_timeout",
+    "partial_deferred",
 ];
 /// Flush (fdatasync) latency histogram bucket bounds, microseconds.
 pub const FLUSH_BUCKETS_US: &[u64] =
@@ -52,7 +53,7 @@ pub const FLUSH_BUCKETS_US: &[u64] =
 pub struct Counters {
     pub requests: [[u64; 13]; 7],
     pub rejects: [u64; 9],
-    pub drops: [u64; 17],
+    pub drops: [u64; 18],
     /// [kind][verdict]
     pub events: [[u64; 3]; 2],
     pub bytes_appended: u64,
@@ -79,7 +80,7 @@ pub struct Counters {
 }
 
 const _: () = assert!(ENDPOINTS.len() == 7 && STATUSES.len() == 13);
-const _: () = assert!(DROPS.len() == 17 && FLUSH_BUCKETS_US.len() + 1 == 11);
+const _: () = assert!(DROPS.len() == 18 && FLUSH_BUCKETS_US.len() + 1 == 11);
 
 impl Counters {
     pub fn request(&mut self, endpoint: usize, status: u16) {

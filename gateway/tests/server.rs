@@ -566,3 +566,42 @@ fn a_second_gateway_on_the_same_data_dir_refuses_to_start() {
     // The first one is unaffected.
     assert_eq!(g.get("/healthz").status, 200);
 }
+
+#[test]
+fn fast_clickers_are_flagged_invalid_but_still_redirected() {
+    let g = Gateway::start("[traffic]\nvelocity_per_minute_max = 3\n");
+    for i in 0..8 {
+        let id = format!("v-{i}");
+        let r = g.get(
+            &Click {
+                click_id: &id,
+                ..Click::default()
+            }
+            .target(),
+        );
+        assert_eq!(r.status, 302, "the user must land even when flagged");
+    }
+    let (clicks, _, dups, invalid) = totals(&g.inspect(false));
+    // Three per minute are billable; a minute boundary during the test can
+    // allow three more, never fewer than two flagged.
+    assert_eq!(clicks + invalid, 8);
+    assert_eq!(dups, 0);
+    assert!((2..=5).contains(&invalid), "invalid {invalid}");
+}
+
+#[test]
+fn idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
+    let g = Gateway::start("[limits]\nidle_timeout_ms = 300\n");
+    let mut s = g.connect();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut s).unwrap().status, 200);
+    let t = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let n = std::io::Read::read(&mut s, &mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "expected the server to close the idle connection");
+    // Swept once a second: closed after 300 ms idle, within ~1.3 s.
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(metric(&g.metrics(), "clickgate_connections_idle_closed_total") >= 1);
+}
