@@ -141,21 +141,11 @@ impl Spare {
                 static SPARES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
                 let n = SPARES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let path = dir.join(format!("spare-{}-{n}.seg.tmp", std::process::id()));
-                let made = (|| {
-                    let f = OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .create(true)
-                        .truncate(true)
-                        .open(&path)?;
-                    sys::fallocate(&f, bytes as u64)?;
-                    if zero_fill {
-                        write_zeros(&f, bytes)?;
-                    }
+                let made = preallocate(&path, bytes, zero_fill).and_then(|f| {
                     f.sync_all()?;
                     sync_dir(&dir)?;
                     Ok((f, path.clone()))
-                })();
+                });
                 if made.is_err() {
                     let _ = fs::remove_file(&path);
                 }
@@ -234,6 +224,28 @@ pub struct LogConfig {
     /// `process` mode the page cache is the promise, and the sealed segment is
     /// synced by the helper thread instead, off the request path.
     pub sync_on_rotate: bool,
+}
+
+/// Creates (or truncates) `path` with `bytes` of real blocks: fallocate, and
+/// with `zero_fill` zeros written over them. Removes the file on failure.
+fn preallocate(path: &Path, bytes: usize, zero_fill: bool) -> io::Result<File> {
+    let made = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .and_then(|f| {
+            sys::fallocate(&f, bytes as u64)?;
+            if zero_fill {
+                write_zeros(&f, bytes)?;
+            }
+            Ok(f)
+        });
+    if made.is_err() {
+        let _ = fs::remove_file(path);
+    }
+    made
 }
 
 /// Overwrites a file's first `bytes` with zeros, 1 MiB at a time.
@@ -486,22 +498,7 @@ impl ShardLog {
     ) -> io::Result<Active> {
         let path = segment_path(dir, base_seq);
         let tmp = path.with_extension("seg.tmp");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        if let Err(e) = sys::fallocate(&file, bytes as u64).and_then(|_| {
-            if zero_fill {
-                write_zeros(&file, bytes)
-            } else {
-                Ok(())
-            }
-        }) {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
+        let file = preallocate(&tmp, bytes, zero_fill)?;
         // SAFETY: we just created and preallocated this file; see `map_readonly`.
         let mut map = unsafe { MmapMut::map_mut(&file) }?;
         let header = SegmentHeader {
