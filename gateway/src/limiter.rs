@@ -139,9 +139,35 @@ impl Velocity {
 }
 
 /// Coarse device type from a User-Agent: one lower-casing copy of its first
-/// 512 bytes, then SIMD substring searches in order of precedence.
+/// 512 bytes, then SIMD substring searches in order of precedence, with the
+/// searchers built once per process (building one per call was the cost).
 pub fn device_of(ua: &[u8]) -> Device {
-    use memchr::memmem::find;
+    use memchr::memmem::Finder;
+    use std::sync::OnceLock;
+    const PATTERNS: [&[u8]; 13] = [
+        b"bot",
+        b"crawl",
+        b"spider",
+        b"curl/",
+        b"wget", // 0..5: bot
+        b"ipad",
+        b"tablet", // 5..7: tablet
+        b"android",
+        b"mobile",
+        b"mobi",
+        b"iphone", // 7..11
+        b"windows",
+        b"macintosh", // desktop (with x11, linux, cros below)
+    ];
+    const DESKTOP_MORE: [&[u8]; 3] = [b"x11", b"linux", b"cros"];
+    static FINDERS: OnceLock<Vec<Finder<'static>>> = OnceLock::new();
+    let f = FINDERS.get_or_init(|| {
+        PATTERNS
+            .iter()
+            .chain(DESKTOP_MORE.iter())
+            .map(|p| Finder::new(p).into_owned())
+            .collect()
+    });
     if ua.is_empty() {
         return Device::Other;
     }
@@ -151,20 +177,20 @@ pub fn device_of(ua: &[u8]) -> Device {
         *d = s.to_ascii_lowercase();
     }
     let ua = &low[..n];
-    let has = |p: &[u8]| find(ua, p).is_some();
-    if has(b"bot") || has(b"crawl") || has(b"spider") || has(b"curl/") || has(b"wget") {
+    let has = |i: usize| f[i].find(ua).is_some();
+    if (0..5).any(has) {
         Device::Bot
-    } else if has(b"ipad") || has(b"tablet") {
+    } else if has(5) || has(6) {
         Device::Tablet
-    } else if has(b"android") {
-        if has(b"mobile") {
+    } else if has(7) {
+        if has(8) {
             Device::Mobile
         } else {
             Device::Tablet
         }
-    } else if has(b"mobi") || has(b"iphone") {
+    } else if has(9) || has(10) {
         Device::Mobile
-    } else if has(b"windows") || has(b"macintosh") || has(b"x11") || has(b"linux") || has(b"cros") {
+    } else if (11..16).any(has) {
         Device::Desktop
     } else {
         Device::Other
