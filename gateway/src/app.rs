@@ -128,6 +128,8 @@ pub struct App {
     pub failed: bool,
     last_partial_ms: i64,
     last_partial_warn_ms: i64,
+    /// Reused for the short plain-text bodies of refusals.
+    msg: Vec<u8>,
     /// Seq up to which a sync has completed (kept by the event loop).
     pub durable_seq: u64,
 }
@@ -166,6 +168,7 @@ impl App {
             failed: false,
             last_partial_ms: now_ms,
             last_partial_warn_ms: i64::MIN / 2,
+            msg: Vec::with_capacity(128),
             durable_seq,
         }
     }
@@ -178,10 +181,10 @@ impl App {
     pub fn http_error(&mut self, e: HttpError, w: &mut ResponseWriter<'_>) -> Outcome {
         self.counters.drop(e.reason());
         self.counters.request(EP_OTHER, e.status());
-        let mut msg = Vec::with_capacity(64);
-        msg.extend_from_slice(e.reason().as_bytes());
-        msg.push(b'\n');
-        w.text(e.status(), &msg, false, None, None);
+        self.msg.clear();
+        self.msg.extend_from_slice(e.reason().as_bytes());
+        self.msg.push(b'\n');
+        w.text(e.status(), &self.msg, false, None, None);
         Outcome {
             wait_seq: 0,
             close: true,
@@ -339,10 +342,11 @@ impl App {
                 }
             }
             Item::Refused(r) => {
-                let mut msg = Vec::with_capacity(48);
-                r.message(&mut msg);
+                // A reused buffer: a flood of bad requests allocates nothing.
+                self.msg.clear();
+                r.message(&mut self.msg);
                 self.counters.request(ep, r.status());
-                w.text(r.status(), &msg, keep, None, None);
+                w.text(r.status(), &self.msg, keep, None, None);
                 close
             }
             Item::Unavailable(e) => {
