@@ -170,11 +170,14 @@ fn main() {
         redirect_url:
             "https://shop.example.com/products/summer-sale?utm_source=clickgate&utm_medium=cpc",
     };
-    bench("append (mmap, crc32c)", n, |i| {
+    bench("append (stage, crc32c, write)", n, |i| {
         if i % 1024 == 0 {
             log.prefault(); // what the shard's tick does
         }
         black_box(log.append_event(&ev(i), now).unwrap());
+        if i % 32 == 31 {
+            log.write_now().unwrap(); // a turn's write, into the page cache
+        }
     });
     let mut agg = PreAgg::new(1 << 20, 0);
     bench("pre-aggregate", n, |i| {
@@ -229,6 +232,9 @@ fn main() {
         assert!(o.wait_seq > 0);
         if i % 1024 == 0 {
             app.log.prefault(); // what the shard's tick does
+        }
+        if i % 32 == 31 {
+            app.log.write_now().unwrap(); // a turn's write, into the page cache
         }
         if i % 10_000 == 0 {
             app.append_partial(now).unwrap();

@@ -250,7 +250,7 @@ fn start_shard(
         sync_on_rotate: cfg.durability.mode == crate::config::DurabilityMode::Sync,
     };
     let t0 = Instant::now();
-    let (log, rec) = ShardLog::open(&log_cfg, now)?;
+    let (mut log, rec) = ShardLog::open(&log_cfg, now)?;
     // Make whatever survived in the page cache durable before answering
     // anything that depends on it.
     log.sync_now().context("syncing the recovered log")?;

@@ -138,9 +138,9 @@ pub struct ShardLoop {
     idle_timeout_ms: i64,
     drain_timeout_ms: i64,
     mode: DurabilityMode,
-    /// fdatasyncs in flight: (id, seq it makes durable, started).
-    syncs: Vec<(u32, u64, Instant)>,
-    sync_next_id: u32,
+    /// Durable writes in flight: (write id, its bytes, started). The bytes
+    /// stay here, untouched, until the kernel is done with them.
+    syncs: Vec<(u32, Vec<u8>, Instant)>,
     syncs_max: usize,
     waiters: Vec<(usize, u32)>,
     dirty: Vec<usize>,
@@ -185,7 +185,6 @@ impl ShardLoop {
             drain_timeout_ms: cfg.drain.timeout_ms as i64,
             mode: cfg.durability.mode,
             syncs: Vec::with_capacity(8),
-            sync_next_id: 0,
             syncs_max: cfg.durability.syncs_in_flight_max,
             waiters: Vec::new(),
             dirty: Vec::new(),
@@ -450,15 +449,16 @@ impl ShardLoop {
             .syncs
             .iter()
             .position(|s| s.0 == id)
-            .expect("sync completion without a sync");
-        let (_, target, started) = self.syncs.swap_remove(i);
-        if res < 0 {
+            .expect("completion for a write that was not in flight");
+        let (_, buf, started) = self.syncs.swap_remove(i);
+        if res < 0 || res as usize != buf.len() {
             // The kernel may have dropped the dirty pages: nothing since the
-            // last good sync can be called durable, now or by a later sync.
+            // last good write can be called durable, now or by a later one.
             tracing::error!(
                 shard = self.app.shard,
-                errno = -res,
-                "fdatasync failed; shard stops acknowledging"
+                result = res,
+                bytes = buf.len(),
+                "durable write failed; shard stops acknowledging"
             );
             self.app.failed = true;
             self.app.counters.flush_errors += 1;
@@ -476,47 +476,51 @@ impl ShardLoop {
         self.app
             .counters
             .flush(started.elapsed().as_micros() as u64);
-        // An fdatasync makes durable everything written before it started,
-        // whatever other syncs are still in flight.
-        self.app.durable_seq = self.app.durable_seq.max(target);
+        self.app.durable_seq = self.app.log.write_done(id, buf);
         for w in std::mem::take(&mut self.waiters) {
             self.dirty.push(w.0);
         }
     }
 
     fn after_turn(&mut self, now: i64) {
-        let last = self.app.log.last_seq();
         match self.mode {
             DurabilityMode::Process => {
-                if last > self.app.durable_seq {
-                    self.app.durable_seq = last;
-                    for w in std::mem::take(&mut self.waiters) {
-                        self.dirty.push(w.0);
+                if self.app.log.last_seq() > self.app.durable_seq && !self.app.failed {
+                    match self.app.log.write_now() {
+                        Ok(seq) => {
+                            self.app.durable_seq = seq;
+                            for w in std::mem::take(&mut self.waiters) {
+                                self.dirty.push(w.0);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(shard = self.app.shard, error = %e, "log write failed; shard stops acknowledging");
+                            self.app.failed = true;
+                            self.app.counters.flush_errors += 1;
+                        }
                     }
                 }
             }
             DurabilityMode::Sync => {
-                // Group commit, pipelined: a new sync for what was appended
-                // since the newest one in flight, up to `syncs_max` at once.
-                let covered = self
-                    .syncs
-                    .iter()
-                    .map(|s| s.1)
-                    .max()
-                    .unwrap_or(0)
-                    .max(self.app.durable_seq);
-                if self.syncs.len() < self.syncs_max && last > covered && !self.app.failed {
-                    let id = self.sync_next_id;
-                    self.sync_next_id = self.sync_next_id.wrapping_add(1);
-                    let e = opcode::Fsync::new(types::Fd(self.app.log.sync_fd()))
-                        .flags(types::FsyncFlags::DATASYNC)
-                        .build()
-                        .user_data(ud(OP_SYNC, 0, id));
-                    // SAFETY: no user memory; the kernel takes its own file
-                    // reference at submission, which happens before any
-                    // rotation (rotations run while handling completions).
-                    unsafe { self.push(e) };
-                    self.syncs.push((id, last, Instant::now()));
+                // Group commit, pipelined: one buffered write with RWF_DSYNC
+                // of everything appended since the previous write, up to
+                // `syncs_max` in flight; durability advances over the
+                // completed prefix (ShardLog::write_done).
+                if self.syncs.len() < self.syncs_max && !self.app.failed {
+                    if let Some(w) = self.app.log.take_write() {
+                        let e =
+                            opcode::Write::new(types::Fd(w.fd), w.buf.as_ptr(), w.buf.len() as u32)
+                                .offset(w.offset)
+                                .rw_flags(libc::RWF_DSYNC)
+                                .build()
+                                .user_data(ud(OP_SYNC, 0, w.id));
+                        // SAFETY: the buffer moves into `self.syncs` (a Vec's
+                        // heap bytes do not move with it) and is only released
+                        // at this write's completion; the kernel takes its own
+                        // file reference at submission, before any rotation.
+                        unsafe { self.push(e) };
+                        self.syncs.push((w.id, w.buf, Instant::now()));
+                    }
                 }
             }
         }
