@@ -61,9 +61,12 @@ pub struct Durability {
     /// (survives power loss). "process": answer once in the page cache
     /// (survives kill -9 of any process, not power loss).
     pub mode: DurabilityMode,
-    /// fdatasyncs a shard keeps in flight at once in `sync` mode (pipelined
-    /// group commit: each covers what was appended since the previous one
-    /// started). 1 = strictly one at a time. Default 2.
+    /// Durable writes a shard keeps in flight at once in `sync` mode
+    /// (pipelined group commit). With 1, writes land in order, so a crash
+    /// leaves at most a torn tail. With more, a crash may leave a write that
+    /// never landed before one that did: recovery cuts a span of zeros, but a
+    /// partly landed write before a landed one is reported as corruption.
+    /// Default 1.
     pub syncs_in_flight_max: usize,
 }
 
@@ -228,7 +231,7 @@ impl Default for Durability {
     fn default() -> Self {
         Self {
             mode: DurabilityMode::Sync,
-            syncs_in_flight_max: 2,
+            syncs_in_flight_max: 1,
         }
     }
 }

@@ -94,22 +94,34 @@ pub struct ShardLog {
     /// buffered `RWF_DSYNC` write here (docs/BENCHMARKS.md).
     stage: Vec<u8>,
     stage_off: usize,
-    /// Writes handed out and not yet complete, oldest first: (id, last seq,
-    /// done). Durability advances over the done prefix only.
-    writes: std::collections::VecDeque<(u32, u64, bool)>,
+    /// Writes handed out and not yet complete, oldest first. Durability
+    /// advances over the done prefix only. The log owns their bytes until
+    /// `write_done`, so a rotation can write them again synchronously.
+    writes: std::collections::VecDeque<InFlight>,
     write_next_id: u32,
     durable_seq: u64,
     spare_bufs: Vec<Vec<u8>>,
 }
 
+struct InFlight {
+    id: u32,
+    last_seq: u64,
+    done: bool,
+    /// The segment it belongs to (its base seq) and where in it.
+    base_seq: u64,
+    offset: u64,
+    buf: Vec<u8>,
+}
+
 /// Staged bytes handed to the shell to write (and, in `sync` mode, make
-/// durable) at `offset` of the active segment; return `buf` with
-/// [`ShardLog::write_done`].
+/// durable) at `offset` of the active segment. The bytes at `ptr` stay valid
+/// and unchanged until [`ShardLog::write_done`] is called with `id`.
 pub struct PendingWrite {
     pub id: u32,
     pub fd: RawFd,
     pub offset: u64,
-    pub buf: Vec<u8>,
+    pub ptr: *const u8,
+    pub len: usize,
 }
 
 /// Creating a segment (fallocate, fsync, directory fsync) takes milliseconds;
@@ -566,6 +578,16 @@ impl ShardLog {
         // Everything in the old segment becomes durable before the next one
         // exists: recovery relies on the chain being whole across files.
         let t0 = std::time::Instant::now();
+        // Writes of this segment still in flight in the kernel may land after
+        // a crash or never: write their bytes again here (same bytes, same
+        // offsets), so the sealed segment is whole once it is synced.
+        {
+            use std::os::unix::fs::FileExt;
+            let base = self.active.base_seq;
+            for w in self.writes.iter().filter(|w| !w.done && w.base_seq == base) {
+                self.active.file.write_all_at(&w.buf, w.offset)?;
+            }
+        }
         self.write_stage_now()?;
         if self.sync_on_rotate {
             self.active.file.sync_data()?;
@@ -574,7 +596,14 @@ impl ShardLog {
         }
         // Done, in order behind any write of the old segment still in flight.
         let id = self.next_write_id();
-        self.writes.push_back((id, self.next_seq - 1, true));
+        self.writes.push_back(InFlight {
+            id,
+            last_seq: self.next_seq - 1,
+            done: true,
+            base_seq: self.active.base_seq,
+            offset: 0,
+            buf: Vec::new(),
+        });
         self.advance_durable();
         let synced_us = t0.elapsed().as_micros() as u64;
         let prepared = match self.spare.take() {
@@ -712,9 +741,13 @@ impl ShardLog {
     }
 
     fn advance_durable(&mut self) {
-        while let Some(&(_, last, true)) = self.writes.front() {
-            self.durable_seq = self.durable_seq.max(last);
-            self.writes.pop_front();
+        while self.writes.front().is_some_and(|w| w.done) {
+            let mut w = self.writes.pop_front().unwrap();
+            self.durable_seq = self.durable_seq.max(w.last_seq);
+            w.buf.clear();
+            if self.spare_bufs.len() < 4 && w.buf.capacity() > 0 && w.buf.capacity() <= 1 << 20 {
+                self.spare_bufs.push(w.buf);
+            }
         }
     }
 
@@ -731,29 +764,34 @@ impl ShardLog {
         let offset = self.stage_off as u64;
         self.stage_off = self.active.write_off;
         let id = self.next_write_id();
-        self.writes.push_back((id, self.next_seq - 1, false));
+        let (ptr, len) = (buf.as_ptr(), buf.len());
+        self.writes.push_back(InFlight {
+            id,
+            last_seq: self.next_seq - 1,
+            done: false,
+            base_seq: self.active.base_seq,
+            offset,
+            buf,
+        });
         Some(PendingWrite {
             id,
             fd: self.active.file.as_raw_fd(),
             offset,
-            buf,
+            ptr,
+            len,
         })
     }
 
     /// A write from [`Self::take_write`] completed (durably, in `sync` mode).
     /// Returns the seq up to which every record is now written.
-    pub fn write_done(&mut self, id: u32, mut buf: Vec<u8>) -> u64 {
+    pub fn write_done(&mut self, id: u32) -> u64 {
         let w = self
             .writes
             .iter_mut()
-            .find(|w| w.0 == id)
+            .find(|w| w.id == id)
             .expect("completion for a write that was handed out");
-        w.2 = true;
+        w.done = true;
         self.advance_durable();
-        buf.clear();
-        if self.spare_bufs.len() < 4 && buf.capacity() <= 1 << 20 {
-            self.spare_bufs.push(buf);
-        }
         self.durable_seq
     }
 
@@ -1123,14 +1161,24 @@ mod tests {
         log.append_event(&event("c"), 0).unwrap();
         let w2 = log.take_write().unwrap();
         assert!(log.take_write().is_none(), "nothing staged");
-        assert_eq!(w2.offset as usize, w1.offset as usize + w1.buf.len());
+        assert_eq!(w2.offset as usize, w1.offset as usize + w1.len);
         // The shell performs the writes; the later one finishing first proves
         // nothing about the earlier.
         use std::os::unix::fs::FileExt;
-        log.active.file.write_all_at(&w2.buf, w2.offset).unwrap();
-        assert_eq!(log.write_done(w2.id, w2.buf), 0);
-        log.active.file.write_all_at(&w1.buf, w1.offset).unwrap();
-        assert_eq!(log.write_done(w1.id, w1.buf), 3);
+        let bytes = |w: &PendingWrite| {
+            // SAFETY: the log keeps these bytes until write_done(w.id).
+            unsafe { std::slice::from_raw_parts(w.ptr, w.len) }.to_vec()
+        };
+        log.active
+            .file
+            .write_all_at(&bytes(&w2), w2.offset)
+            .unwrap();
+        assert_eq!(log.write_done(w2.id), 0);
+        log.active
+            .file
+            .write_all_at(&bytes(&w1), w1.offset)
+            .unwrap();
+        assert_eq!(log.write_done(w1.id), 3);
         assert_eq!(log.durable_seq(), 3);
         // Staged bytes are only in the file once written.
         log.append_event(&event("d"), 0).unwrap();

@@ -138,9 +138,9 @@ pub struct ShardLoop {
     idle_timeout_ms: i64,
     drain_timeout_ms: i64,
     mode: DurabilityMode,
-    /// Durable writes in flight: (write id, its bytes, started). The bytes
-    /// stay here, untouched, until the kernel is done with them.
-    syncs: Vec<(u32, Vec<u8>, Instant)>,
+    /// Durable writes in flight: (write id, bytes, started). The log owns
+    /// the bytes until the write is done.
+    syncs: Vec<(u32, usize, Instant)>,
     syncs_max: usize,
     waiters: Vec<(usize, u32)>,
     dirty: Vec<usize>,
@@ -450,14 +450,14 @@ impl ShardLoop {
             .iter()
             .position(|s| s.0 == id)
             .expect("completion for a write that was not in flight");
-        let (_, buf, started) = self.syncs.swap_remove(i);
-        if res < 0 || res as usize != buf.len() {
+        let (_, len, started) = self.syncs.swap_remove(i);
+        if res < 0 || res as usize != len {
             // The kernel may have dropped the dirty pages: nothing since the
             // last good write can be called durable, now or by a later one.
             tracing::error!(
                 shard = self.app.shard,
                 result = res,
-                bytes = buf.len(),
+                bytes = len,
                 "durable write failed; shard stops acknowledging"
             );
             self.app.failed = true;
@@ -476,7 +476,7 @@ impl ShardLoop {
         self.app
             .counters
             .flush(started.elapsed().as_micros() as u64);
-        self.app.durable_seq = self.app.log.write_done(id, buf);
+        self.app.durable_seq = self.app.log.write_done(id);
         for w in std::mem::take(&mut self.waiters) {
             self.dirty.push(w.0);
         }
@@ -508,18 +508,17 @@ impl ShardLoop {
                 // completed prefix (ShardLog::write_done).
                 if self.syncs.len() < self.syncs_max && !self.app.failed {
                     if let Some(w) = self.app.log.take_write() {
-                        let e =
-                            opcode::Write::new(types::Fd(w.fd), w.buf.as_ptr(), w.buf.len() as u32)
-                                .offset(w.offset)
-                                .rw_flags(libc::RWF_DSYNC)
-                                .build()
-                                .user_data(ud(OP_SYNC, 0, w.id));
-                        // SAFETY: the buffer moves into `self.syncs` (a Vec's
-                        // heap bytes do not move with it) and is only released
-                        // at this write's completion; the kernel takes its own
-                        // file reference at submission, before any rotation.
+                        let e = opcode::Write::new(types::Fd(w.fd), w.ptr, w.len as u32)
+                            .offset(w.offset)
+                            .rw_flags(libc::RWF_DSYNC)
+                            .build()
+                            .user_data(ud(OP_SYNC, 0, w.id));
+                        // SAFETY: the log keeps these bytes unchanged until
+                        // write_done(w.id), called at this write's completion;
+                        // the kernel takes its own file reference at
+                        // submission, before any rotation.
                         unsafe { self.push(e) };
-                        self.syncs.push((w.id, w.buf, Instant::now()));
+                        self.syncs.push((w.id, w.len, Instant::now()));
                     }
                 }
             }

@@ -264,7 +264,12 @@ pub fn scan(seg: &[u8], base_seq: u64) -> Scan {
     }
     let tail = match resumes_at {
         None => Tail::Torn,
-        Some(r) if contains_zero_page(seg, end, r) => Tail::Torn,
+        // A span of zeros is a write that never landed (power loss, or a
+        // crash with writes in flight out of order); nothing after it was
+        // acknowledged, since durability advances over written prefixes only.
+        Some(r) if contains_zero_page(seg, end, r) || seg[end..r].iter().all(|&b| b == 0) => {
+            Tail::Torn
+        }
         Some(r) => Tail::Corrupt {
             at: end,
             resumes_at: r,
@@ -422,6 +427,24 @@ mod tests {
         let s = scan(&seg, 10);
         assert!(s.end <= PAGE);
         assert_eq!(s.tail, Tail::Torn);
+    }
+
+    #[test]
+    fn a_write_that_never_landed_before_one_that_did_is_a_tail() {
+        let payloads: Vec<Vec<u8>> = (0..6).map(|i| vec![i as u8 + 1; 40]).collect();
+        let refs: Vec<&[u8]> = payloads.iter().map(|p| p.as_slice()).collect();
+        let full = segment(&refs, 4096);
+        let all: Vec<Frame> = frames(&full, scan(&full, 10).end).collect();
+        // Frames 2 and 3 were one write that did not land; 4 and 5 did.
+        let mut seg = full.clone();
+        seg[all[2].offset..all[4].offset].fill(0);
+        let s = scan(&seg, 10);
+        assert_eq!(s.frames, 2);
+        assert_eq!(s.tail, Tail::Torn);
+        // Garbage over two frames is corruption.
+        let mut seg = full.clone();
+        seg[all[2].offset + 30..all[3].offset + 30].fill(0xEE);
+        assert!(matches!(scan(&seg, 10).tail, Tail::Corrupt { .. }));
     }
 
     #[test]
