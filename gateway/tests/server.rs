@@ -393,7 +393,18 @@ fn sigterm_drains_in_flight_requests_and_exits_zero() {
 
 #[test]
 fn kill9_loses_no_acknowledged_click() {
-    let mut g = Gateway::start("cpus = [0, 1]\n[traffic]\nvelocity_per_minute_max = 0\n");
+    kill9_run("");
+}
+
+#[test]
+fn kill9_loses_no_acknowledged_click_in_process_mode() {
+    kill9_run("[durability]\nmode = \"process\"\n");
+}
+
+fn kill9_run(extra: &str) {
+    let mut g = Gateway::start(&format!(
+        "cpus = [0, 1]\n[traffic]\nvelocity_per_minute_max = 0\n{extra}"
+    ));
     let addr = g.addr;
     // Four clients send clicks until the gateway dies, keeping the ids that
     // got their 302.
