@@ -56,6 +56,19 @@ fn request(i: u64) -> Vec<u8> {
     .into_bytes()
 }
 
+/// A log in `dir` for the benchmark (large segments, no rotation mid-run).
+fn log_config(dir: &std::path::Path, shard: u16) -> LogConfig {
+    LogConfig {
+        dir: dir.join(format!("shard-{shard}")),
+        shard,
+        gateway_id: "bench".into(),
+        segment_bytes: 256 << 20,
+        disk_budget_bytes: 64 << 30,
+        zero_fill: false,
+        sync_on_rotate: true,
+    }
+}
+
 fn bench(name: &str, n: u64, f: impl FnMut(u64)) {
     bench_scaled(name, n, 1, f)
 }
@@ -136,19 +149,7 @@ fn main() {
     });
 
     let dir = tempfile::tempdir().unwrap();
-    let (mut log, _) = ShardLog::open(
-        &LogConfig {
-            dir: dir.path().join("shard-0"),
-            shard: 0,
-            gateway_id: "bench".into(),
-            segment_bytes: 256 << 20,
-            disk_budget_bytes: 64 << 30,
-            zero_fill: false,
-            sync_on_rotate: true,
-        },
-        now,
-    )
-    .unwrap();
+    let (mut log, _) = ShardLog::open(&log_config(dir.path(), 0), now).unwrap();
     let ids: Vec<String> = (0..4096).map(|i| format!("01J9Z{i:016}")).collect();
     let ev = |i: u64| EventRef {
         kind: EventKind::Click,
@@ -197,19 +198,7 @@ fn main() {
             ring: Mutex::new(Arc::new(keys())),
         },
     });
-    let (log2, _) = ShardLog::open(
-        &LogConfig {
-            dir: dir.path().join("shard-1"),
-            shard: 1,
-            gateway_id: "bench".into(),
-            segment_bytes: 256 << 20,
-            disk_budget_bytes: 64 << 30,
-            zero_fill: false,
-            sync_on_rotate: true,
-        },
-        now,
-    )
-    .unwrap();
+    let (log2, _) = ShardLog::open(&log_config(dir.path(), 1), now).unwrap();
     let mut app = App::new(0, &cfg, log2, PreAgg::new(100_000, 0), shared, now);
     let mut out = Vec::with_capacity(1 << 20);
     // 64 Ki distinct clicks, cycled: after the first pass they are duplicates,

@@ -11,6 +11,17 @@ use io_uring::{opcode, types, IoUring};
 
 const RESPONSE: &[u8] = b"HTTP/1.1 302 Found\r\nServer: ceiling\r\nLocation: https://shop.example.com/products/summer-sale?utm_source=clickgate&utm_medium=cpc\r\nCache-Control: no-cache, no-store, must-revalidate\r\nContent-Length: 0\r\n\r\n";
 
+/// The receive into the unused rest of a connection's buffer.
+fn recv(c: &mut Conn, slot: usize) -> io_uring::squeue::Entry {
+    opcode::Recv::new(
+        types::Fd(c.fd),
+        c.buf[c.len..].as_mut_ptr(),
+        (c.buf.len() - c.len) as u32,
+    )
+    .build()
+    .user_data(slot as u64 * 2)
+}
+
 struct Conn {
     fd: RawFd,
     buf: Vec<u8>,
@@ -73,9 +84,7 @@ fn main() {
                 c.fd = res;
                 c.len = 0;
                 c.in_use = true;
-                let e = opcode::Recv::new(types::Fd(c.fd), c.buf.as_mut_ptr(), c.buf.len() as u32)
-                    .build()
-                    .user_data(slot as u64 * 2);
+                let e = recv(c, slot);
                 // SAFETY: the buffer is not touched until this receive completes.
                 unsafe { ring.submission().push(&e).unwrap() };
                 continue;
@@ -91,13 +100,7 @@ fn main() {
                 continue;
             }
             if is_send {
-                let e = opcode::Recv::new(
-                    types::Fd(c.fd),
-                    c.buf[c.len..].as_mut_ptr(),
-                    (c.buf.len() - c.len) as u32,
-                )
-                .build()
-                .user_data(slot as u64 * 2);
+                let e = recv(c, slot);
                 // SAFETY: as above.
                 unsafe { ring.submission().push(&e).unwrap() };
                 continue;
@@ -112,13 +115,7 @@ fn main() {
             c.buf.copy_within(start..c.len, 0);
             c.len -= start;
             if c.out.is_empty() {
-                let e = opcode::Recv::new(
-                    types::Fd(c.fd),
-                    c.buf[c.len..].as_mut_ptr(),
-                    (c.buf.len() - c.len) as u32,
-                )
-                .build()
-                .user_data(slot as u64 * 2);
+                let e = recv(c, slot);
                 // SAFETY: as above.
                 unsafe { ring.submission().push(&e).unwrap() };
             } else {
