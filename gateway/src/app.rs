@@ -256,6 +256,8 @@ impl App {
                 w.finish_body(at);
                 close
             }
+            // Event endpoints are rate-limited per client address first.
+            _ if !self.admit(ep, peer, now_ms, keep, w) => close,
             EP_CLICKS | EP_IMPRESSIONS => self.single_event(ep, buf, req, peer, now_ms, keep, w),
             EP_EVENTS => self.batch(buf, req, peer, now_ms, keep, w),
             _ => unreachable!(),
@@ -300,9 +302,6 @@ impl App {
             wait_seq: 0,
             close: !keep,
         };
-        if !self.admit(ep, peer, now_ms, keep, w) {
-            return close;
-        }
         let (kind, policy) = if ep == EP_CLICKS {
             (EventKind::Click, self.settings.click_policy)
         } else {
@@ -492,9 +491,6 @@ impl App {
             wait_seq: 0,
             close: !keep,
         };
-        if !self.admit(EP_EVENTS, peer, now_ms, keep, w) {
-            return close;
-        }
         let body = &buf[req.body.clone()];
         let lines = || {
             body.split(|&b| b == b'\n')

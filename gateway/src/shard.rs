@@ -329,17 +329,7 @@ impl ShardLoop {
             return;
         }
         let peer = peer_of(fd);
-        let one: libc::c_int = 1;
-        // SAFETY: setsockopt reads `one` for the duration of the call.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::IPPROTO_TCP,
-                libc::TCP_NODELAY,
-                &one as *const _ as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as u32,
-            )
-        };
+        crate::sys::set_nodelay(fd);
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {

@@ -135,3 +135,20 @@ pub fn lower_thread_priority(nice: i32) {
         libc::setpriority(libc::PRIO_PROCESS, tid, nice);
     }
 }
+
+/// Turns Nagle's algorithm off on a TCP socket: answers and requests are
+/// whole messages, and waiting to coalesce them only adds latency.
+pub fn set_nodelay(fd: std::os::fd::RawFd) {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt reads `one` for the duration of the call; a bad fd
+    // only makes it fail, which is harmless here.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            &one as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+    };
+}

@@ -260,17 +260,7 @@ pub fn run_worker(plan: &Plan, requests: &[Vec<u8>]) -> anyhow::Result<WorkerRes
         if fd < 0 {
             return false;
         }
-        let one: libc::c_int = 1;
-        // SAFETY: setsockopt reads `one` during the call.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::IPPROTO_TCP,
-                libc::TCP_NODELAY,
-                &one as *const _ as *const _,
-                4,
-            )
-        };
+        gateway::sys::set_nodelay(fd);
         c.fd = fd;
         c.st = St::Connecting;
         c.gen = c.gen.wrapping_add(1);
