@@ -100,6 +100,9 @@ pub struct ShardLog {
     writes: std::collections::VecDeque<InFlight>,
     write_next_id: u32,
     durable_seq: u64,
+    /// Seq of the newest partial record; the segment holding it is never
+    /// recycled, so that recovery always finds where the next partial starts.
+    last_partial_seq: u64,
     spare_bufs: Vec<Vec<u8>>,
 }
 
@@ -303,31 +306,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> OpenError + '_ {
     }
 }
 
-pub fn shard_dir(data: &Path, shard: u16) -> PathBuf {
-    data.join(format!("shard-{shard}"))
-}
-
-fn segment_path(dir: &Path, base_seq: u64) -> PathBuf {
-    dir.join(format!("{base_seq:020}.seg"))
-}
-
-/// Lists a shard directory's segment files, by base seq.
-pub fn list_segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
-    let mut segs = Vec::new();
-    for entry in fs::read_dir(dir)? {
-        let p = entry?.path();
-        let base = p
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(".seg"))
-            .and_then(|n| n.parse::<u64>().ok());
-        if let Some(b) = base {
-            segs.push((b, p));
-        }
-    }
-    segs.sort();
-    Ok(segs)
-}
+pub use wire::layout::{list_segments, segment_path, shard_dir};
 
 /// Maps a segment read-only.
 pub fn map_readonly(path: &Path) -> io::Result<Mmap> {
@@ -473,6 +452,7 @@ impl ShardLog {
             writes: std::collections::VecDeque::new(),
             write_next_id: 0,
             durable_seq: 0,
+            last_partial_seq: rec.last_partial_seq,
             spare_bufs: Vec::new(),
         };
         // A seq floor from quarantined files may be past the active segment's
@@ -703,6 +683,7 @@ impl ShardLog {
         });
         self.partial_buf = buf;
         if let Ok(s) = r {
+            self.last_partial_seq = s;
             assert_eq!(
                 s,
                 p.to_seq + 1,
@@ -880,13 +861,15 @@ impl ShardLog {
     pub fn recycle(&mut self, shipped_seq: u64, retention_ms: i64, now_ms: i64) -> usize {
         let mut n = 0;
         while let Some(s) = self.sealed.first() {
-            if s.last_seq > shipped_seq || now_ms - s.sealed_ms < retention_ms {
+            if s.last_seq > shipped_seq
+                || now_ms - s.sealed_ms < retention_ms
+                || (s.base_seq..=s.last_seq).contains(&self.last_partial_seq)
+            {
                 break;
             }
             if fs::remove_file(&s.path).is_err() {
                 break;
             }
-            let _ = s.base_seq;
             self.sealed.remove(0);
             n += 1;
         }
@@ -1228,5 +1211,30 @@ mod tests {
         drop(log);
         let (_, rec) = ShardLog::open(&cfg(d.path()), 0).unwrap();
         assert_eq!(rec.last_partial_seq, 2);
+    }
+
+    #[test]
+    fn segment_with_the_newest_partial_is_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut log, _) = ShardLog::open(&cfg(d.path()), 0).unwrap();
+        let partial = |log: &ShardLog, from| PartialRecord {
+            from_seq: from,
+            to_seq: log.next_seq() - 1,
+            watermark_ms: 0,
+            rows: vec![],
+        };
+        let p1 = log.append_partial(&partial(&log, 0), 0).unwrap();
+        let mut i = 0;
+        while log.segments() < 2 {
+            log.append_event(&event(&format!("c{i}")), 0).unwrap();
+            i += 1;
+        }
+        log.write_now().unwrap();
+        // Everything is shipped, but the sealed segment holds the only partial:
+        // without it a restart would not know where the next partial starts.
+        assert_eq!(log.recycle(log.last_seq(), 0, 0), 0);
+        log.append_partial(&partial(&log, p1), 0).unwrap();
+        log.write_now().unwrap();
+        assert_eq!(log.recycle(log.last_seq(), 0, 0), 1);
     }
 }

@@ -44,6 +44,7 @@ pub const DROPS: &[&str] = &[
     "unsupported_version",
     "header_timeout",
     "partial_deferred",
+    "durable_publish_failed",
 ];
 /// Flush (fdatasync) latency histogram bucket bounds, microseconds.
 pub const FLUSH_BUCKETS_US: &[u64] =
@@ -53,7 +54,7 @@ pub const FLUSH_BUCKETS_US: &[u64] =
 pub struct Counters {
     pub requests: [[u64; 13]; 7],
     pub rejects: [u64; 9],
-    pub drops: [u64; 18],
+    pub drops: [u64; 19],
     /// [kind][verdict]
     pub events: [[u64; 3]; 2],
     pub bytes_appended: u64,
@@ -80,7 +81,7 @@ pub struct Counters {
 }
 
 const _: () = assert!(ENDPOINTS.len() == 7 && STATUSES.len() == 13);
-const _: () = assert!(DROPS.len() == 18 && FLUSH_BUCKETS_US.len() + 1 == 11);
+const _: () = assert!(DROPS.len() == 19 && FLUSH_BUCKETS_US.len() + 1 == 11);
 
 impl Counters {
     pub fn request(&mut self, endpoint: usize, status: u16) {

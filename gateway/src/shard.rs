@@ -149,7 +149,10 @@ pub struct ShardLoop {
     cqes: Vec<(u64, i32, u32)>,
     last_second_ms: i64,
     drain_deadline_ms: Option<i64>,
-    shipped_file: std::path::PathBuf,
+    shard_dir: std::path::PathBuf,
+    /// `<shard dir>/durable`: the durable seq, published for the shipper.
+    durable_file: Option<std::fs::File>,
+    durable_published: u64,
 }
 
 impl ShardLoop {
@@ -162,7 +165,14 @@ impl ShardLoop {
             .setup_cqsize(entries * 4)
             .build(entries)?;
         let l = &cfg.limits;
-        let shipped_file = crate::log::shard_dir(&cfg.data_dir, app.shard as u16).join("shipped");
+        let shard_dir = crate::log::shard_dir(&cfg.data_dir, app.shard as u16);
+        let durable_file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(shard_dir.join(wire::layout::DURABLE_FILE))
+            .map_err(|e| tracing::error!(error = %e, "cannot publish the durable seq; the shipper will not ship"))
+            .ok();
         Ok(Self {
             ring,
             listener: Some(listener.into_raw_fd()),
@@ -196,7 +206,9 @@ impl ShardLoop {
             cqes: Vec::with_capacity(entries as usize * 4),
             last_second_ms: 0,
             drain_deadline_ms: None,
-            shipped_file,
+            shard_dir,
+            durable_file,
+            durable_published: u64::MAX,
         })
     }
 
@@ -616,12 +628,29 @@ impl ShardLoop {
         if now - self.last_second_ms >= 1000 || draining {
             self.last_second_ms = now;
             self.sweep_timeouts(now, draining);
-            if let Some(seq) = read_shipped(&self.shipped_file) {
+            if let Some(seq) = wire::layout::read_shipped(&self.shard_dir) {
                 self.app.recycle(seq, now);
             }
         }
+        self.publish_durable();
         self.app.counters.connections_open = self.open as u64;
         self.app.publish();
+    }
+
+    /// Tells the shipper how far the log is durable: one 8-byte pwrite per
+    /// tick at most, so shipping waits a tick (50 ms) at worst.
+    fn publish_durable(&mut self) {
+        let seq = self.app.log.durable_seq();
+        if seq == self.durable_published {
+            return;
+        }
+        if let Some(f) = &self.durable_file {
+            use std::os::unix::fs::FileExt;
+            match f.write_at(&seq.to_le_bytes(), 0) {
+                Ok(8) => self.durable_published = seq,
+                Ok(_) | Err(_) => self.app.counters.drop("durable_publish_failed"),
+            }
+        }
     }
 
     fn sweep_timeouts(&mut self, now: i64, draining: bool) {
@@ -668,6 +697,8 @@ impl ShardLoop {
             }
             if let Err(e) = self.app.log.sync_now() {
                 tracing::error!(shard = self.app.shard, error = %e, "final sync failed");
+            } else {
+                self.publish_durable();
             }
         }
         self.app.publish();
@@ -691,10 +722,6 @@ impl Conn {
             unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
         }
     }
-}
-
-fn read_shipped(path: &std::path::Path) -> Option<u64> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 /// The peer address of a connected socket as IPv6 (IPv4 mapped).

@@ -1,7 +1,8 @@
 //! Formats that cross a Clickgate process boundary.
 //!
-//! Everything here is plain bytes in, plain values out: no I/O, no clock, no
-//! unsafe. Every integer is little-endian and fixed-width.
+//! Everything here is plain bytes in, plain values out: no clock, no unsafe,
+//! and no I/O but [`layout`]'s directory listing. Every integer is
+//! little-endian and fixed-width.
 //!
 //! - [`segment`]: the segment file header, the record frame (length, CRC32C, seq,
 //!   type), and the recovery scan that tells a torn tail from mid-file damage.
@@ -9,10 +10,15 @@
 //!   click or impression, with its verdict) and [`record::PartialRecord`] (the
 //!   per-minute sums of a seq range of one shard).
 //!
-//! Not here yet: the shipper's batch frame (it arrives with the shipper).
+//! - [`batch`]: the zstd batch frame the shipper sends the aggregator over QUIC,
+//!   and the aggregator's answer (status and cursors).
+//! - [`layout`]: file names in a gateway's data directory, shared by gateway and
+//!   shipper.
 
 #![forbid(unsafe_code)]
 
+pub mod batch;
+pub mod layout;
 pub mod record;
 pub mod segment;
 

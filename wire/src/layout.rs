@@ -1,0 +1,89 @@
+//! Where a gateway's data directory keeps what the shipper reads and writes.
+//!
+//! ```text
+//! <data>/LOCK                       held (flock) by the running gateway
+//! <data>/shard-<n>/<base:020>.seg   segments, by the seq of their first record
+//! <data>/shard-<n>/durable          u64 LE: every record up to this seq is durable
+//!                                   (written by the gateway, read by the shipper)
+//! <data>/shard-<n>/shipped          decimal: every record up to this seq is at the
+//!                                   aggregator (written by the shipper; segments
+//!                                   wholly below it may be recycled)
+//! ```
+//!
+//! The only I/O in this crate: listing a directory and reading two tiny files.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+pub const DURABLE_FILE: &str = "durable";
+pub const SHIPPED_FILE: &str = "shipped";
+
+pub fn shard_dir(data: &Path, shard: u16) -> PathBuf {
+    data.join(format!("shard-{shard}"))
+}
+
+pub fn segment_path(dir: &Path, base_seq: u64) -> PathBuf {
+    dir.join(format!("{base_seq:020}.seg"))
+}
+
+/// The shard numbers that have a directory under `data`, sorted.
+pub fn list_shards(data: &Path) -> io::Result<Vec<u16>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(data)? {
+        let name = entry?.file_name();
+        if let Some(n) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("shard-"))
+            .and_then(|n| n.parse::<u16>().ok())
+        {
+            out.push(n);
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// Lists a shard directory's segment files, by base seq.
+pub fn list_segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut segs = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let p = entry?.path();
+        let base = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".seg"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(b) = base {
+            segs.push((b, p));
+        }
+    }
+    segs.sort();
+    Ok(segs)
+}
+
+/// Reads the durable seq a gateway published (0 when there is none yet).
+pub fn read_durable(shard_dir: &Path) -> io::Result<u64> {
+    match fs::read(shard_dir.join(DURABLE_FILE)) {
+        Ok(b) if b.len() >= 8 => Ok(u64::from_le_bytes(b[..8].try_into().unwrap())),
+        Ok(_) => Ok(0),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads the shipped seq (None when there is no file or it does not parse).
+pub fn read_shipped(shard_dir: &Path) -> Option<u64> {
+    fs::read_to_string(shard_dir.join(SHIPPED_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Replaces the shipped seq atomically (write a temporary file, rename).
+pub fn write_shipped(shard_dir: &Path, seq: u64) -> io::Result<()> {
+    let tmp = shard_dir.join(format!("{SHIPPED_FILE}.tmp"));
+    fs::write(&tmp, format!("{seq}\n"))?;
+    fs::rename(&tmp, shard_dir.join(SHIPPED_FILE))
+}
