@@ -1,0 +1,461 @@
+//! The shipper: tails every shard log in a gateway's data directory and sends
+//! two streams per shard to the aggregator over one QUIC connection (mutual
+//! TLS): partials (small batches, as soon as they are durable) and raw events
+//! (large batches, for the audit trail). Each stream sends one batch at a time,
+//! in seq order, and moves on only once the aggregator has committed it; the
+//! aggregator's cursors are the truth, asked for at start and after any gap.
+//!
+//! What the shipper decides is in [`outbox`] and [`tail`], free of sockets;
+//! this module wires them to quinn and the clock.
+
+pub mod config;
+pub mod outbox;
+pub mod tail;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use rand::Rng;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::Semaphore;
+use wire::batch::{Ack, Batch, BatchKind, Status};
+use wire::layout;
+
+use config::Config;
+use outbox::{Next, Outbox, Policy};
+use tail::Tail;
+
+/// The ALPN protocol both ends speak.
+pub const ALPN: &[u8] = b"clickgate/1";
+/// Longest answer the aggregator sends.
+const ACK_MAX: usize = 4096;
+
+/// Counters for /metrics.
+#[derive(Default)]
+pub struct Metrics {
+    /// Per stream kind (0 partials, 1 events).
+    pub batches: [[AtomicU64; 6]; 2],
+    pub records: [AtomicU64; 2],
+    pub bytes: [AtomicU64; 2],
+    pub raw_bytes: [AtomicU64; 2],
+    pub send_errors: AtomicU64,
+    pub connects: AtomicU64,
+    pub log_errors: AtomicU64,
+    /// Per shard: durable seq, partials cursor, events cursor.
+    pub shards: Mutex<BTreeMap<u16, [u64; 3]>>,
+}
+
+fn kind_index(k: BatchKind) -> usize {
+    match k {
+        BatchKind::Events => 1,
+        _ => 0,
+    }
+}
+
+impl Metrics {
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let kinds = ["partials", "events"];
+        let statuses = ["applied", "duplicate", "gap", "refused", "cursors", "retry"];
+        s.push_str("# TYPE clickgate_shipper_batches_total counter\n");
+        for (k, kn) in kinds.iter().enumerate() {
+            for (i, st) in statuses.iter().enumerate() {
+                let v = self.batches[k][i].load(Ordering::Relaxed);
+                let _ = writeln!(
+                    s,
+                    "clickgate_shipper_batches_total{{stream=\"{kn}\",status=\"{st}\"}} {v}"
+                );
+            }
+        }
+        for (name, arr) in [
+            ("records", &self.records),
+            ("bytes", &self.bytes),
+            ("raw_bytes", &self.raw_bytes),
+        ] {
+            let _ = writeln!(s, "# TYPE clickgate_shipper_{name}_total counter");
+            for (k, kn) in kinds.iter().enumerate() {
+                let _ = writeln!(
+                    s,
+                    "clickgate_shipper_{name}_total{{stream=\"{kn}\"}} {}",
+                    arr[k].load(Ordering::Relaxed)
+                );
+            }
+        }
+        for (name, v) in [
+            ("send_errors", &self.send_errors),
+            ("connects", &self.connects),
+            ("log_errors", &self.log_errors),
+        ] {
+            let _ = writeln!(
+                s,
+                "# TYPE clickgate_shipper_{name}_total counter\nclickgate_shipper_{name}_total {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        s.push_str("# TYPE clickgate_shipper_lag_records gauge\n");
+        for (shard, [durable, p, e]) in self.shards.lock().unwrap().iter() {
+            let _ = writeln!(
+                s,
+                "clickgate_shipper_lag_records{{shard=\"{shard}\",stream=\"partials\"}} {}\n\
+                 clickgate_shipper_lag_records{{shard=\"{shard}\",stream=\"events\"}} {}",
+                durable.saturating_sub(*p),
+                durable.saturating_sub(*e)
+            );
+        }
+        s
+    }
+}
+
+/// Everything the stream tasks share.
+pub struct Shipper {
+    cfg: Config,
+    endpoint: quinn::Endpoint,
+    conn: tokio::sync::Mutex<Option<quinn::Connection>>,
+    in_flight: Semaphore,
+    pub metrics: Metrics,
+    pub stopping: AtomicBool,
+}
+
+fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("reading certificates from {}", path.display()))
+}
+
+fn client_config(cfg: &Config) -> anyhow::Result<quinn::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in load_certs(&cfg.ca_file)? {
+        roots.add(c).context("adding the CA certificate")?;
+    }
+    let key = PrivateKeyDer::from_pem_file(&cfg.key_file)
+        .with_context(|| format!("reading the key {}", cfg.key_file.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(load_certs(&cfg.cert_file)?, key)
+        .context("the client certificate and key do not match")?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+    let mut c = quinn::ClientConfig::new(Arc::new(quic));
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    t.max_idle_timeout(Some(Duration::from_secs(30).try_into()?));
+    c.transport_config(Arc::new(t));
+    Ok(c)
+}
+
+impl Shipper {
+    pub fn new(cfg: Config) -> anyhow::Result<Arc<Shipper>> {
+        let mut endpoint = quinn::Endpoint::client("0.0.0.0:0".parse()?)?;
+        endpoint.set_default_client_config(client_config(&cfg)?);
+        Ok(Arc::new(Shipper {
+            in_flight: Semaphore::new(cfg.max_in_flight),
+            cfg,
+            endpoint,
+            conn: tokio::sync::Mutex::new(None),
+            metrics: Metrics::default(),
+            stopping: AtomicBool::new(false),
+        }))
+    }
+
+    async fn connection(&self) -> anyhow::Result<quinn::Connection> {
+        let mut g = self.conn.lock().await;
+        if let Some(c) = g.as_ref() {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let c = self
+            .endpoint
+            .connect(self.cfg.aggregator, &self.cfg.server_name)?
+            .await
+            .with_context(|| format!("connecting to the aggregator at {}", self.cfg.aggregator))?;
+        self.metrics.connects.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(aggregator = %self.cfg.aggregator, "connected");
+        *g = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Sends one frame on its own stream and waits for the answer.
+    async fn exchange(&self, frame: &[u8]) -> anyhow::Result<Ack> {
+        let _permit = self.in_flight.acquire().await?;
+        let conn = self.connection().await?;
+        let work = async {
+            let (mut send, mut recv) = conn.open_bi().await?;
+            send.write_all(frame).await?;
+            send.finish()?;
+            let answer = recv.read_to_end(ACK_MAX).await?;
+            Ack::decode(&answer).map_err(|e| anyhow!("bad answer from the aggregator: {e}"))
+        };
+        match tokio::time::timeout(Duration::from_millis(self.cfg.ack_timeout_ms), work).await {
+            Ok(r) => r,
+            Err(_) => Err(anyhow!("no answer within {} ms", self.cfg.ack_timeout_ms)),
+        }
+    }
+
+    /// Sends until the aggregator answers anything but Retry/Refused or an
+    /// error, backing off with full jitter in between.
+    async fn send_until_answered(&self, frame: &[u8], what: &str, ki: usize) -> Option<Ack> {
+        let mut backoff = self.cfg.backoff_min_ms;
+        loop {
+            if self.stopping.load(Ordering::Relaxed) {
+                return None;
+            }
+            match self.exchange(frame).await {
+                Ok(a) if !matches!(a.status, Status::Retry | Status::Refused) => return Some(a),
+                Ok(a) => {
+                    tracing::warn!(batch = what, status = ?a.status, reason = %a.reason, "batch not accepted; will retry");
+                    if a.status == Status::Refused {
+                        self.metrics.batches[ki][Status::Refused as usize]
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Err(e) => {
+                    self.metrics.send_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(batch = what, error = %format!("{e:#}"), "send failed; will retry");
+                }
+            }
+            let pause = rand::thread_rng().gen_range(0..=backoff);
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            backoff = (backoff * 2).min(self.cfg.backoff_max_ms);
+        }
+    }
+}
+
+/// A shard's cursors, kept on disk beside its log (for the operator and for
+/// the shipped seq the gateway recycles by).
+struct ShardState {
+    dir: PathBuf,
+    cursors: Mutex<[u64; 2]>,
+    known: Mutex<[bool; 2]>,
+}
+
+impl ShardState {
+    fn set(&self, kind: BatchKind, cursor: u64) {
+        let mut c = self.cursors.lock().unwrap();
+        let mut k = self.known.lock().unwrap();
+        let i = kind_index(kind);
+        if c[i] == cursor && k[i] {
+            return;
+        }
+        c[i] = cursor;
+        k[i] = true;
+        let tmp = self.dir.join("shipper.cursors.tmp");
+        let text = format!("partials {}\nevents {}\n", c[0], c[1]);
+        if let Err(e) = std::fs::write(&tmp, text)
+            .and_then(|_| std::fs::rename(&tmp, self.dir.join("shipper.cursors")))
+        {
+            tracing::warn!(error = %e, "cannot persist the shipper cursors");
+        }
+        // Only once both streams have heard from the aggregator.
+        if k[0] && k[1] {
+            if let Err(e) = layout::write_shipped(&self.dir, c[0].min(c[1])) {
+                tracing::warn!(error = %e, "cannot write the shipped seq");
+            }
+        }
+    }
+}
+
+/// The gateway id in a shard's oldest segment header, once there is one.
+fn gateway_id_of(dir: &Path) -> Option<String> {
+    let segs = layout::list_segments(dir).ok()?;
+    let (_, path) = segs.first()?;
+    let b = std::fs::read(path).ok()?;
+    wire::segment::SegmentHeader::decode(&b)
+        .ok()
+        .map(|h| h.gateway_id)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+async fn run_stream(sh: Arc<Shipper>, state: Arc<ShardState>, shard: u16, kind: BatchKind) {
+    let dir = state.dir.clone();
+    let poll = Duration::from_millis(sh.cfg.poll_ms);
+    let ki = kind_index(kind);
+    let gw = loop {
+        if let Some(g) = gateway_id_of(&dir) {
+            break g;
+        }
+        if sh.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        tokio::time::sleep(poll).await;
+    };
+    let s = if kind == BatchKind::Partials {
+        &sh.cfg.partials
+    } else {
+        &sh.cfg.events
+    };
+    let policy = Policy {
+        max_items: s.max_items,
+        max_bytes: s.max_bytes,
+        max_age_ms: s.max_age_ms,
+        zstd_level: sh.cfg.zstd_level,
+    };
+    // Where to start: the aggregator's cursor.
+    let hello = Batch::hello(&gw, shard).encode();
+    let Some(ack) = sh.send_until_answered(&hello, "hello", ki).await else {
+        return;
+    };
+    let mut outbox = Outbox::new(kind, &gw, shard, policy, 0);
+    let mut after = match outbox.on_ack(0, &ack) {
+        Next::Resend { after } => after,
+        _ => outbox.acked,
+    };
+    state.set(kind, after);
+    tracing::info!(shard, stream = ?kind, cursor = after, "starting from the aggregator's cursor");
+    let mut tail: Option<Tail> = None;
+    while !sh.stopping.load(Ordering::Relaxed) {
+        let t = match tail.as_mut() {
+            Some(t) => t,
+            None => match Tail::open_after(&dir, after) {
+                Ok(t) => tail.insert(t),
+                Err(e) => {
+                    sh.metrics.log_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(shard, stream = ?kind, error = %e, "cannot read the log");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            },
+        };
+        let durable = match layout::read_durable(&dir) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(shard, error = %e, "cannot read the durable seq");
+                0
+            }
+        };
+        if let Some(m) = sh.metrics.shards.lock().unwrap().get_mut(&shard) {
+            m[0] = durable;
+        }
+        let now = now_ms();
+        let mut bad = None;
+        while !outbox.full() && bad.is_none() {
+            let room = 4096;
+            let n = t.read(durable, room, |seq, ty, b| {
+                if bad.is_none() {
+                    if let Err(e) = outbox.offer(seq, ty, b, now) {
+                        bad = Some(e);
+                    }
+                }
+            });
+            match n {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    bad = Some(e.to_string());
+                }
+            }
+        }
+        if let Some(e) = bad {
+            sh.metrics.log_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(shard, stream = ?kind, error = %e, "log read failed; re-reading from the cursor");
+            outbox.reset(outbox.acked);
+            after = outbox.acked;
+            tail = None;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        if t.next_seq() > durable {
+            outbox.touch_idle(now);
+        }
+        if !outbox.ready(now) {
+            tokio::time::sleep(poll).await;
+            continue;
+        }
+        let batch = match outbox.seal() {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "compressing a batch failed");
+                outbox.reset(outbox.acked);
+                after = outbox.acked;
+                tail = None;
+                continue;
+            }
+        };
+        let frame = batch.encode();
+        let what = format!(
+            "{kind:?} shard {shard} ({}, {}]",
+            batch.after_seq, batch.last_seq
+        );
+        let Some(ack) = sh.send_until_answered(&frame, &what, ki).await else {
+            break;
+        };
+        sh.metrics.batches[ki][ack.status as usize].fetch_add(1, Ordering::Relaxed);
+        if ack.status == Status::Applied {
+            sh.metrics.records[ki].fetch_add(batch.count as u64, Ordering::Relaxed);
+            sh.metrics.bytes[ki].fetch_add(frame.len() as u64, Ordering::Relaxed);
+            sh.metrics.raw_bytes[ki].fetch_add(batch.raw_len as u64, Ordering::Relaxed);
+        }
+        match outbox.on_ack(batch.last_seq, &ack) {
+            Next::Continue => {}
+            Next::Resend { after: a } => {
+                tracing::info!(shard, stream = ?kind, status = ?ack.status, cursor = a, "resending from the aggregator's cursor");
+                after = a;
+                tail = None;
+            }
+            Next::Retry { .. } => unreachable!("send_until_answered returns only final answers"),
+        }
+        state.set(kind, outbox.acked);
+        if let Some(m) = sh.metrics.shards.lock().unwrap().get_mut(&shard) {
+            m[1 + ki] = outbox.acked;
+        }
+    }
+}
+
+/// Runs until `stopping` is set: finds shard directories as the gateway
+/// creates them and ships each.
+pub async fn run(sh: Arc<Shipper>) -> anyhow::Result<()> {
+    let mut started = std::collections::BTreeSet::new();
+    let mut tasks = Vec::new();
+    while !sh.stopping.load(Ordering::Relaxed) {
+        match layout::list_shards(&sh.cfg.data_dir) {
+            Ok(shards) => {
+                for shard in shards {
+                    if !started.insert(shard) {
+                        continue;
+                    }
+                    tracing::info!(shard, "shipping shard");
+                    sh.metrics.shards.lock().unwrap().insert(shard, [0; 3]);
+                    let state = Arc::new(ShardState {
+                        dir: layout::shard_dir(&sh.cfg.data_dir, shard),
+                        cursors: Mutex::new([0; 2]),
+                        known: Mutex::new([false; 2]),
+                    });
+                    for kind in [BatchKind::Partials, BatchKind::Events] {
+                        tasks.push(tokio::spawn(run_stream(
+                            sh.clone(),
+                            state.clone(),
+                            shard,
+                            kind,
+                        )));
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(dir = %sh.cfg.data_dir.display(), error = %e, "cannot list shards")
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    if let Some(c) = sh.conn.lock().await.take() {
+        c.close(0u32.into(), b"shipper stopping");
+    }
+    sh.endpoint.wait_idle().await;
+    Ok(())
+}
