@@ -1,1 +1,24 @@
+//! The aggregator: receives batches from shippers over QUIC (mutual TLS),
+//! applies partials exactly once into an embedded store (redb) with a cursor
+//! per (gateway, shard) in the same transaction as the rows, keeps raw events
+//! as the audit trail, tracks event-time watermarks (final minutes, versioned
+//! corrections, the late table), and serves advertiser metrics over HTTP.
+//!
+//! [`store`] and [`rows`] hold every decision and are driven by tests without
+//! sockets; [`server`] (quinn) and [`http`] (axum) are the edges.
 
+pub mod certs;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod reconcile;
+pub mod rows;
+pub mod server;
+pub mod store;
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}

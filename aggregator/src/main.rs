@@ -1,1 +1,284 @@
-fn main() {}
+//! `clickgate-aggregator`: run the aggregator, make development certificates
+//! and tokens, reconcile minutes from the raw audit trail.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use aggregator::config::{Config, Pops, Tokens};
+use aggregator::{certs, http, reconcile, rows, server, store};
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "clickgate-aggregator", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve shippers (QUIC) and the query API (HTTP) until SIGTERM/SIGINT.
+    Run {
+        /// TOML config (deploy/aggregator.toml lists every option).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        store: Option<PathBuf>,
+        #[arg(long)]
+        listen_quic: Option<SocketAddr>,
+        #[arg(long)]
+        listen_http: Option<SocketAddr>,
+        /// Directory with ca.pem, aggregator.pem, aggregator.key, pops.toml.
+        #[arg(long)]
+        certs: Option<PathBuf>,
+        #[arg(long)]
+        tokens: Option<PathBuf>,
+        /// Allowed lateness, ms (overrides the config).
+        #[arg(long)]
+        lateness_ms: Option<i64>,
+    },
+    /// Write a development CA, server and PoP certificates and pops.toml.
+    DevCerts {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "pop-dev")]
+        pop: String,
+        /// Gateway ids the PoP ships for (repeat). Default: "dev".
+        #[arg(long = "gateway")]
+        gateways: Vec<String>,
+        /// Names the server certificate is valid for (repeat).
+        #[arg(long = "name")]
+        names: Vec<String>,
+    },
+    /// Write a tokens file with a random token per advertiser (and one
+    /// operator token, advertiser "*", that reads all).
+    DevTokens {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long = "advertiser")]
+        advertisers: Vec<String>,
+    },
+    /// Print the SHA-256 fingerprint of a PEM certificate, for pops.toml.
+    Fingerprint {
+        #[arg(long)]
+        cert: PathBuf,
+    },
+    /// Recount minutes from the raw audit trail (aggregator stopped: the
+    /// store file is locked while it runs; use POST /api/v1/admin/reconcile
+    /// then) and report, or with --write correct, the rows that differ.
+    Reconcile {
+        #[arg(long)]
+        store: PathBuf,
+        /// Unix seconds or YYYY-MM-DDTHH:MM:SSZ (inclusive).
+        #[arg(long)]
+        start: String,
+        /// Unix seconds or YYYY-MM-DDTHH:MM:SSZ (exclusive).
+        #[arg(long)]
+        end: String,
+        #[arg(long)]
+        write: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Run {
+            config,
+            store,
+            listen_quic,
+            listen_http,
+            certs,
+            tokens,
+            lateness_ms,
+        } => {
+            let mut cfg = match config {
+                Some(p) => Config::load(&p).map_err(anyhow::Error::msg)?,
+                None => Config::default(),
+            };
+            if let Some(s) = store {
+                cfg.store_path = s;
+            }
+            if let Some(a) = listen_quic {
+                cfg.listen_quic = a;
+            }
+            if let Some(a) = listen_http {
+                cfg.listen_http = a;
+            }
+            if let Some(d) = certs {
+                cfg.ca_file = d.join("ca.pem");
+                cfg.cert_file = d.join("aggregator.pem");
+                cfg.key_file = d.join("aggregator.key");
+                cfg.pops_file = d.join("pops.toml");
+            }
+            if let Some(t) = tokens {
+                cfg.tokens_file = t;
+            }
+            if let Some(l) = lateness_ms {
+                cfg.lateness_ms = l;
+            }
+            cfg.validate().map_err(anyhow::Error::msg)?;
+            run(cfg)
+        }
+        Cmd::DevCerts {
+            out,
+            pop,
+            mut gateways,
+            mut names,
+        } => {
+            if gateways.is_empty() {
+                gateways.push("dev".into());
+            }
+            if names.is_empty() {
+                names = vec!["localhost".into(), "127.0.0.1".into()];
+            }
+            certs::generate(&out, &pop, &gateways, &names)?;
+            println!(
+                "wrote {}/{{ca.pem, aggregator.pem, aggregator.key, pop.pem, pop.key, pops.toml}}",
+                out.display()
+            );
+            Ok(())
+        }
+        Cmd::DevTokens { out, advertisers } => {
+            use std::fmt::Write;
+            let rng = ring::rand::SystemRandom::new();
+            let mut text = String::from(
+                "# Query API bearer tokens; advertiser \"*\" reads every advertiser.\n",
+            );
+            for a in advertisers.iter().map(String::as_str).chain(["*"]) {
+                let bytes: [u8; 16] = ring::rand::generate(&rng)
+                    .map_err(|_| anyhow::anyhow!("no randomness"))?
+                    .expose();
+                let tok: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                let _ = write!(
+                    text,
+                    "[[token]]\nadvertiser_id = {a:?}\ntoken = \"{tok}\"\n"
+                );
+            }
+            std::fs::write(&out, text).with_context(|| format!("writing {}", out.display()))?;
+            println!("wrote {}", out.display());
+            Ok(())
+        }
+        Cmd::Fingerprint { cert } => {
+            use rustls::pki_types::pem::PemObject;
+            let der = rustls::pki_types::CertificateDer::from_pem_file(&cert)
+                .with_context(|| format!("reading {}", cert.display()))?;
+            println!("{}", certs::fingerprint(&der));
+            Ok(())
+        }
+        Cmd::Reconcile {
+            store,
+            start,
+            end,
+            write,
+        } => {
+            let s = rows::parse_time(&start).map_err(anyhow::Error::msg)?;
+            let e = rows::parse_time(&end).map_err(anyhow::Error::msg)?;
+            let st = store::Store::open(&store, store::Settings::default())?;
+            let r =
+                reconcile::reconcile(&st, (s / 60) as u32, (e as u64).div_ceil(60) as u32, write)?;
+            println!(
+                "rows compared {}  events read {}  differing {}",
+                r.rows_compared,
+                r.events_read,
+                r.diffs.len()
+            );
+            for d in &r.diffs {
+                println!(
+                    "{} {}/{}/{} {:?} {}: realtime clicks {} spend {} | recount clicks {} spend {} dup {}",
+                    rows::format_time(d.key.minute as i64 * 60),
+                    d.key.advertiser_id,
+                    d.key.campaign_id,
+                    d.key.ad_id,
+                    d.key.device,
+                    String::from_utf8_lossy(&d.key.country),
+                    d.realtime.clicks,
+                    d.realtime.spend_micros,
+                    d.recount.clicks,
+                    d.recount.spend_micros,
+                    d.recount.duplicates
+                );
+            }
+            if write {
+                println!("corrected {} rows (new versions)", r.diffs.len());
+            }
+            if !write && !r.diffs.is_empty() {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn run(cfg: Config) -> anyhow::Result<()> {
+    let pops = Pops::load(&cfg.pops_file).map_err(anyhow::Error::msg)?;
+    let tokens = Tokens::load(&cfg.tokens_file).map_err(anyhow::Error::msg)?;
+    if let Some(dir) = cfg
+        .store_path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let st = Arc::new(
+        store::Store::open(
+            &cfg.store_path,
+            store::Settings {
+                lateness_ms: cfg.lateness_ms,
+                horizon_ms: cfg.horizon_ms,
+                source_timeout_ms: cfg.source_timeout_ms,
+                raw_max: cfg.max_raw_bytes,
+            },
+        )
+        .with_context(|| format!("opening the store {}", cfg.store_path.display()))?,
+    );
+    let metrics = Arc::new(aggregator::metrics::Metrics::default());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let writer = server::spawn_writer(st.clone(), metrics.clone(), cfg.group_commit_max);
+        let endpoint = quinn::Endpoint::server(server::server_config(&cfg)?, cfg.listen_quic)
+            .with_context(|| format!("binding QUIC on {}", cfg.listen_quic))?;
+        let api = Arc::new(http::Api {
+            store: st.clone(),
+            tokens,
+            metrics: metrics.clone(),
+            query_max_points: cfg.query_max_points,
+            ready: false.into(),
+        });
+        let listener = tokio::net::TcpListener::bind(cfg.listen_http)
+            .await
+            .with_context(|| format!("binding HTTP on {}", cfg.listen_http))?;
+        let app = http::router(api.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let quic = tokio::spawn(server::serve(
+            endpoint.clone(),
+            Arc::new(pops.by_fingerprint()),
+            writer,
+            metrics.clone(),
+            cfg.max_batch_bytes,
+        ));
+        api.ready.store(true, Relaxed);
+        tracing::info!(quic = %cfg.listen_quic, http = %cfg.listen_http, store = %cfg.store_path.display(), pops = pops.pop.len(), "aggregator running");
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::info!("stopping: refusing new batches, finishing those in flight");
+        api.ready.store(false, Relaxed);
+        endpoint.close(0u32.into(), b"aggregator stopping");
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), quic).await;
+        endpoint.wait_idle().await;
+        Ok(())
+    })
+}

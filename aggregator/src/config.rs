@@ -1,0 +1,226 @@
+//! The aggregator's configuration (one TOML file, every field with its
+//! default, unknown fields refused), the PoPs file (which client certificate
+//! may ship for which gateways) and the tokens file (who may read which
+//! advertiser).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The embedded store's file. Default "./aggregator.redb".
+    pub store_path: PathBuf,
+    /// QUIC (shippers). Default "127.0.0.1:7400".
+    pub listen_quic: SocketAddr,
+    /// HTTP: query API, /metrics, /healthz, /readyz. Default "127.0.0.1:7401".
+    pub listen_http: SocketAddr,
+    /// The CA that signs PoP client certificates, and this server's
+    /// certificate chain and key (PEM).
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Which client certificate is which PoP (see [`Pops`]).
+    pub pops_file: PathBuf,
+    /// Bearer tokens of the query API (see [`Tokens`]).
+    pub tokens_file: PathBuf,
+    /// A minute is final once the watermark is this far past its end, ms.
+    /// Default 120000 (2 minutes).
+    pub lateness_ms: i64,
+    /// Partials for minutes further than this behind the watermark go to the
+    /// late table instead of the rows, ms. Default 86400000 (24 h).
+    pub horizon_ms: i64,
+    /// A source (gateway shard) not heard from for this long stops holding
+    /// the watermark back, ms. Default 60000.
+    pub source_timeout_ms: i64,
+    /// Largest batch frame accepted on a stream, bytes. Default 16 MiB.
+    pub max_batch_bytes: usize,
+    /// Largest decompressed batch, bytes. Default 64 MiB.
+    pub max_raw_bytes: usize,
+    /// Concurrent streams (batches) per shipper connection. Default 64.
+    pub max_streams_per_connection: u32,
+    /// Most batches committed in one store transaction. Default 64.
+    pub group_commit_max: usize,
+    /// Most points one query may return. Default 100000.
+    pub query_max_points: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            store_path: "./aggregator.redb".into(),
+            listen_quic: "127.0.0.1:7400".parse().unwrap(),
+            listen_http: "127.0.0.1:7401".parse().unwrap(),
+            ca_file: "./certs/ca.pem".into(),
+            cert_file: "./certs/aggregator.pem".into(),
+            key_file: "./certs/aggregator.key".into(),
+            pops_file: "./certs/pops.toml".into(),
+            tokens_file: "./tokens.toml".into(),
+            lateness_ms: 120_000,
+            horizon_ms: 24 * 3_600_000,
+            source_timeout_ms: 60_000,
+            max_batch_bytes: 16 << 20,
+            max_raw_bytes: 64 << 20,
+            max_streams_per_connection: 64,
+            group_commit_max: 64,
+            query_max_points: 100_000,
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let c: Config = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        c.validate()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.lateness_ms < 0 || self.horizon_ms < self.lateness_ms {
+            return Err("lateness_ms at least 0, horizon_ms at least lateness_ms".into());
+        }
+        if self.source_timeout_ms <= 0 {
+            return Err("source_timeout_ms: at least 1".into());
+        }
+        if self.max_batch_bytes < 1024 || self.max_raw_bytes < self.max_batch_bytes {
+            return Err(
+                "max_batch_bytes at least 1024, max_raw_bytes at least max_batch_bytes".into(),
+            );
+        }
+        if self.max_streams_per_connection == 0
+            || self.group_commit_max == 0
+            || self.query_max_points == 0
+        {
+            return Err(
+                "max_streams_per_connection, group_commit_max, query_max_points: at least 1".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `pops.toml`: `[[pop]] id = "pop-1", cert_sha256 = "<hex of the DER>",
+/// gateways = ["gw-a", "gw-b"]`. A certificate not listed is refused even if
+/// the CA signed it, so a PoP is revoked by removing its line.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Pops {
+    #[serde(default)]
+    pub pop: Vec<Pop>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pop {
+    pub id: String,
+    pub cert_sha256: String,
+    /// Gateway ids this PoP ships for. Default: the PoP id alone.
+    #[serde(default)]
+    pub gateways: Vec<String>,
+}
+
+impl Pops {
+    pub fn load(path: &Path) -> Result<Pops, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut p: Pops = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        for pop in &mut p.pop {
+            pop.cert_sha256 = pop.cert_sha256.to_ascii_lowercase();
+            if pop.cert_sha256.len() != 64
+                || !pop.cert_sha256.bytes().all(|b| b.is_ascii_hexdigit())
+            {
+                return Err(format!(
+                    "{}: pop {:?}: cert_sha256 must be 64 hex digits",
+                    path.display(),
+                    pop.id
+                ));
+            }
+            if pop.gateways.is_empty() {
+                pop.gateways.push(pop.id.clone());
+            }
+        }
+        Ok(p)
+    }
+
+    /// Fingerprint (lowercase hex) -> (PoP id, gateway ids).
+    pub fn by_fingerprint(&self) -> HashMap<String, (String, Vec<String>)> {
+        self.pop
+            .iter()
+            .map(|p| (p.cert_sha256.clone(), (p.id.clone(), p.gateways.clone())))
+            .collect()
+    }
+}
+
+/// `tokens.toml`: `[[token]] advertiser_id = "adv-1", token = "..."`. An
+/// `advertiser_id` of `"*"` is an operator token that reads every advertiser.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Tokens {
+    #[serde(default)]
+    pub token: Vec<Token>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Token {
+    pub advertiser_id: String,
+    pub token: String,
+}
+
+impl Tokens {
+    pub fn load(path: &Path) -> Result<Tokens, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let t: Tokens = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        if let Some(short) = t.token.iter().find(|t| t.token.len() < 16) {
+            return Err(format!(
+                "{}: the token of {:?} is shorter than 16 characters",
+                path.display(),
+                short.advertiser_id
+            ));
+        }
+        Ok(t)
+    }
+
+    /// The advertiser a bearer token reads. Digests are compared, not the
+    /// tokens, so the time a comparison takes says nothing about a token.
+    pub fn advertiser_of(&self, presented: &str) -> Option<&str> {
+        let sha = |b: &[u8]| ring::digest::digest(&ring::digest::SHA256, b);
+        let p = sha(presented.as_bytes());
+        self.token
+            .iter()
+            .find(|t| sha(t.token.as_bytes()).as_ref() == p.as_ref())
+            .map(|t| t.advertiser_id.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_is_the_defaults() {
+        let c: Config = toml::from_str(include_str!("../../deploy/aggregator.toml")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(format!("{c:?}"), format!("{:?}", Config::default()));
+        assert!(toml::from_str::<Config>("colour = 1\n").is_err());
+        let bad: Config = toml::from_str("horizon_ms = 10\n").unwrap();
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn tokens_map_to_advertisers() {
+        let t: Tokens = toml::from_str(
+            "[[token]]\nadvertiser_id = \"a\"\ntoken = \"0123456789abcdef\"\n\
+             [[token]]\nadvertiser_id = \"*\"\ntoken = \"fedcba9876543210\"\n",
+        )
+        .unwrap();
+        assert_eq!(t.advertiser_of("0123456789abcdef"), Some("a"));
+        assert_eq!(t.advertiser_of("fedcba9876543210"), Some("*"));
+        assert_eq!(t.advertiser_of("0123456789abcdeX"), None);
+        assert_eq!(t.advertiser_of(""), None);
+    }
+}

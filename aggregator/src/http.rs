@@ -1,0 +1,291 @@
+//! The HTTP side: the advertiser query API, the late table, the OpenAPI
+//! description, /metrics, /healthz and /readyz.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::config::Tokens;
+use crate::metrics::Metrics;
+use crate::rows::{format_time, parse_time};
+use crate::store::{self, Store};
+
+pub const OPENAPI: &str = include_str!("../../docs/openapi.yaml");
+
+pub struct Api {
+    pub store: Arc<Store>,
+    pub tokens: Tokens,
+    pub metrics: Arc<Metrics>,
+    pub query_max_points: usize,
+    pub ready: AtomicBool,
+}
+
+pub fn router(api: Arc<Api>) -> Router {
+    Router::new()
+        .route("/api/v1/advertisers/analytics", get(analytics))
+        .route("/api/v1/advertisers/late", get(late))
+        .route(
+            "/api/v1/openapi.yaml",
+            get(|| async { ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI) }),
+        )
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(api)
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": msg.into() }))).into_response()
+}
+
+/// The advertiser the request may read: 401 without a known bearer token,
+/// 403 when the token belongs to another advertiser.
+fn authorize(api: &Api, headers: &HeaderMap, advertiser: &str) -> Result<(), Box<Response>> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(token) = presented else {
+        return Err(Box::new(error(
+            StatusCode::UNAUTHORIZED,
+            "missing bearer token (Authorization: Bearer <token>)",
+        )));
+    };
+    match api.tokens.advertiser_of(token) {
+        None => Err(Box::new(error(
+            StatusCode::UNAUTHORIZED,
+            "unknown bearer token",
+        ))),
+        Some(a) if a == advertiser || a == "*" => Ok(()),
+        Some(_) => Err(Box::new(error(
+            StatusCode::FORBIDDEN,
+            "this token may not read that advertiser",
+        ))),
+    }
+}
+
+/// Parses and checks the analytics parameters.
+pub fn parse_query(p: &HashMap<String, String>, max_points: usize) -> Result<store::Query, String> {
+    const KNOWN: &[&str] = &[
+        "advertiser_id",
+        "start_time",
+        "end_time",
+        "granularity",
+        "campaign_id",
+        "ad_id",
+    ];
+    if let Some(k) = p.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(format!("unknown parameter {k:?}"));
+    }
+    let need = |k: &str| {
+        p.get(k)
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| format!("{k} is required"))
+    };
+    let advertiser_id = need("advertiser_id")?.clone();
+    let start_s = parse_time(need("start_time")?).map_err(|e| format!("start_time: {e}"))?;
+    let end_s = parse_time(need("end_time")?).map_err(|e| format!("end_time: {e}"))?;
+    if end_s <= start_s {
+        return Err("end_time must be after start_time".into());
+    }
+    let bucket_s = match p.get("granularity").map(String::as_str).unwrap_or("1m") {
+        "1m" => 60,
+        "1h" => 3600,
+        "1d" => 86_400,
+        g => return Err(format!("granularity {g:?}: one of 1m, 1h, 1d")),
+    };
+    let buckets = ((end_s - start_s) as u64).div_ceil(bucket_s as u64);
+    if buckets as usize > max_points {
+        return Err(format!(
+            "{buckets} buckets asked; at most {max_points} per query (use a coarser granularity)"
+        ));
+    }
+    Ok(store::Query {
+        advertiser_id,
+        start_s,
+        end_s,
+        bucket_s,
+        campaign_id: p.get("campaign_id").cloned(),
+        ad_id: p.get("ad_id").cloned(),
+    })
+}
+
+async fn analytics(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Query(p): Query<HashMap<String, String>>,
+) -> Response {
+    let t0 = Instant::now();
+    let q = match parse_query(&p, api.query_max_points) {
+        Ok(q) => q,
+        Err(e) => {
+            api.metrics.query_errors.fetch_add(1, Relaxed);
+            return error(StatusCode::BAD_REQUEST, e);
+        }
+    };
+    if let Err(r) = authorize(&api, &headers, &q.advertiser_id) {
+        api.metrics.query_errors.fetch_add(1, Relaxed);
+        return *r;
+    }
+    let st = api.clone();
+    let q2 = q.clone();
+    let res = tokio::task::spawn_blocking(move || {
+        let now = crate::now_ms();
+        Ok::<_, store::StoreError>((st.store.query(&q2, now)?, st.store.watermark(now)?))
+    })
+    .await;
+    let (series, wm) = match res {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let points: Vec<_> = series
+        .iter()
+        .filter(|((t, _), _)| *t + q.bucket_s > q.start_s && *t < q.end_s)
+        .map(|((t, ad), (c, fin, ver))| {
+            json!({
+                "timestamp": format_time(*t),
+                "ad_id": ad,
+                "clicks": c.clicks,
+                "impressions": c.impressions,
+                "total_spend": c.spend_micros as f64 / 1e6,
+                "total_spend_micros": c.spend_micros,
+                "ctr": if c.impressions > 0 { Some(c.clicks as f64 / c.impressions as f64) } else { None },
+                "duplicates": c.duplicates,
+                "invalid": c.invalid,
+                "final": fin,
+                "version": ver,
+            })
+        })
+        .collect();
+    api.metrics.queries.fetch_add(1, Relaxed);
+    api.metrics
+        .query_latency
+        .observe(t0.elapsed().as_micros() as u64);
+    Json(json!({
+        "advertiser_id": q.advertiser_id,
+        "granularity": p.get("granularity").map(String::as_str).unwrap_or("1m"),
+        "start_time": format_time(q.start_s),
+        "end_time": format_time(q.end_s),
+        "watermark": format_time(wm / 1000),
+        "series": points,
+    }))
+    .into_response()
+}
+
+async fn late(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Query(p): Query<HashMap<String, String>>,
+) -> Response {
+    let Some(adv) = p.get("advertiser_id").filter(|a| !a.is_empty()).cloned() else {
+        return error(StatusCode::BAD_REQUEST, "advertiser_id is required");
+    };
+    if let Err(r) = authorize(&api, &headers, &adv) {
+        return *r;
+    }
+    let st = api.clone();
+    let rows = match tokio::task::spawn_blocking(move || st.store.late_rows()).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let out: Vec<_> = rows
+        .iter()
+        .filter(|(k, _)| k.advertiser_id == adv)
+        .map(|(k, r)| {
+            json!({
+                "timestamp": format_time(k.minute as i64 * 60),
+                "campaign_id": k.campaign_id,
+                "ad_id": k.ad_id,
+                "clicks": r.counts.clicks,
+                "impressions": r.counts.impressions,
+                "total_spend_micros": r.counts.spend_micros,
+            })
+        })
+        .collect();
+    Json(json!({ "advertiser_id": adv, "late": out })).into_response()
+}
+
+async fn metrics(State(api): State<Arc<Api>>) -> Response {
+    let st = api.clone();
+    let (lag, sources) = tokio::task::spawn_blocking(move || {
+        let now = crate::now_ms();
+        let wm = st.store.watermark(now).unwrap_or(0);
+        let n = st.store.sources().map(|s| s.len()).unwrap_or(0);
+        (if wm > 0 { now - wm } else { 0 }, n)
+    })
+    .await
+    .unwrap_or((0, 0));
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        api.metrics.render(lag, sources),
+    )
+        .into_response()
+}
+
+async fn readyz(State(api): State<Arc<Api>>) -> Response {
+    if api.ready.load(Relaxed) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(s: &str) -> HashMap<String, String> {
+        s.split('&')
+            .filter(|x| !x.is_empty())
+            .map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap();
+                (k.to_owned(), v.to_owned())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn bad_parameters_say_why() {
+        let ok = parse_query(
+            &params("advertiser_id=a&start_time=0&end_time=3600&granularity=1h"),
+            10,
+        )
+        .unwrap();
+        assert_eq!((ok.start_s, ok.end_s, ok.bucket_s), (0, 3600, 3600));
+        for (q, want) in [
+            ("start_time=0&end_time=60", "advertiser_id is required"),
+            ("advertiser_id=a&end_time=60", "start_time is required"),
+            ("advertiser_id=a&start_time=x&end_time=60", "start_time: "),
+            (
+                "advertiser_id=a&start_time=60&end_time=60",
+                "end_time must be after",
+            ),
+            (
+                "advertiser_id=a&start_time=0&end_time=60&granularity=5m",
+                "granularity",
+            ),
+            (
+                "advertiser_id=a&start_time=0&end_time=6000",
+                "buckets asked",
+            ),
+            (
+                "advertiser_id=a&start_time=0&end_time=60&colour=red",
+                "unknown parameter",
+            ),
+        ] {
+            let e = parse_query(&params(q), 10).unwrap_err();
+            assert!(e.contains(want), "{q}: {e}");
+        }
+    }
+}
