@@ -100,6 +100,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     for (i, &cpu) in cpus.iter().enumerate() {
         let cfg = cfg.clone();
         let shared = shared.clone();
+        let shared_go = shared.clone();
         let tx = started_tx.clone();
         let h = std::thread::Builder::new()
             .name(format!("shard-{i}"))
@@ -107,6 +108,13 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 let lp = match start_shard(i, cpu, &cfg, shared) {
                     Ok(lp) => {
                         let _ = tx.send((i, Ok(())));
+                        // Answer nothing until every shard has refilled the
+                        // host-wide dedup table from its log: a shard that
+                        // accepted early could take a retried click whose
+                        // first copy is in a log not yet read.
+                        while shared_go.state.load(Ordering::Acquire) == crate::app::STARTING {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
                         lp
                     }
                     Err(e) => {

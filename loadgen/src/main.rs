@@ -7,6 +7,7 @@
 //! loadgen verify --oracle oracle.json --gateway-data ./data
 //! ```
 
+mod aggcheck;
 mod engine;
 mod oracle;
 mod workload;
@@ -42,6 +43,17 @@ enum Cmd {
         /// Also write the comparison as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// The aggregator's HTTP address: also compare its per-minute clicks
+        /// and spend with the logs, exactly.
+        #[arg(long)]
+        aggregator: Option<SocketAddr>,
+        /// A query token that reads every advertiser (advertiser "*").
+        #[arg(long, default_value = "")]
+        token: String,
+        /// Keep asking the aggregator for up to this many seconds until it
+        /// matches (it counts what the shipper has delivered so far).
+        #[arg(long, default_value_t = 0.0)]
+        wait_secs: f64,
     },
 }
 
@@ -152,6 +164,9 @@ fn real_main() -> anyhow::Result<()> {
             oracle,
             gateway_data,
             json,
+            aggregator,
+            token,
+            wait_secs,
         } => {
             let o: oracle::Oracle = serde_json::from_slice(
                 &std::fs::read(&oracle).with_context(|| format!("reading {}", oracle.display()))?,
@@ -186,7 +201,11 @@ fn real_main() -> anyhow::Result<()> {
             if let Some(p) = json {
                 std::fs::write(p, serde_json::to_vec_pretty(&v)?)?;
             }
-            if v.ok() {
+            let mut ok = v.ok();
+            if let Some(addr) = aggregator {
+                ok &= verify_aggregator(addr, &token, &counted, wait_secs)?;
+            }
+            if ok {
                 println!("verify: OK (exact)");
                 Ok(())
             } else {
@@ -194,6 +213,35 @@ fn real_main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
+    }
+}
+
+/// Compares the aggregator's totals with the logs' until equal or out of time.
+fn verify_aggregator(
+    addr: SocketAddr,
+    token: &str,
+    log: &std::collections::HashMap<String, Vec<oracle::Counted>>,
+    wait_secs: f64,
+) -> anyhow::Result<bool> {
+    let expected = aggcheck::expected_from_log(log);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64(wait_secs);
+    loop {
+        let got = aggcheck::fetch(addr, token, &expected)?;
+        let d = aggcheck::diff(&expected, &got);
+        let sum = |t: &aggcheck::Totals| t.values().fold((0, 0), |a, v| (a.0 + v.0, a.1 + v.1));
+        if d.is_empty() || std::time::Instant::now() >= deadline {
+            let (ec, es) = sum(&expected);
+            let (gc, gs) = sum(&got);
+            println!(
+                "aggregator: expected clicks {ec} spend_micros {es}  counted clicks {gc} spend_micros {gs}  differing (advertiser, ad, minute) {}",
+                d.len()
+            );
+            for ((adv, ad, m), e, g) in d.iter().take(10) {
+                println!("  {adv}/{ad} minute {m}: expected {e:?} counted {g:?}");
+            }
+            return Ok(d.is_empty());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
 

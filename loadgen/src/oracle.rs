@@ -103,6 +103,8 @@ pub struct Counted {
     pub ad_id: String,
     pub cost_micros: u64,
     pub minute: u32,
+    /// Verdict accepted (billable), not invalid.
+    pub accepted: bool,
 }
 
 /// Reads every click record (verdict accepted or invalid: the click's one
@@ -138,6 +140,7 @@ pub fn read_gateway_log(data: &Path) -> anyhow::Result<HashMap<String, Vec<Count
                         ad_id: e.ad_id.into(),
                         cost_micros: e.cost_micros,
                         minute: wire::minute_of(e.event_ms),
+                        accepted: e.verdict == Verdict::Accepted,
                     });
             }
         }
@@ -248,6 +251,7 @@ mod tests {
                 ad_id: "d".into(),
                 cost_micros: 5,
                 minute: 1,
+                accepted: true,
             });
         }
         m

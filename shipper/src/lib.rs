@@ -145,8 +145,10 @@ fn client_config(cfg: &Config) -> anyhow::Result<quinn::ClientConfig> {
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut c = quinn::ClientConfig::new(Arc::new(quic));
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
-    t.max_idle_timeout(Some(Duration::from_secs(30).try_into()?));
+    // A restarted aggregator does not know the old connection and cannot
+    // reset it: find out by silence within seconds, not the default 30 s.
+    t.keep_alive_interval(Some(Duration::from_secs(1)));
+    t.max_idle_timeout(Some(Duration::from_secs(5).try_into()?));
     c.transport_config(Arc::new(t));
     Ok(c)
 }

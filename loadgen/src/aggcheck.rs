@@ -1,0 +1,162 @@
+//! Compares what the aggregator's query API counted with what the gateway
+//! logs hold: clicks and spend per (advertiser, ad, minute), exactly.
+//!
+//! The logs are compared with the oracle by click id first (`oracle::compare`),
+//! so equality here means the aggregator counted every acknowledged click once.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+
+use crate::oracle::Counted;
+
+/// (advertiser, ad, minute) -> (clicks, spend micros).
+pub type Totals = BTreeMap<(String, String, u32), (u64, u64)>;
+
+/// What the logs say the aggregator must show: each accepted click id once.
+pub fn expected_from_log(log: &HashMap<String, Vec<Counted>>) -> Totals {
+    let mut t = Totals::new();
+    for recs in log.values() {
+        for c in recs.iter().filter(|c| c.accepted) {
+            let e = t
+                .entry((c.advertiser_id.clone(), c.ad_id.clone(), c.minute))
+                .or_default();
+            e.0 += 1;
+            e.1 += c.cost_micros;
+        }
+    }
+    t
+}
+
+/// One HTTP/1.1 GET on loopback; returns (status, body).
+fn get(addr: SocketAddr, path: &str, token: &str) -> anyhow::Result<(u16, Vec<u8>)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut r = httparse::Response::new(&mut headers);
+    let httparse::Status::Complete(n) = r.parse(&buf)? else {
+        return Err(anyhow!("incomplete HTTP answer"));
+    };
+    let chunked = r.headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("transfer-encoding") && h.value.eq_ignore_ascii_case(b"chunked")
+    });
+    let status = r.code.unwrap_or(0);
+    let body = if chunked {
+        dechunk(&buf[n..])?
+    } else {
+        buf[n..].to_vec()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut b: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = b
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or_else(|| anyhow!("bad chunk"))?;
+        let size = usize::from_str_radix(
+            std::str::from_utf8(&b[..line_end])?
+                .split(';')
+                .next()
+                .unwrap()
+                .trim(),
+            16,
+        )?;
+        b = &b[line_end + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        out.extend_from_slice(b.get(..size).ok_or_else(|| anyhow!("short chunk"))?);
+        b = &b[size + 2..];
+    }
+}
+
+/// Reads the aggregator's per-minute totals for every advertiser and minute
+/// range in `expected`.
+pub fn fetch(addr: SocketAddr, token: &str, expected: &Totals) -> anyhow::Result<Totals> {
+    let mut ranges: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
+    for (adv, _, m) in expected.keys() {
+        let r = ranges.entry(adv).or_insert((*m, *m));
+        r.0 = r.0.min(*m);
+        r.1 = r.1.max(*m);
+    }
+    let mut got = Totals::new();
+    for (adv, (m0, m1)) in ranges {
+        let path = format!(
+            "/api/v1/advertisers/analytics?advertiser_id={adv}&start_time={}&end_time={}&granularity=1m",
+            m0 as i64 * 60,
+            (m1 as i64 + 1) * 60
+        );
+        let (status, body) = get(addr, &path, token).with_context(|| format!("GET {path}"))?;
+        if status != 200 {
+            return Err(anyhow!(
+                "GET {path}: {status} {}",
+                String::from_utf8_lossy(&body)
+            ));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&body)?;
+        for p in v["series"]
+            .as_array()
+            .ok_or_else(|| anyhow!("no series in the answer"))?
+        {
+            let ts = p["timestamp"].as_str().unwrap_or_default();
+            let minute =
+                (aggregator::rows::parse_time(ts).map_err(anyhow::Error::msg)? / 60) as u32;
+            let clicks = p["clicks"].as_u64().unwrap_or(0);
+            let spend = p["total_spend_micros"].as_u64().unwrap_or(0);
+            if clicks > 0 || spend > 0 {
+                let ad = p["ad_id"].as_str().unwrap_or_default().to_owned();
+                let e = got.entry((adv.to_owned(), ad, minute)).or_default();
+                e.0 += clicks;
+                e.1 += spend;
+            }
+        }
+    }
+    Ok(got)
+}
+
+/// The keys where the two differ, with (expected, counted).
+pub fn diff(
+    expected: &Totals,
+    got: &Totals,
+) -> Vec<((String, String, u32), (u64, u64), (u64, u64))> {
+    let keys: BTreeSet<_> = expected.keys().chain(got.keys()).collect();
+    keys.into_iter()
+        .filter_map(|k| {
+            let e = expected.get(k).copied().unwrap_or_default();
+            let g = got.get(k).copied().unwrap_or_default();
+            (e != g).then(|| (k.clone(), e, g))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dechunks_and_diffs() {
+        assert_eq!(
+            dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap(),
+            b"abcde"
+        );
+        let mut e = Totals::new();
+        e.insert(("a".into(), "x".into(), 1), (2, 20));
+        let mut g = e.clone();
+        assert!(diff(&e, &g).is_empty());
+        g.insert(("a".into(), "y".into(), 1), (1, 1));
+        g.insert(("a".into(), "x".into(), 1), (3, 30));
+        assert_eq!(diff(&e, &g).len(), 2);
+    }
+}
