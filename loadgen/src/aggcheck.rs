@@ -13,8 +13,10 @@ use anyhow::{anyhow, Context};
 
 use crate::oracle::Counted;
 
-/// (advertiser, ad, minute) -> (clicks, spend micros).
-pub type Totals = BTreeMap<(String, String, u32), (u64, u64)>;
+/// (advertiser, ad, minute).
+pub type Key = (String, String, u32);
+/// Key -> (clicks, spend micros).
+pub type Totals = BTreeMap<Key, (u64, u64)>;
 
 /// What the logs say the aggregator must show: each accepted click id once.
 pub fn expected_from_log(log: &HashMap<String, Vec<Counted>>) -> Totals {
@@ -127,10 +129,7 @@ pub fn fetch(addr: SocketAddr, token: &str, expected: &Totals) -> anyhow::Result
 }
 
 /// The keys where the two differ, with (expected, counted).
-pub fn diff(
-    expected: &Totals,
-    got: &Totals,
-) -> Vec<((String, String, u32), (u64, u64), (u64, u64))> {
+pub fn diff(expected: &Totals, got: &Totals) -> Vec<(Key, (u64, u64), (u64, u64))> {
     let keys: BTreeSet<_> = expected.keys().chain(got.keys()).collect();
     keys.into_iter()
         .filter_map(|k| {

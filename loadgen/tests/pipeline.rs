@@ -341,7 +341,7 @@ fn aggregator_counts_exactly_what_was_acknowledged_through_kills() {
     // Pass 2, on a fresh pipeline (the oracle is per run): open loop for
     // 12 s while each process is killed -9 at random moments and restarted.
     let mut pl = Pipeline::new();
-    let mut lg = pl
+    let lg = pl
         .loadgen("oracle2.json", &["--connections", "16", "--rate", "400"])
         .args(["--duration", "12", "--pool", "6000", "--seed", "12"])
         .stdout(Stdio::piped())
