@@ -15,8 +15,10 @@ use crate::oracle::Counted;
 
 /// (advertiser, ad, minute).
 pub type Key = (String, String, u32);
-/// Key -> (clicks, spend micros).
-pub type Totals = BTreeMap<Key, (u64, u64)>;
+/// (clicks, spend micros).
+pub type Sums = (u64, u64);
+/// Key -> sums.
+pub type Totals = BTreeMap<Key, Sums>;
 
 /// What the logs say the aggregator must show: each accepted click id once.
 pub fn expected_from_log(log: &HashMap<String, Vec<Counted>>) -> Totals {
@@ -129,7 +131,7 @@ pub fn fetch(addr: SocketAddr, token: &str, expected: &Totals) -> anyhow::Result
 }
 
 /// The keys where the two differ, with (expected, counted).
-pub fn diff(expected: &Totals, got: &Totals) -> Vec<(Key, (u64, u64), (u64, u64))> {
+pub fn diff(expected: &Totals, got: &Totals) -> Vec<(Key, Sums, Sums)> {
     let keys: BTreeSet<_> = expected.keys().chain(got.keys()).collect();
     keys.into_iter()
         .filter_map(|k| {
