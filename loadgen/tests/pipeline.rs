@@ -333,6 +333,12 @@ fn aggregator_counts_exactly_what_was_acknowledged_through_kills() {
     assert!(ok, "{text}\n{}", pl.logs());
     let clean = expected_clicks(&text);
     assert!(clean > 1500, "{text}");
+    // The shipper told the gateway how far its log is at the aggregator.
+    for shard in 0..2 {
+        let dir = pl.path("data").join(format!("shard-{shard}"));
+        let shipped = wire::layout::read_shipped(&dir).unwrap_or(0);
+        assert!(shipped > 0, "shard {shard}: nothing marked shipped");
+    }
 
     for i in [SHIP, GW, AGG] {
         pl.procs[i].stop();

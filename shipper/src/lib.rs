@@ -202,6 +202,13 @@ impl Shipper {
         }
     }
 
+    /// Asks the aggregator for one shard's cursors (one exchange, no retry):
+    /// checks certificates, the PoP's entry and reachability.
+    pub async fn hello(&self, gateway_id: &str, shard: u16) -> anyhow::Result<Ack> {
+        self.exchange(&Batch::hello(gateway_id, shard).encode())
+            .await
+    }
+
     /// Sends until the aggregator answers anything but Retry/Refused or an
     /// error, backing off with full jitter in between.
     async fn send_until_answered(&self, frame: &[u8], what: &str, ki: usize) -> Option<Ack> {

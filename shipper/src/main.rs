@@ -1,10 +1,11 @@
 //! `clickgate-shipper run`: ships a gateway's logs to the aggregator.
+//! `clickgate-shipper check`: one hello, to test certificates and the path.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use shipper::config::Config;
 
 #[derive(Parser)]
@@ -14,25 +15,58 @@ struct Cli {
     cmd: Cmd,
 }
 
+#[derive(Args)]
+struct Common {
+    /// TOML config (deploy/shipper.toml lists every option).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    aggregator: Option<SocketAddr>,
+    /// Directory holding ca.pem, pop.pem and pop.key (overrides the three
+    /// file options).
+    #[arg(long)]
+    certs: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Tail the gateway's data directory and ship to the aggregator until
     /// SIGTERM or SIGINT.
     Run {
-        /// TOML config (deploy/shipper.toml lists every option).
-        #[arg(long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        common: Common,
         #[arg(long)]
         data_dir: Option<PathBuf>,
         #[arg(long)]
-        aggregator: Option<SocketAddr>,
-        /// Directory holding ca.pem, pop.pem and pop.key (overrides the
-        /// three file options).
-        #[arg(long)]
-        certs: Option<PathBuf>,
-        #[arg(long)]
         metrics_listen: Option<SocketAddr>,
     },
+    /// Connect once and print the aggregator's cursors for a shard: checks
+    /// the certificates, this PoP's entry in the aggregator's pops file and
+    /// the network path. Exits 1 with the reason if any of them fails.
+    Check {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value = "dev")]
+        gateway_id: String,
+        #[arg(long, default_value_t = 0)]
+        shard: u16,
+    },
+}
+
+fn build(c: Common) -> anyhow::Result<Config> {
+    let mut cfg = match c.config {
+        Some(p) => Config::load(&p).map_err(anyhow::Error::msg)?,
+        None => Config::default(),
+    };
+    if let Some(a) = c.aggregator {
+        cfg.aggregator = a;
+    }
+    if let Some(d) = c.certs {
+        cfg.ca_file = d.join("ca.pem");
+        cfg.cert_file = d.join("pop.pem");
+        cfg.key_file = d.join("pop.key");
+    }
+    Ok(cfg)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,32 +76,57 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let Cmd::Run {
-        config,
-        data_dir,
-        aggregator,
-        certs,
-        metrics_listen,
-    } = Cli::parse().cmd;
-    let mut cfg = match config {
-        Some(p) => Config::load(&p).map_err(anyhow::Error::msg)?,
-        None => Config::default(),
-    };
-    if let Some(d) = data_dir {
-        cfg.data_dir = d;
+    match Cli::parse().cmd {
+        Cmd::Run {
+            common,
+            data_dir,
+            metrics_listen,
+        } => {
+            let mut cfg = build(common)?;
+            if let Some(d) = data_dir {
+                cfg.data_dir = d;
+            }
+            if let Some(m) = metrics_listen {
+                cfg.metrics_listen = m;
+            }
+            cfg.validate().map_err(anyhow::Error::msg)?;
+            run(cfg)
+        }
+        Cmd::Check {
+            common,
+            gateway_id,
+            shard,
+        } => {
+            let cfg = build(common)?;
+            cfg.validate().map_err(anyhow::Error::msg)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let sh = shipper::Shipper::new(cfg.clone())?;
+                match sh.hello(&gateway_id, shard).await {
+                    Ok(a) if a.status == wire::batch::Status::Cursors => {
+                        println!(
+                            "ok: {} answers for {gateway_id} shard {shard}: partials cursor {}, events cursor {}",
+                            cfg.aggregator, a.partials_cursor, a.events_cursor
+                        );
+                        Ok(())
+                    }
+                    Ok(a) => {
+                        println!("refused: {:?}: {}", a.status, a.reason);
+                        std::process::exit(1)
+                    }
+                    Err(e) => {
+                        println!("failed: {e:#}");
+                        std::process::exit(1)
+                    }
+                }
+            })
+        }
     }
-    if let Some(a) = aggregator {
-        cfg.aggregator = a;
-    }
-    if let Some(c) = certs {
-        cfg.ca_file = c.join("ca.pem");
-        cfg.cert_file = c.join("pop.pem");
-        cfg.key_file = c.join("pop.key");
-    }
-    if let Some(m) = metrics_listen {
-        cfg.metrics_listen = m;
-    }
-    cfg.validate().map_err(anyhow::Error::msg)?;
+}
+
+fn run(cfg: Config) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

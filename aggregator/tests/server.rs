@@ -1,0 +1,257 @@
+//! The aggregator as a process: who may connect over QUIC (mutual TLS and
+//! the pops file), and the query API's answers to good and bad requests.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn agg_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_clickgate-aggregator"))
+}
+
+/// The shipper binary beside ours, built if missing.
+fn shipper_bin() -> PathBuf {
+    let dir = agg_bin().parent().unwrap().to_path_buf();
+    let b = dir.join("clickgate-shipper");
+    if !b.exists() {
+        let mut c = Command::new(env!("CARGO"));
+        c.args(["build", "-q", "-p", "clickgate-shipper"]);
+        if dir.ends_with("release") {
+            c.arg("--release");
+        }
+        assert!(c.status().unwrap().success());
+    }
+    b
+}
+
+fn port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET with an optional bearer token: (status, body).
+fn get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut b = String::new();
+    s.read_to_string(&mut b).unwrap();
+    let status = b[9..12].parse().unwrap();
+    let body = b
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_owned();
+    (status, body)
+}
+
+struct Agg {
+    child: Child,
+    http: String,
+    quic: String,
+}
+
+impl Drop for Agg {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(dir: &Path, certs: &Path, tokens: &Path) -> Agg {
+    let http = format!("127.0.0.1:{}", port());
+    let quic = format!("127.0.0.1:{}", udp_port());
+    let child = Command::new(agg_bin())
+        .args(["run", "--listen-http", &http, "--listen-quic", &quic])
+        .arg("--store")
+        .arg(dir.join(format!("{}.redb", udp_port())))
+        .arg("--certs")
+        .arg(certs)
+        .arg("--tokens")
+        .arg(tokens)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        if TcpStream::connect(&http).is_ok() && get(&http, "/readyz", None).0 == 200 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "aggregator not ready"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Agg { child, http, quic }
+}
+
+fn check(agg: &Agg, certs: &Path, gateway: &str) -> (bool, String) {
+    let out = Command::new(shipper_bin())
+        .args(["check", "--aggregator", &agg.quic, "--gateway-id", gateway])
+        .arg("--certs")
+        .arg(certs)
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+fn run(args: &[&str], dir: &Path) {
+    let st = Command::new(agg_bin())
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "{args:?}");
+}
+
+#[test]
+fn only_listed_certificates_ship_and_only_for_their_gateways() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    run(&["dev-certs", "--out", "a", "--gateway", "gw-a"], p);
+    run(&["dev-certs", "--out", "b"], p);
+    run(
+        &[
+            "dev-tokens",
+            "--out",
+            "tokens.toml",
+            "--advertiser",
+            "adv-1",
+        ],
+        p,
+    );
+    let agg = start(p, &p.join("a"), &p.join("tokens.toml"));
+
+    let (ok, out) = check(&agg, &p.join("a"), "gw-a");
+    assert!(ok, "{out}");
+    assert!(out.contains("partials cursor 0, events cursor 0"), "{out}");
+    // A listed PoP shipping for a gateway that is not its own.
+    let (ok, out) = check(&agg, &p.join("a"), "gw-b");
+    assert!(!ok);
+    assert!(out.contains("may not ship for gateway"), "{out}");
+
+    // A client certificate from another CA fails the TLS handshake.
+    let mixed = p.join("mixed");
+    std::fs::create_dir(&mixed).unwrap();
+    std::fs::copy(p.join("a/ca.pem"), mixed.join("ca.pem")).unwrap();
+    std::fs::copy(p.join("b/pop.pem"), mixed.join("pop.pem")).unwrap();
+    std::fs::copy(p.join("b/pop.key"), mixed.join("pop.key")).unwrap();
+    let (ok, out) = check(&agg, &mixed, "gw-a");
+    assert!(!ok, "{out}");
+
+    // Signed by the right CA but not in the pops file: refused by name.
+    let unlisted = p.join("unlisted");
+    std::fs::create_dir(&unlisted).unwrap();
+    for f in [
+        "ca.pem",
+        "aggregator.pem",
+        "aggregator.key",
+        "pop.pem",
+        "pop.key",
+    ] {
+        std::fs::copy(p.join("a").join(f), unlisted.join(f)).unwrap();
+    }
+    std::fs::write(
+        unlisted.join("pops.toml"),
+        format!(
+            "[[pop]]\nid = \"other\"\ncert_sha256 = \"{}\"\n",
+            "ab".repeat(32)
+        ),
+    )
+    .unwrap();
+    let agg2 = start(p, &unlisted, &p.join("tokens.toml"));
+    let (ok, out) = check(&agg2, &unlisted, "gw-a");
+    assert!(!ok);
+    assert!(out.contains("unknown client certificate"), "{out}");
+    let (_, m) = get(&agg2.http, "/metrics", None);
+    assert!(
+        m.contains("clickgate_aggregator_refused_certificates_total 1"),
+        "{m}"
+    );
+}
+
+#[test]
+fn query_api_authorizes_per_advertiser_and_explains_bad_requests() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    run(&["dev-certs", "--out", "c"], p);
+    run(
+        &[
+            "dev-tokens",
+            "--out",
+            "tokens.toml",
+            "--advertiser",
+            "adv-1",
+            "--advertiser",
+            "adv-2",
+        ],
+        p,
+    );
+    let text = std::fs::read_to_string(p.join("tokens.toml")).unwrap();
+    let tokens: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("token = \""))
+        .map(|t| t.trim_end_matches('"'))
+        .collect();
+    let (adv1, operator) = (tokens[0], tokens[2]);
+    let agg = start(p, &p.join("c"), &p.join("tokens.toml"));
+    let q = |adv: &str, extra: &str| {
+        format!(
+            "/api/v1/advertisers/analytics?advertiser_id={adv}&start_time=2026-11-24T00:00:00Z&end_time=2026-11-24T01:00:00Z{extra}"
+        )
+    };
+    let (st, body) = get(&agg.http, &q("adv-1", "&granularity=1h"), Some(adv1));
+    assert_eq!(st, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["series"].as_array().unwrap().len(), 0);
+    assert_eq!(v["start_time"], "2026-11-24T00:00:00Z");
+    assert_eq!(get(&agg.http, &q("adv-1", ""), None).0, 401);
+    assert_eq!(get(&agg.http, &q("adv-1", ""), Some("not-a-token")).0, 401);
+    let (st, body) = get(&agg.http, &q("adv-2", ""), Some(adv1));
+    assert_eq!(st, 403, "{body}");
+    assert_eq!(get(&agg.http, &q("adv-2", ""), Some(operator)).0, 200);
+    let (st, body) = get(&agg.http, &q("adv-1", "&granularity=7m"), Some(adv1));
+    assert_eq!(st, 400);
+    assert!(body.contains("granularity"), "{body}");
+    let (st, body) = get(
+        &agg.http,
+        "/api/v1/advertisers/analytics?advertiser_id=adv-1&start_time=yesterday&end_time=1",
+        Some(adv1),
+    );
+    assert_eq!(st, 400);
+    assert!(body.contains("start_time"), "{body}");
+    let (st, body) = get(&agg.http, "/api/v1/openapi.yaml", None);
+    assert_eq!(st, 200);
+    assert!(body.contains("/api/v1/advertisers/analytics"));
+    let (_, m) = get(&agg.http, "/metrics", None);
+    assert!(
+        m.contains("clickgate_aggregator_query_errors_total 5"),
+        "{m}"
+    );
+    assert_eq!(get(&agg.http, "/healthz", None).0, 200);
+}
