@@ -333,11 +333,18 @@ fn aggregator_counts_exactly_what_was_acknowledged_through_kills() {
     assert!(ok, "{text}\n{}", pl.logs());
     let clean = expected_clicks(&text);
     assert!(clean > 1500, "{text}");
-    // The shipper told the gateway how far its log is at the aggregator.
+    // The shipper tells the gateway how far its log is at the aggregator,
+    // once raw events (sent in batches of up to 2 s) caught up too.
     for shard in 0..2 {
         let dir = pl.path("data").join(format!("shard-{shard}"));
-        let shipped = wire::layout::read_shipped(&dir).unwrap_or(0);
-        assert!(shipped > 0, "shard {shard}: nothing marked shipped");
+        let t = Instant::now();
+        while wire::layout::read_shipped(&dir).unwrap_or(0) == 0 {
+            assert!(
+                t.elapsed() < Duration::from_secs(15),
+                "shard {shard}: nothing marked shipped"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     for i in [SHIP, GW, AGG] {
