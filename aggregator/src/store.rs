@@ -416,6 +416,23 @@ impl Store {
             slot.1 += 1;
             n += 1;
         }
+        if by_hour.len() == 1 && n == batch.count as u64 {
+            // The common case: the whole batch is one hour's. Keep it as it
+            // came (already checked and compressed).
+            let hour = *by_hour.keys().next().unwrap();
+            audit
+                .insert(
+                    (
+                        hour,
+                        batch.gateway_id.as_str(),
+                        batch.shard,
+                        batch.after_seq,
+                    ),
+                    batch.encode().as_slice(),
+                )
+                .map_err(|e| Refusal::Store(e.to_string()))?;
+            return Ok(n);
+        }
         for (hour, (raw, count)) in by_hour {
             let b = Batch::seal(
                 BatchKind::Events,
