@@ -62,12 +62,12 @@ fn write_log(
             std::fs::write(wire::layout::segment_path(dir, base), &seg).unwrap();
         }
     };
-    let mut put = |seg: &mut Vec<u8>,
-                   base: &mut u64,
-                   off: &mut usize,
-                   seq: u64,
-                   ty: RecordType,
-                   payload: &[u8]| {
+    let put = |seg: &mut Vec<u8>,
+               base: &mut u64,
+               off: &mut usize,
+               seq: u64,
+               ty: RecordType,
+               payload: &[u8]| {
         if seg.is_empty() || *off + frame_len(payload.len()) > seg_bytes {
             flush(seg, *base);
             *base = seq;
@@ -362,7 +362,7 @@ fn run(seed: u64) -> Result<(), String> {
         let done = durable == last_seq
             && streams
                 .iter()
-                .all(|s| s.in_flight.is_none() && s.outbox.acked == last_seq_of(s.kind, last_seq));
+                .all(|s| s.in_flight.is_none() && s.outbox.acked == last_seq);
         if done {
             let (pc, ec) = st.cursors("gw", 0).unwrap();
             if (pc, ec) != (last_seq, last_seq) {
@@ -389,11 +389,6 @@ fn run(seed: u64) -> Result<(), String> {
         }
     }
     Err("did not converge in 200000 steps".into())
-}
-
-/// Where a stream's cursor ends: both end at the last seq, a partial.
-fn last_seq_of(_kind: BatchKind, last: u64) -> u64 {
-    last
 }
 
 #[test]
