@@ -69,6 +69,8 @@ struct Proc {
     ready: (String, &'static str),
     child: Option<Child>,
     starts: u32,
+    /// Milliseconds from spawn to ready, per start.
+    ready_ms: Vec<u64>,
 }
 
 impl Proc {
@@ -97,8 +99,9 @@ impl Proc {
                 self.name,
                 self.log_text()
             );
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(5));
         }
+        self.ready_ms.push(t.elapsed().as_millis() as u64);
     }
 
     fn kill9(&mut self) {
@@ -205,6 +208,7 @@ impl Pipeline {
                 ready: (agg_http.clone(), "/readyz"),
                 child: None,
                 starts: 0,
+                ready_ms: Vec::new(),
             },
             Proc {
                 name: "gateway",
@@ -214,6 +218,7 @@ impl Pipeline {
                 ready: (gateway_addr.clone(), "/readyz"),
                 child: None,
                 starts: 0,
+                ready_ms: Vec::new(),
             },
             Proc {
                 name: "shipper",
@@ -233,6 +238,7 @@ impl Pipeline {
                 ready: (ship_metrics.clone(), "/healthz"),
                 child: None,
                 starts: 0,
+                ready_ms: Vec::new(),
             },
         ];
         let mut pl = Pipeline {
@@ -351,12 +357,26 @@ fn aggregator_counts_exactly_what_was_acknowledged_through_kills() {
         pl.procs[i].stop();
     }
 
-    // Pass 2, on a fresh pipeline (the oracle is per run): open loop for
-    // 12 s while each process is killed -9 at random moments and restarted.
+    // Pass 2, on a fresh pipeline (the oracle is per run): open loop while
+    // each process is killed -9 at random moments and restarted. The long
+    // profile (scripts/fault-suite --long) sets E2E_KILL_SECS and E2E_RATE.
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let kill_secs = env("E2E_KILL_SECS", 10);
+    let rate = env("E2E_RATE", 400);
+    let load_secs = kill_secs + 2;
     let mut pl = Pipeline::new();
     let lg = pl
-        .loadgen("oracle2.json", &["--connections", "16", "--rate", "400"])
-        .args(["--duration", "12", "--pool", "6000", "--seed", "12"])
+        .loadgen(
+            "oracle2.json",
+            &["--connections", "16", "--rate", &rate.to_string()],
+        )
+        .args(["--duration", &load_secs.to_string()])
+        .args(["--pool", &(rate * load_secs).to_string(), "--seed", "12"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -382,7 +402,7 @@ fn aggregator_counts_exactly_what_was_acknowledged_through_kills() {
         order.swap(i, next(i as u64 + 1) as usize);
     }
     let mut round = 0;
-    while t.elapsed() < Duration::from_secs(10) {
+    while t.elapsed() < Duration::from_secs(kill_secs) {
         std::thread::sleep(Duration::from_millis(300 + next(1200)));
         let victim = if round < 3 {
             order[round]
@@ -408,4 +428,30 @@ fn aggregator_counts_exactly_what_was_acknowledged_through_kills() {
     let through_kills = expected_clicks(&text);
     assert!(through_kills > 1000, "{text}");
     eprintln!("clean pass: {clean} clicks; through kills {killed:?}:\n{text}");
+    // One line for scripts/fault-suite.
+    let verdicts = text
+        .lines()
+        .find(|l| l.starts_with("expected "))
+        .unwrap_or("");
+    let mut ready: Vec<u64> = pl
+        .procs
+        .iter()
+        .flat_map(|p| p.ready_ms[1..].to_vec())
+        .collect();
+    ready.sort_unstable();
+    let pct = |q: f64| {
+        ready
+            .get(((ready.len() as f64 * q) as usize).min(ready.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    eprintln!(
+        "FAULTS kills aggregator={} gateway={} shipper={} | {verdicts} | aggregator clicks {through_kills} exact | restart-to-ready ms p50={} p99={} max={}",
+        killed[AGG],
+        killed[GW],
+        killed[SHIP],
+        pct(0.5),
+        pct(0.99),
+        ready.last().copied().unwrap_or(0)
+    );
 }
