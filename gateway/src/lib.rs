@@ -15,6 +15,7 @@
 pub mod app;
 pub mod config;
 pub mod dedup;
+pub mod fuzzing;
 pub mod http;
 pub mod inspect;
 pub mod limiter;

@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod batch;
+pub mod fuzzing;
 pub mod layout;
 pub mod record;
 pub mod segment;
