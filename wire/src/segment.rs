@@ -5,7 +5,8 @@
 //! ```text
 //! [0, 64)      header: magic, version, shard, base seq, created, gateway id, CRC
 //! [64, ..)     frames, each 8-byte aligned:
-//!              len u32 | crc u32 | seq u64 | type u8 | 7 reserved | payload[len] | pad
+//!              len u32 | crc u32 | seq u64 | type u8 | flags u8 | 6 reserved |
+//!              payload[len] | pad       (flags: 1 = first frame of a write)
 //! ```
 //!
 //! The CRC32C covers seq, type, reserved bytes and payload. A frame whose `len`
@@ -16,7 +17,10 @@
 //! cut. If one does follow, the damaged span is judged: when it contains a whole
 //! zero-filled 4 KiB page, it is the hole a power loss leaves (pages written back
 //! out of order; nothing past the hole was ever acknowledged in `sync` mode, since
-//! one fdatasync covers every earlier page), and it is cut like a tail. Otherwise
+//! one fdatasync covers every earlier page), and it is cut like a tail. So is
+//! damage followed only by whole frames of the same write (no later frame
+//! carries [`FLAG_WRITE_START`]): a power cut during the last write lands any
+//! subset of its pages. Otherwise
 //! bytes were damaged in place, which is corruption: the caller must stop and
 //! quarantine, never silently drop the good records after it.
 
@@ -29,6 +33,12 @@ pub const FRAME_HEADER_LEN: usize = 24;
 pub const GATEWAY_ID_MAX: usize = 24;
 /// The page size power-loss holes are judged by.
 pub const PAGE: usize = 4096;
+/// Frame flag (byte 17): this frame is the first of a write. A power cut can
+/// leave any subset of the pages of the write in flight, and nothing of a
+/// later one (one write in flight at a time); so damage followed only by whole
+/// frames of the same write is that write torn, while a whole frame that
+/// starts a later write proves the damaged bytes had been durable: corruption.
+pub const FLAG_WRITE_START: u8 = 1;
 
 const _: () = assert!(HEADER_LEN.is_multiple_of(8));
 const _: () = assert!(FRAME_HEADER_LEN.is_multiple_of(8));
@@ -144,6 +154,7 @@ pub fn seal_frame(dst: &mut [u8], payload_len: usize, seq: u64, ty: RecordType) 
     dst[8..16].copy_from_slice(&seq.to_le_bytes());
     dst[16] = ty as u8;
     dst[17..24].fill(0);
+    // (flags, byte 17, are set later by mark_write_start)
     let crc = crc32c::crc32c(&dst[8..FRAME_HEADER_LEN + payload_len]);
     dst[FRAME_HEADER_LEN + payload_len..total].fill(0);
     // Length and CRC last: a frame is only recognisable once it is complete in
@@ -154,6 +165,15 @@ pub fn seal_frame(dst: &mut [u8], payload_len: usize, seq: u64, ty: RecordType) 
     total
 }
 
+/// Sets [`FLAG_WRITE_START`] on the sealed frame at the start of `frame`
+/// and re-seals its CRC (one frame per write, so cheap).
+pub fn mark_write_start(frame: &mut [u8]) {
+    let len = u32::from_le_bytes(frame[0..4].try_into().unwrap()) as usize;
+    frame[17] |= FLAG_WRITE_START;
+    let crc = crc32c::crc32c(&frame[8..FRAME_HEADER_LEN + len]);
+    frame[4..8].copy_from_slice(&crc.to_le_bytes());
+}
+
 /// One whole frame read from a segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Frame<'a> {
@@ -161,6 +181,8 @@ pub struct Frame<'a> {
     pub offset: usize,
     pub seq: u64,
     pub ty: u8,
+    /// [`FLAG_WRITE_START`] or 0.
+    pub flags: u8,
     pub payload: &'a [u8],
 }
 
@@ -188,6 +210,7 @@ pub fn read_frame(seg: &[u8], off: usize) -> Option<Frame<'_>> {
         offset: off,
         seq: u64::from_le_bytes(seg[off + 8..off + 16].try_into().unwrap()),
         ty: seg[off + 16],
+        flags: seg[off + 17],
         payload: &seg[off + FRAME_HEADER_LEN..off + FRAME_HEADER_LEN + len],
     })
 }
@@ -262,8 +285,27 @@ pub fn scan(seg: &[u8], base_seq: u64) -> Scan {
         }
         probe += 8;
     }
+    // Whole frames after the damage that all belong to the write the damage
+    // is in: that write was in flight at a power cut. One that starts a later
+    // write means the damaged bytes had been written (and synced) before.
+    let same_write = |r: usize| {
+        let mut off = r;
+        let mut prev = None;
+        while let Some(f) = read_frame(seg, off) {
+            if prev.is_some_and(|p| f.seq != p + 1) {
+                break;
+            }
+            if f.flags & FLAG_WRITE_START != 0 {
+                return false;
+            }
+            prev = Some(f.seq);
+            off = f.end();
+        }
+        true
+    };
     let tail = match resumes_at {
         None => Tail::Torn,
+        Some(r) if same_write(r) => Tail::Torn,
         // A span of zeros is a write that never landed (power loss, or a
         // crash with writes in flight out of order); nothing after it was
         // acknowledged, since durability advances over written prefixes only.
@@ -312,7 +354,13 @@ pub fn frames(seg: &[u8], end: usize) -> impl Iterator<Item = Frame<'_>> {
 mod tests {
     use super::*;
 
+    /// A segment whose every frame was its own (synced) write.
     fn segment(payloads: &[&[u8]], size: usize) -> Vec<u8> {
+        segment_writes(payloads, size, |_| true)
+    }
+
+    /// A segment whose frame `i` starts a write when `starts(i)`.
+    fn segment_writes(payloads: &[&[u8]], size: usize, starts: impl Fn(usize) -> bool) -> Vec<u8> {
         let mut seg = vec![0u8; size];
         let h = SegmentHeader {
             shard: 3,
@@ -324,7 +372,11 @@ mod tests {
         let mut off = HEADER_LEN;
         for (i, p) in payloads.iter().enumerate() {
             seg[off + FRAME_HEADER_LEN..off + FRAME_HEADER_LEN + p.len()].copy_from_slice(p);
-            off += seal_frame(&mut seg[off..], p.len(), 10 + i as u64, RecordType::Event);
+            let n = seal_frame(&mut seg[off..], p.len(), 10 + i as u64, RecordType::Event);
+            if starts(i) {
+                mark_write_start(&mut seg[off..]);
+            }
+            off += n;
         }
         seg
     }
@@ -400,7 +452,8 @@ mod tests {
         let refs: Vec<&[u8]> = payloads.iter().map(|p| p.as_slice()).collect();
         let clean = segment(&refs, 8192);
         let s = scan(&clean, 10);
-        // Flip every bit position of frame 5 in turn (its header and payload).
+        // Flip every bit position of frame 5 in turn (its header and payload):
+        // later writes are whole, so those bytes had been durable.
         let f5 = frames(&clean, s.end).nth(5).unwrap();
         for byte in f5.offset..f5.offset + FRAME_HEADER_LEN + 50 {
             for bit in 0..8 {
@@ -415,6 +468,24 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn damage_inside_the_last_write_is_a_torn_tail() {
+        // Frames 5 to 19 were one write, in flight at a power cut: some of
+        // its pages landed, the one with frame 5 did not (torn sectors).
+        let payloads: Vec<Vec<u8>> = (0..20).map(|i| vec![i as u8 + 1; 50]).collect();
+        let refs: Vec<&[u8]> = payloads.iter().map(|p| p.as_slice()).collect();
+        let mut seg = segment_writes(&refs, 8192, |i| i <= 5);
+        let at = frames(&seg, scan(&seg, 10).end).nth(5).unwrap().offset;
+        seg[at + FRAME_HEADER_LEN + 3..at + FRAME_HEADER_LEN + 40].fill(0);
+        let d = scan(&seg, 10);
+        assert_eq!((d.frames, d.tail), (5, Tail::Torn));
+        // Damage in frame 4 (an earlier, completed write) is corruption.
+        let mut seg = segment_writes(&refs, 8192, |i| i <= 5);
+        let at4 = frames(&seg, scan(&seg, 10).end).nth(4).unwrap().offset;
+        seg[at4 + FRAME_HEADER_LEN + 3] ^= 1;
+        assert!(matches!(scan(&seg, 10).tail, Tail::Corrupt { .. }));
     }
 
     #[test]
@@ -441,7 +512,7 @@ mod tests {
         let s = scan(&seg, 10);
         assert_eq!(s.frames, 2);
         assert_eq!(s.tail, Tail::Torn);
-        // Garbage over two frames is corruption.
+        // Garbage over two frames, with later writes whole, is corruption.
         let mut seg = full.clone();
         seg[all[2].offset + 30..all[3].offset + 30].fill(0xEE);
         assert!(matches!(scan(&seg, 10).tail, Tail::Corrupt { .. }));
