@@ -352,6 +352,7 @@ impl App {
                 self.counters.request(ep, 503);
                 let body: &[u8] = match e {
                     AppendError::Budget => b"log full: unshipped data at disk budget\n",
+                    ref e if e.is_no_space() => b"log full: no space left on the device\n",
                     _ => b"log unavailable\n",
                 };
                 w.text(503, body, keep, Some(1), None);
@@ -417,6 +418,7 @@ impl App {
         if let Err(err) = self.log.ensure_room(e.encoded_len(), now_ms) {
             self.counters.drop(match err {
                 AppendError::Budget => "disk_full",
+                ref e if e.is_no_space() => "disk_full",
                 _ => "log_error",
             });
             return Item::Unavailable(err);

@@ -50,6 +50,19 @@ pub enum AppendError {
     TooLarge(usize),
 }
 
+impl AppendError {
+    /// The budget, or the file system, has no room for another segment.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            AppendError::Budget => true,
+            AppendError::Io(e) => {
+                e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT)
+            }
+            AppendError::TooLarge(_) => false,
+        }
+    }
+}
+
 struct Active {
     file: File,
     map: MmapMut,
@@ -82,6 +95,9 @@ pub struct ShardLog {
     next_seq: u64,
     /// Set after a failed segment creation; retried no sooner than this.
     create_retry_at_ms: i64,
+    /// errno of the last failed segment creation, reported again while the
+    /// retry backs off (so a full disk stays "no space", not "log error").
+    create_errno: Option<i32>,
     partial_buf: Vec<u8>,
     /// The background preparer of the next segment file (see [`Spare`]).
     spare: Spare,
@@ -443,6 +459,7 @@ impl ShardLog {
             sealed,
             next_seq: next_seq.max(1),
             create_retry_at_ms: 0,
+            create_errno: None,
             partial_buf: Vec::with_capacity(64 * 1024),
             spare: Spare::start(cfg.dir.clone(), cfg.segment_bytes, cfg.zero_fill),
             sync_on_rotate: cfg.sync_on_rotate,
@@ -551,9 +568,10 @@ impl ShardLog {
             return Err(AppendError::Budget);
         }
         if now_ms < self.create_retry_at_ms {
-            return Err(AppendError::Io(io::Error::other(
-                "segment creation backing off",
-            )));
+            return Err(AppendError::Io(match self.create_errno {
+                Some(code) => io::Error::from_raw_os_error(code),
+                None => io::Error::other("segment creation backing off"),
+            }));
         }
         // Everything in the old segment becomes durable before the next one
         // exists: recovery relies on the chain being whole across files.
@@ -611,6 +629,7 @@ impl ShardLog {
                 Ok(a) => a,
                 Err(e) => {
                     self.create_retry_at_ms = now_ms + 1000;
+                    self.create_errno = e.raw_os_error();
                     return Err(e.into());
                 }
             },

@@ -3,7 +3,9 @@
 mod common;
 
 use std::io::Write;
-use std::time::Duration;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -615,4 +617,105 @@ fn idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     std::thread::sleep(Duration::from_millis(100));
     assert!(metric(&g.metrics(), "clickgate_connections_idle_closed_total") >= 1);
+}
+
+/// A tmpfs of a few hundred KiB mounted on the data directory (root only;
+/// the test says it skipped otherwise), unmounted on drop.
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn mount(dir: &std::path::Path, bytes: usize) -> Option<SmallFs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| SmallFs(dir.to_owned()))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_filesystem_answers_503_loses_nothing_and_recovers_when_space_returns() {
+    let mut fs = None;
+    let g = Gateway::start_with(
+        // The budget is far above the filesystem: the filesystem fills first.
+        "[log]\nsegment_bytes = 65536\ndisk_budget_bytes = 1073741824\n",
+        |data| {
+            fs = SmallFs::mount(data, 640 * 1024);
+            if fs.is_some() {
+                // Room to give back later.
+                std::fs::write(data.join("ballast"), vec![1u8; 192 * 1024]).unwrap();
+            }
+        },
+    );
+    let Some(_fs) = fs else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let send = |id: &str| {
+        let t = Click {
+            click_id: id,
+            ..Click::default()
+        }
+        .target();
+        g.request(format!("GET {t} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+            .unwrap_or_else(|e| panic!("{id}: {e}\n{}", g.log()))
+    };
+    let mut acked = Vec::new();
+    let mut refused = 0;
+    for i in 0..20_000 {
+        let id = format!("fs-{i}");
+        match send(&id).status {
+            302 => acked.push(id),
+            503 => {
+                refused += 1;
+                if refused >= 20 {
+                    break;
+                }
+            }
+            s => panic!("unexpected {s}\n{}", g.log()),
+        }
+    }
+    assert!(
+        refused >= 20,
+        "the filesystem never filled ({} acked)",
+        acked.len()
+    );
+    assert!(acked.len() > 100, "{}", acked.len());
+    // Alive, and every 302 has its record.
+    assert_eq!(g.get("/healthz").status, 200);
+    let ins = g.inspect(true);
+    for id in &acked {
+        assert!(
+            ins.contains(&format!("click_id={id} ")),
+            "acked {id} missing"
+        );
+    }
+    // Space comes back: clicks are taken again (segment creation is retried).
+    std::fs::remove_file(g.data_dir().join("ballast")).unwrap();
+    let t = Instant::now();
+    let mut back = None;
+    for i in 0..200 {
+        let id = format!("back-{i}");
+        if send(&id).status == 302 {
+            back = Some(id);
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let back = back.expect("no 302 after space returned");
+    assert!(g.inspect(true).contains(&format!("click_id={back} ")));
+    let m = g.metrics();
+    // Every refusal was for space, reported as such.
+    assert!(metric(&m, "clickgate_drops_total{reason=\"disk_full\"}") >= refused as u64);
+    assert_eq!(metric(&m, "clickgate_drops_total{reason=\"log_error\"}"), 0);
 }

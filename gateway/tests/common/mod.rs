@@ -48,7 +48,14 @@ pub struct Gateway {
 impl Gateway {
     /// Starts a gateway whose config is the defaults plus `extra` TOML.
     pub fn start(extra: &str) -> Gateway {
+        Self::start_with(extra, |_| {})
+    }
+
+    /// As [`Self::start`], after `prepare` has run on the (not yet existing)
+    /// data directory's path: to mount a filesystem there, say.
+    pub fn start_with(extra: &str, prepare: impl FnOnce(&Path)) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
+        prepare(&dir.path().join("data"));
         std::fs::write(dir.path().join("keys.toml"), keys_toml(&[("k1", &SECRET1)])).unwrap();
         let mut g = Gateway {
             child: None,
