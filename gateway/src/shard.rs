@@ -142,6 +142,10 @@ pub struct ShardLoop {
     /// the bytes until the write is done.
     syncs: Vec<(u32, usize, Instant)>,
     syncs_max: usize,
+    /// Fault injection for tests (`CLICKGATE_INJECT_WRITE_ERROR_AFTER=N`, unset
+    /// in production): durable writes left to succeed before one is reported
+    /// failed (EIO), as a failing disk would.
+    inject_write_error_after: Option<u64>,
     waiters: Vec<(usize, u32)>,
     dirty: Vec<usize>,
     timespec: Box<types::Timespec>,
@@ -196,6 +200,9 @@ impl ShardLoop {
             mode: cfg.durability.mode,
             syncs: Vec::with_capacity(8),
             syncs_max: cfg.durability.syncs_in_flight_max,
+            inject_write_error_after: std::env::var("CLICKGATE_INJECT_WRITE_ERROR_AFTER")
+                .ok()
+                .and_then(|v| v.parse().ok()),
             waiters: Vec::new(),
             dirty: Vec::new(),
             timespec: Box::new(types::Timespec::from(Duration::from_millis(TICK_MS))),
@@ -453,6 +460,14 @@ impl ShardLoop {
             .position(|s| s.0 == id)
             .expect("completion for a write that was not in flight");
         let (_, len, started) = self.syncs.swap_remove(i);
+        let res = match self.inject_write_error_after.as_mut() {
+            Some(0) => -libc::EIO,
+            Some(n) => {
+                *n -= 1;
+                res
+            }
+            None => res,
+        };
         if res < 0 || res as usize != len {
             // The kernel may have dropped the dirty pages: nothing since the
             // last good write can be called durable, now or by a later one.

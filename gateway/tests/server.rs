@@ -719,3 +719,61 @@ fn a_full_filesystem_answers_503_loses_nothing_and_recovers_when_space_returns()
     assert!(metric(&m, "clickgate_drops_total{reason=\"disk_full\"}") >= refused as u64);
     assert_eq!(metric(&m, "clickgate_drops_total{reason=\"log_error\"}"), 0);
 }
+
+#[test]
+fn a_failed_durable_write_is_never_acknowledged_nor_retried_into_a_302() {
+    // The 31st durable write reports EIO, as a failing disk would.
+    let mut g = Gateway::start_env("", &[("CLICKGATE_INJECT_WRITE_ERROR_AFTER", "30")]);
+    let mut acked = Vec::new();
+    let mut unanswered = Vec::new();
+    let mut after = Vec::new();
+    for i in 0..60 {
+        let id = format!("io-{i}");
+        let t = Click {
+            click_id: &id,
+            ..Click::default()
+        }
+        .target();
+        match g.request(format!("GET {t} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes()) {
+            Ok(r) if r.status == 302 => {
+                assert!(
+                    unanswered.is_empty() && after.is_empty(),
+                    "a 302 after the failure: {id}"
+                );
+                acked.push(id);
+            }
+            Ok(r) => {
+                assert_eq!(r.status, 503, "{}", r.body_str());
+                after.push(id);
+            }
+            // The click whose write failed: its connection is closed unanswered.
+            Err(_) => unanswered.push(id),
+        }
+    }
+    assert_eq!(acked.len(), 30, "{}", g.log());
+    assert_eq!(unanswered.len(), 1, "{unanswered:?}");
+    assert_eq!(after.len(), 29);
+    assert!(g
+        .log()
+        .contains("durable write failed; shard stops acknowledging"));
+    assert_eq!(g.get("/readyz").status, 503);
+    assert!(metric(&g.metrics(), "clickgate_flush_errors_total") >= 1);
+    // Restarted without the fault: every 302 is in the log; the refused
+    // clicks are not.
+    g.kill9();
+    g.env.clear();
+    g.spawn();
+    let ins = g.inspect(true);
+    for id in &acked {
+        assert!(
+            ins.contains(&format!("click_id={id} ")),
+            "acked {id} missing"
+        );
+    }
+    for id in &after {
+        assert!(
+            !ins.contains(&format!("click_id={id} ")),
+            "refused {id} logged"
+        );
+    }
+}

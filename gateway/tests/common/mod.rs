@@ -43,6 +43,8 @@ pub struct Gateway {
     pub dir: tempfile::TempDir,
     pub addr: SocketAddr,
     pub extra: String,
+    /// Environment for the process (fault injection).
+    pub env: Vec<(String, String)>,
 }
 
 impl Gateway {
@@ -51,20 +53,36 @@ impl Gateway {
         Self::start_with(extra, |_| {})
     }
 
+    /// As [`Self::start`], with environment variables for the process.
+    pub fn start_env(extra: &str, env: &[(&str, &str)]) -> Gateway {
+        let mut g = Self::build(extra, |_| {});
+        g.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        g.spawn();
+        g
+    }
+
     /// As [`Self::start`], after `prepare` has run on the (not yet existing)
     /// data directory's path: to mount a filesystem there, say.
     pub fn start_with(extra: &str, prepare: impl FnOnce(&Path)) -> Gateway {
+        let mut g = Self::build(extra, prepare);
+        g.spawn();
+        g
+    }
+
+    fn build(extra: &str, prepare: impl FnOnce(&Path)) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         prepare(&dir.path().join("data"));
         std::fs::write(dir.path().join("keys.toml"), keys_toml(&[("k1", &SECRET1)])).unwrap();
-        let mut g = Gateway {
+        Gateway {
             child: None,
             addr: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
             dir,
             extra: extra.to_string(),
-        };
-        g.spawn();
-        g
+            env: Vec::new(),
+        }
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -98,6 +116,7 @@ impl Gateway {
         let child = Command::new(env!("CARGO_BIN_EXE_clickgate-gateway"))
             .args(["run", "--config"])
             .arg(self.config_path())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
