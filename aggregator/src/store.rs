@@ -7,7 +7,8 @@
 //! written, so a refused batch never leaves half its rows behind.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{RwLock, RwLockReadGuard};
 
 use redb::{Database, ReadableTable, TableDefinition};
 use wire::batch::{items, Ack, Batch, BatchKind, Status};
@@ -64,8 +65,36 @@ pub struct Effect {
 }
 
 pub struct Store {
-    db: Database,
+    /// None between an I/O error and a successful reopen: after one, redb
+    /// refuses every transaction until the database is closed and reopened.
+    db: RwLock<Option<Database>>,
+    path: PathBuf,
     pub settings: Settings,
+}
+
+/// A read lock on the open database, held for the length of a transaction so
+/// a reopen never closes it under one.
+struct Db<'a>(RwLockReadGuard<'a, Option<Database>>);
+
+impl std::ops::Deref for Db<'_> {
+    type Target = Database;
+    fn deref(&self) -> &Database {
+        self.0.as_ref().expect("checked open")
+    }
+}
+
+fn open_db(path: &Path) -> Result<Database> {
+    let db = Database::create(path).map_err(se)?;
+    // Create every table, so readers never find one missing.
+    let tx = db.begin_write().map_err(se)?;
+    tx.open_table(CURSORS).map_err(se)?;
+    tx.open_table(SOURCES).map_err(se)?;
+    tx.open_table(ROWS).map_err(se)?;
+    tx.open_table(LATE).map_err(se)?;
+    tx.open_table(AUDIT).map_err(se)?;
+    tx.open_table(META).map_err(se)?;
+    tx.commit().map_err(se)?;
+    Ok(db)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,22 +156,52 @@ fn answer(status: Status, c: (u64, u64)) -> Ack {
 
 impl Store {
     pub fn open(path: &Path, settings: Settings) -> Result<Store> {
-        let db = Database::create(path).map_err(se)?;
-        // Create every table, so readers never find one missing.
-        let tx = db.begin_write().map_err(se)?;
-        tx.open_table(CURSORS).map_err(se)?;
-        tx.open_table(SOURCES).map_err(se)?;
-        tx.open_table(ROWS).map_err(se)?;
-        tx.open_table(LATE).map_err(se)?;
-        tx.open_table(AUDIT).map_err(se)?;
-        tx.open_table(META).map_err(se)?;
-        tx.commit().map_err(se)?;
-        Ok(Store { db, settings })
+        Ok(Store {
+            db: RwLock::new(Some(open_db(path)?)),
+            path: path.to_owned(),
+            settings,
+        })
+    }
+
+    /// The open database, reopening it first if an I/O error closed it.
+    fn db(&self) -> Result<Db<'_>> {
+        {
+            let g = self.db.read().unwrap();
+            if g.is_some() {
+                return Ok(Db(g));
+            }
+        }
+        self.reopen();
+        let g = self.db.read().unwrap();
+        if g.is_some() {
+            Ok(Db(g))
+        } else {
+            Err(StoreError::Redb(
+                "store closed after an I/O error; reopen failed".into(),
+            ))
+        }
+    }
+
+    /// Closes and reopens the database (what redb asks for after an I/O
+    /// error such as a full disk). Waits for transactions in progress.
+    fn reopen(&self) {
+        let mut g = self.db.write().unwrap();
+        *g = None;
+        match open_db(&self.path) {
+            Ok(d) => {
+                tracing::info!(path = %self.path.display(), "store reopened");
+                *g = Some(d);
+            }
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e, "store reopen failed; will retry")
+            }
+        }
     }
 
     /// The cursors of one source.
     pub fn cursors(&self, gateway: &str, shard: u16) -> Result<(u64, u64)> {
-        let tx = self.db.begin_read().map_err(se)?;
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(se)?;
         let t = tx.open_table(CURSORS).map_err(se)?;
         Ok(t.get((gateway, shard))
             .map_err(se)?
@@ -152,7 +211,8 @@ impl Store {
 
     /// Every source (gateway shard) the store has heard of.
     pub fn sources(&self) -> Result<Vec<SourceInfo>> {
-        let tx = self.db.begin_read().map_err(se)?;
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(se)?;
         let c = tx.open_table(CURSORS).map_err(se)?;
         let s = tx.open_table(SOURCES).map_err(se)?;
         let mut out = Vec::new();
@@ -178,7 +238,8 @@ impl Store {
     /// The global watermark: the lowest of the sources heard from recently
     /// (or the highest of all when none is), never going back.
     pub fn watermark(&self, now_ms: i64) -> Result<i64> {
-        let tx = self.db.begin_read().map_err(se)?;
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(se)?;
         let s = tx.open_table(SOURCES).map_err(se)?;
         let m = tx.open_table(META).map_err(se)?;
         let stored = m
@@ -222,7 +283,8 @@ impl Store {
         match self.try_apply_many(batches, now_ms) {
             Ok(v) => v,
             Err(e) => {
-                tracing::error!(error = %e, "store commit failed");
+                tracing::error!(error = %e, "store commit failed; reopening the store");
+                self.reopen();
                 batches
                     .iter()
                     .map(|_| {
@@ -240,7 +302,8 @@ impl Store {
         batches: &[(&[u8], &[String])],
         now_ms: i64,
     ) -> Result<Vec<(Ack, Effect)>> {
-        let tx = self.db.begin_write().map_err(se)?;
+        let db = self.db()?;
+        let tx = db.begin_write().map_err(se)?;
         let mut out = Vec::with_capacity(batches.len());
         {
             let mut cursors = tx.open_table(CURSORS).map_err(se)?;
@@ -463,7 +526,8 @@ impl Store {
     /// Sums one advertiser's rows into buckets.
     pub fn query(&self, q: &Query, now_ms: i64) -> Result<Series> {
         let wm = self.watermark(now_ms)?;
-        let tx = self.db.begin_read().map_err(se)?;
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(se)?;
         let t = tx.open_table(ROWS).map_err(se)?;
         let m0 = (q.start_s.max(0) / 60) as u32;
         let m1 = (q.end_s.max(0) as u64).div_ceil(60).min(u32::MAX as u64) as u32;
@@ -503,7 +567,8 @@ impl Store {
 
     /// Every row in `[m0, m1)` minutes, all advertisers (for reconcile).
     pub fn rows_in(&self, m0: u32, m1: u32) -> Result<BTreeMap<RowKey, Row>> {
-        let tx = self.db.begin_read().map_err(se)?;
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(se)?;
         let t = tx.open_table(ROWS).map_err(se)?;
         let mut out = BTreeMap::new();
         for r in t.iter().map_err(se)? {
@@ -519,7 +584,8 @@ impl Store {
 
     /// The late table, all of it.
     pub fn late_rows(&self) -> Result<Vec<(RowKey, Row)>> {
-        let tx = self.db.begin_read().map_err(se)?;
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(se)?;
         let t = tx.open_table(LATE).map_err(se)?;
         let mut out = Vec::new();
         for r in t.iter().map_err(se)? {
@@ -532,7 +598,8 @@ impl Store {
     }
 
     pub fn meta(&self, name: &str) -> Result<i64> {
-        let tx = self.db.begin_read().map_err(se)?;
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(se)?;
         let t = tx.open_table(META).map_err(se)?;
         Ok(t.get(name).map_err(se)?.map(|v| v.value()).unwrap_or(0))
     }
@@ -544,7 +611,8 @@ impl Store {
         h1: u32,
         mut f: impl FnMut(&str, &EventRef<'_>),
     ) -> Result<()> {
-        let tx = self.db.begin_read().map_err(se)?;
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(se)?;
         let t = tx.open_table(AUDIT).map_err(se)?;
         for r in t
             .range((h0, "", 0u16, 0u64)..(h1, "", 0u16, 0u64))
@@ -564,7 +632,8 @@ impl Store {
 
     /// Replaces rows with recounted ones, each a new version.
     pub fn write_corrections(&self, fixes: &[(RowKey, Counts)]) -> Result<()> {
-        let tx = self.db.begin_write().map_err(se)?;
+        let db = self.db()?;
+        let tx = db.begin_write().map_err(se)?;
         {
             let mut t = tx.open_table(ROWS).map_err(se)?;
             for (k, c) in fixes {
