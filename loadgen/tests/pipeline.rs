@@ -180,9 +180,12 @@ impl Pipeline {
             d.join("gateway.toml"),
             format!(
                 "gateway_id = \"e2e\"\ndata_dir = {:?}\nkeys_file = {:?}\ncpus = [0, 1]\n\
-                 [listen]\nhttp = \"{gateway_addr}\"\n[aggregate]\nflush_interval_ms = 200\n",
+                 [listen]\nhttp = \"{gateway_addr}\"\n[aggregate]\nflush_interval_ms = 200\n\
+                 [durability]\nmode = \"{}\"\n",
                 p("data"),
-                p("keys.toml")
+                p("keys.toml"),
+                // The long profile runs both modes (E2E_DURABILITY=process).
+                std::env::var("E2E_DURABILITY").unwrap_or_else(|_| "sync".into())
             ),
         )
         .unwrap();
@@ -446,7 +449,8 @@ fn aggregator_counts_exactly_what_was_acknowledged_through_kills() {
             .unwrap_or(0)
     };
     eprintln!(
-        "FAULTS kills aggregator={} gateway={} shipper={} | {verdicts} | aggregator clicks {through_kills} exact | restart-to-ready ms p50={} p99={} max={}",
+        "FAULTS durability={} kills aggregator={} gateway={} shipper={} | {verdicts} | aggregator clicks {through_kills} exact | restart-to-ready ms p50={} p99={} max={}",
+        std::env::var("E2E_DURABILITY").unwrap_or_else(|_| "sync".into()),
         killed[AGG],
         killed[GW],
         killed[SHIP],
