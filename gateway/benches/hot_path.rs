@@ -199,7 +199,7 @@ fn main() {
         },
     });
     let (log2, _) = ShardLog::open(&log_config(dir.path(), 1), now).unwrap();
-    let mut app = App::new(0, &cfg, log2, PreAgg::new(100_000, 0), shared, now);
+    let mut app = App::new(0, &cfg, log2, PreAgg::new(100_000, 0), shared);
     let mut out = Vec::with_capacity(1 << 20);
     // 64 Ki distinct clicks, cycled: after the first pass they are duplicates,
     // which take the same path (verify, dedup probe, append, aggregate).

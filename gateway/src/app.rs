@@ -126,8 +126,11 @@ pub struct App {
     scratch: Vec<u8>,
     /// Set when an fdatasync failed: nothing more is acknowledged.
     pub failed: bool,
-    last_partial_ms: i64,
-    last_partial_warn_ms: i64,
+    /// When the last partial was appended, on the monotonic clock
+    /// ([`crate::shard::mono_ms`]): the flush interval must not stall when
+    /// the wall clock steps back.
+    last_partial_mono: i64,
+    last_partial_warn_mono: i64,
     /// Reused for the short plain-text bodies of refusals.
     msg: Vec<u8>,
     /// Seq up to which a sync has completed (kept by the event loop).
@@ -141,7 +144,6 @@ impl App {
         log: ShardLog,
         preagg: PreAgg,
         shared: Arc<Shared>,
-        now_ms: i64,
     ) -> Self {
         let keys = shared.keys.ring.lock().unwrap().clone();
         let keys_version = shared.keys.version.load(Ordering::Acquire);
@@ -166,8 +168,8 @@ impl App {
             counters: Counters::default(),
             scratch: vec![0u8; cfg.limits.header_bytes_max.max(cfg.limits.body_bytes_max)],
             failed: false,
-            last_partial_ms: now_ms,
-            last_partial_warn_ms: i64::MIN / 2,
+            last_partial_mono: crate::shard::mono_ms(),
+            last_partial_warn_mono: i64::MIN / 2,
             msg: Vec::with_capacity(128),
             durable_seq,
         }
@@ -565,20 +567,21 @@ impl App {
         self.preagg.committed(seq);
         self.counters.partials_appended += 1;
         self.counters.records_appended += 1;
-        self.last_partial_ms = now_ms;
+        self.last_partial_mono = crate::shard::mono_ms();
         Ok(seq)
     }
 
     /// Periodic work: partials, key refresh, segment recycling, metrics.
     pub fn tick(&mut self, now_ms: i64) {
         self.log.prefault();
-        if now_ms - self.last_partial_ms >= self.settings.flush_interval_ms && !self.failed {
+        let mono = crate::shard::mono_ms();
+        if mono - self.last_partial_mono >= self.settings.flush_interval_ms && !self.failed {
             if let Err(e) = self.append_partial(now_ms) {
                 // Once a minute at most: a full disk would otherwise log this
                 // every flush interval. Counted every time.
                 self.counters.drop("partial_deferred");
-                if now_ms - self.last_partial_warn_ms >= 60_000 {
-                    self.last_partial_warn_ms = now_ms;
+                if mono - self.last_partial_warn_mono >= 60_000 {
+                    self.last_partial_warn_mono = mono;
                     tracing::warn!(shard = self.shard, error = %e, "partial not appended; will retry");
                 }
             }

@@ -139,11 +139,20 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     shared.state.store(READY, Ordering::Release);
     tracing::info!(listen = %cfg.listen.http, "ready");
 
+    let clock_file = std::env::var_os("CLICKGATE_INJECT_CLOCK_FILE").map(std::path::PathBuf::from);
     let mut keys_mtime = mtime(&cfg.keys_file);
     let mut last_poll = Instant::now();
     let mut last_dedup_count = Instant::now() - Duration::from_secs(60);
     let mut drain_started: Option<Instant> = None;
     loop {
+        if let Some(f) = &clock_file {
+            if let Some(off) = std::fs::read_to_string(f)
+                .ok()
+                .and_then(|t| t.trim().parse::<i64>().ok())
+            {
+                crate::shard::CLOCK_OFFSET_MS.store(off, Ordering::Relaxed);
+            }
+        }
         for sig in signals.pending() {
             match sig {
                 signal_hook::consts::SIGHUP => reload_keys(&cfg, &shared, grace_ms, "SIGHUP"),
@@ -291,14 +300,7 @@ fn start_shard(
             rebuilt += 1;
         }
     })?;
-    let mut app = App::new(
-        i,
-        cfg,
-        log,
-        PreAgg::new(cfg.aggregate.rows_max, 0),
-        shared,
-        now,
-    );
+    let mut app = App::new(i, cfg, log, PreAgg::new(cfg.aggregate.rows_max, 0), shared);
     app.preagg = preagg;
     // Write the rebuilt partial now, so live sums start from a clean slate.
     app.append_partial(now)

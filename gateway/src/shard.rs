@@ -46,7 +46,21 @@ pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+        + CLOCK_OFFSET_MS.load(std::sync::atomic::Ordering::Relaxed)
 }
+
+/// Milliseconds on a monotonic clock (since the process first asked): what
+/// timers and intervals are measured by, so a wall-clock step (NTP, a VM
+/// resumed) neither stalls nor fires them. Event times use [`now_ms`].
+pub fn mono_ms() -> i64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as i64
+}
+
+/// Added to the system clock: 0, except under the test-only fault injection
+/// `CLICKGATE_INJECT_CLOCK_FILE` (a file holding a signed offset in ms, read
+/// by the server every 20 ms), which plays a clock that is off or jumps.
+pub static CLOCK_OFFSET_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
 
 #[derive(Default)]
 struct Conn {
@@ -151,7 +165,10 @@ pub struct ShardLoop {
     timespec: Box<types::Timespec>,
     date: DateCache,
     cqes: Vec<(u64, i32, u32)>,
+    /// Timers (`last_second_ms`, connection activity, drain deadline) are on
+    /// this monotonic clock ([`mono_ms`]), read once per turn.
     last_second_ms: i64,
+    mono: i64,
     drain_deadline_ms: Option<i64>,
     shard_dir: std::path::PathBuf,
     /// `<shard dir>/durable`: the durable seq, published for the shipper.
@@ -212,6 +229,7 @@ impl ShardLoop {
             },
             cqes: Vec::with_capacity(entries as usize * 4),
             last_second_ms: 0,
+            mono: mono_ms(),
             drain_deadline_ms: None,
             shard_dir,
             durable_file,
@@ -261,7 +279,8 @@ impl ShardLoop {
         self.arm_timer();
         let now = now_ms();
         self.date.refresh(now);
-        self.last_second_ms = now;
+        self.mono = mono_ms();
+        self.last_second_ms = self.mono;
         loop {
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
@@ -270,6 +289,7 @@ impl ShardLoop {
                 Err(e) => return Err(e),
             }
             let now = now_ms();
+            self.mono = mono_ms();
             self.cqes.clear();
             self.cqes.extend(
                 self.ring
@@ -281,7 +301,7 @@ impl ShardLoop {
                 self.complete(u, res, flags, now);
             }
             self.after_turn(now);
-            if self.finished(now) {
+            if self.finished(self.mono) {
                 break;
             }
         }
@@ -292,7 +312,7 @@ impl ShardLoop {
     fn complete(&mut self, u: u64, res: i32, flags: u32, now: i64) {
         let (op, slot, gen) = ud_parts(u);
         match op {
-            OP_ACCEPT => self.on_accept(res, flags, now),
+            OP_ACCEPT => self.on_accept(res, flags),
             OP_RECV | OP_SEND => {
                 let c = &mut self.conns[slot];
                 assert!(
@@ -318,7 +338,7 @@ impl ShardLoop {
         }
     }
 
-    fn on_accept(&mut self, res: i32, flags: u32, now: i64) {
+    fn on_accept(&mut self, res: i32, flags: u32) {
         if !io_uring::cqueue::more(flags) {
             self.accept_armed = false;
         }
@@ -332,14 +352,14 @@ impl ShardLoop {
             }
             tracing::warn!(shard = self.app.shard, errno = -res, "accept failed");
         } else {
-            self.new_conn(res, now);
+            self.new_conn(res);
         }
         if !self.accept_armed && self.drain_deadline_ms.is_none() {
             self.arm_accept();
         }
     }
 
-    fn new_conn(&mut self, fd: RawFd, now: i64) {
+    fn new_conn(&mut self, fd: RawFd) {
         self.app.counters.connections_accepted += 1;
         if self.open >= self.connections_max || self.drain_deadline_ms.is_some() {
             self.app.counters.connections_refused += 1;
@@ -374,7 +394,7 @@ impl ShardLoop {
         c.read_done = false;
         c.closing = false;
         c.partial_since_ms = None;
-        c.last_active_ms = now;
+        c.last_active_ms = self.mono;
         self.open += 1;
         self.dirty.push(slot);
     }
@@ -402,7 +422,7 @@ impl ShardLoop {
             return;
         }
         c.rlen += res as usize;
-        c.last_active_ms = now;
+        c.last_active_ms = self.mono;
         let mut start = 0;
         while start < c.rlen && !c.read_done {
             let mut w = ResponseWriter {
@@ -430,7 +450,7 @@ impl ShardLoop {
             c.rlen -= start;
         }
         c.partial_since_ms = if c.rlen > 0 {
-            Some(c.partial_since_ms.unwrap_or(now))
+            Some(c.partial_since_ms.unwrap_or(self.mono))
         } else {
             None
         };
@@ -628,7 +648,7 @@ impl ShardLoop {
         self.app.tick(now);
         let draining = self.app.shared.state.load(Ordering::Relaxed) == DRAINING;
         if draining && self.drain_deadline_ms.is_none() {
-            self.drain_deadline_ms = Some(now + self.drain_timeout_ms);
+            self.drain_deadline_ms = Some(self.mono + self.drain_timeout_ms);
             if self.accept_armed {
                 let e = opcode::AsyncCancel::new(ud(OP_ACCEPT, 0, 0))
                     .build()
@@ -640,9 +660,9 @@ impl ShardLoop {
                 unsafe { libc::close(fd) };
             }
         }
-        if now - self.last_second_ms >= 1000 || draining {
-            self.last_second_ms = now;
-            self.sweep_timeouts(now, draining);
+        if self.mono - self.last_second_ms >= 1000 || draining {
+            self.last_second_ms = self.mono;
+            self.sweep_timeouts(self.mono, draining);
             if let Some(seq) = wire::layout::read_shipped(&self.shard_dir) {
                 self.app.recycle(seq, now);
             }

@@ -71,6 +71,7 @@ struct Proc {
     starts: u32,
     /// Milliseconds from spawn to ready, per start.
     ready_ms: Vec<u64>,
+    env: Vec<(String, String)>,
 }
 
 impl Proc {
@@ -82,6 +83,7 @@ impl Proc {
             .unwrap();
         let child = Command::new(&self.bin)
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -146,6 +148,11 @@ const SHIP: usize = 2;
 
 impl Pipeline {
     fn new() -> Pipeline {
+        Self::with_gateway_env(&[])
+    }
+
+    /// With environment variables for the gateway (fault injection).
+    fn with_gateway_env(gateway_env: &[(&str, &str)]) -> Pipeline {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().to_owned();
         let agg_bin = bin("clickgate-aggregator", "clickgate-aggregator");
@@ -212,6 +219,7 @@ impl Pipeline {
                 child: None,
                 starts: 0,
                 ready_ms: Vec::new(),
+                env: Vec::new(),
             },
             Proc {
                 name: "gateway",
@@ -222,6 +230,7 @@ impl Pipeline {
                 child: None,
                 starts: 0,
                 ready_ms: Vec::new(),
+                env: Vec::new(),
             },
             Proc {
                 name: "shipper",
@@ -242,6 +251,7 @@ impl Pipeline {
                 child: None,
                 starts: 0,
                 ready_ms: Vec::new(),
+                env: Vec::new(),
             },
         ];
         let mut pl = Pipeline {
@@ -251,6 +261,10 @@ impl Pipeline {
             token,
             procs,
         };
+        pl.procs[GW].env = gateway_env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         for p in pl.procs.iter_mut() {
             p.start();
         }
@@ -458,4 +472,35 @@ fn aggregator_counts_exactly_what_was_acknowledged_through_kills() {
         pct(0.99),
         ready.last().copied().unwrap_or(0)
     );
+}
+
+#[test]
+fn counts_stay_exact_when_the_gateway_clock_is_off_and_jumps_back() {
+    // The gateway's clock runs 5 minutes ahead, then jumps 8 minutes back,
+    // then is right again: each click lands in the minute its gateway gave it
+    // (a minute already final gets a new version), nothing lost or doubled.
+    let clock = tempfile::NamedTempFile::new().unwrap();
+    let clock_path = clock.path().to_str().unwrap().to_owned();
+    std::fs::write(&clock_path, "300000").unwrap();
+    let pl = Pipeline::with_gateway_env(&[("CLICKGATE_INJECT_CLOCK_FILE", &clock_path)]);
+    let lg = pl
+        .loadgen(
+            "oracle-clock.json",
+            &["--connections", "8", "--rate", "400"],
+        )
+        .args(["--duration", "6", "--pool", "2400", "--seed", "13"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    std::fs::write(&clock_path, "-180000").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    std::fs::write(&clock_path, "0").unwrap();
+    let out = lg.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let (ok, text) = pl.verify("oracle-clock.json");
+    assert!(ok, "{text}\n{}", pl.logs());
+    assert!(expected_clicks(&text) > 800, "{text}");
+    eprintln!("clock skew and jump back:\n{text}");
 }
