@@ -100,6 +100,10 @@ pub enum BatchError {
     Range(u64, u64),
     #[error("payload: {0}")]
     Payload(String),
+    #[error("reserved bytes are not zero")]
+    Reserved,
+    #[error("a hello carries no range and no payload")]
+    Hello,
 }
 
 /// Appends one item to an uncompressed payload being built.
@@ -224,6 +228,9 @@ impl Batch {
             return Err(BatchError::Version(version));
         }
         let kind = BatchKind::from_u8(b[10]).ok_or(BatchError::Kind(b[10]))?;
+        if b[14..16] != [0, 0] {
+            return Err(BatchError::Reserved);
+        }
         let id_len = b[11] as usize;
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
         let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
@@ -245,7 +252,11 @@ impl Batch {
             return Err(BatchError::TooLarge(raw_len as u64));
         }
         let (after_seq, last_seq) = (u64_at(16), u64_at(24));
-        if kind != BatchKind::Hello && last_seq <= after_seq {
+        if kind == BatchKind::Hello {
+            if after_seq != 0 || last_seq != 0 || u32_at(32) != 0 || raw_len != 0 || zlen != 0 {
+                return Err(BatchError::Hello);
+            }
+        } else if last_seq <= after_seq {
             return Err(BatchError::Range(after_seq, last_seq));
         }
         Ok(Batch {
@@ -355,6 +366,9 @@ impl Ack {
             return Err(BatchError::Magic);
         }
         let status = Status::from_u8(b[8]).ok_or(BatchError::Kind(b[8]))?;
+        if b[9..16].iter().any(|&x| x != 0) {
+            return Err(BatchError::Reserved);
+        }
         let n = u16::from_le_bytes([b[32], b[33]]) as usize;
         if b.len() != ACK_FIXED + n {
             return Err(BatchError::Length {
