@@ -451,15 +451,7 @@ impl Store {
         cursor: u64,
         audit: &mut redb::Table<(u32, &str, u16, u64), &[u8]>,
     ) -> std::result::Result<u64, Refusal> {
-        if batch.last_seq <= cursor {
-            return Err(Refusal::Duplicate);
-        }
-        if batch.after_seq > cursor {
-            return Err(Refusal::Gap);
-        }
-        let raw = batch
-            .decompress()
-            .map_err(|e| Refusal::Bad(e.to_string()))?;
+        let raw = payload_after(batch, cursor)?;
         let its = items(&raw, batch.count, batch.after_seq, batch.last_seq)
             .map_err(|e| Refusal::Bad(e.to_string()))?;
         let mut by_hour: BTreeMap<u32, (Vec<u8>, u32)> = BTreeMap::new();
@@ -685,19 +677,23 @@ pub struct Plan {
     pub watermark_ms: i64,
 }
 
-/// Checks a partials batch against the cursor (the seq of the last partial
-/// applied): what is at or before it is skipped, the first new partial must
-/// start exactly at it, and each must start where the previous ended.
-pub fn plan_partials(batch: &Batch, cursor: u64) -> std::result::Result<Plan, Refusal> {
+/// The decompressed payload of a batch that ends after `cursor` and starts at
+/// or before it; otherwise the batch is a duplicate or a gap.
+fn payload_after(batch: &Batch, cursor: u64) -> std::result::Result<Vec<u8>, Refusal> {
     if batch.last_seq <= cursor {
         return Err(Refusal::Duplicate);
     }
     if batch.after_seq > cursor {
         return Err(Refusal::Gap);
     }
-    let raw = batch
-        .decompress()
-        .map_err(|e| Refusal::Bad(e.to_string()))?;
+    batch.decompress().map_err(|e| Refusal::Bad(e.to_string()))
+}
+
+/// Checks a partials batch against the cursor (the seq of the last partial
+/// applied): what is at or before it is skipped, the first new partial must
+/// start exactly at it, and each must start where the previous ended.
+pub fn plan_partials(batch: &Batch, cursor: u64) -> std::result::Result<Plan, Refusal> {
+    let raw = payload_after(batch, cursor)?;
     let its = items(&raw, batch.count, batch.after_seq, batch.last_seq)
         .map_err(|e| Refusal::Bad(e.to_string()))?;
     let mut plan = Plan {

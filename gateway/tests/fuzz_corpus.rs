@@ -3,27 +3,20 @@
 
 use std::path::Path;
 
-fn replay(target: &str, f: fn(&[u8])) -> usize {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../fuzz/corpus")
-        .join(target);
-    let mut n = 0;
-    for e in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
-        let data = std::fs::read(e.unwrap().path()).unwrap();
-        f(&data);
-        n += 1;
-    }
-    n
+use wire::fuzzing::replay_corpus;
+
+fn root() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
 
 #[test]
 fn http_corpus_replays() {
-    assert!(replay("http_parse", gateway::fuzzing::http_parse) >= 5);
+    assert!(replay_corpus(root(), "http_parse", gateway::fuzzing::http_parse) >= 5);
 }
 
 #[test]
 fn click_corpus_replays() {
-    assert!(replay("click_verify", gateway::fuzzing::click_verify) >= 3);
+    assert!(replay_corpus(root(), "click_verify", gateway::fuzzing::click_verify) >= 3);
 }
 
 #[test]
