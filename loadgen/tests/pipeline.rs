@@ -148,11 +148,22 @@ const SHIP: usize = 2;
 
 impl Pipeline {
     fn new() -> Pipeline {
-        Self::with_gateway_env(&[])
+        Self::build(&[], None)
     }
 
     /// With environment variables for the gateway (fault injection).
     fn with_gateway_env(gateway_env: &[(&str, &str)]) -> Pipeline {
+        Self::build(gateway_env, None)
+    }
+
+    /// With the shipper sending through a fault proxy to the aggregator.
+    fn through_proxy() -> (Pipeline, Proxy) {
+        let mut proxy = None;
+        let pl = Self::build(&[], Some(&mut proxy));
+        (pl, proxy.unwrap())
+    }
+
+    fn build(gateway_env: &[(&str, &str)], proxy: Option<&mut Option<Proxy>>) -> Pipeline {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().to_owned();
         let agg_bin = bin("clickgate-aggregator", "clickgate-aggregator");
@@ -182,6 +193,16 @@ impl Pipeline {
         let gateway_addr = format!("127.0.0.1:{}", free_port());
         let agg_http = format!("127.0.0.1:{}", free_port());
         let agg_quic = format!("127.0.0.1:{}", free_udp_port());
+        // Where the shipper sends: the aggregator, or a fault proxy to it.
+        let ship_to = match proxy {
+            Some(slot) => {
+                let p = Proxy::start(agg_quic.parse().unwrap());
+                let a = p.addr.to_string();
+                *slot = Some(p);
+                a
+            }
+            None => agg_quic.clone(),
+        };
         let ship_metrics = format!("127.0.0.1:{}", free_port());
         std::fs::write(
             d.join("gateway.toml"),
@@ -240,7 +261,7 @@ impl Pipeline {
                     "--data-dir",
                     &p("data"),
                     "--aggregator",
-                    &agg_quic,
+                    &ship_to,
                     "--certs",
                     &p("certs"),
                     "--metrics-listen",
@@ -503,4 +524,148 @@ fn counts_stay_exact_when_the_gateway_clock_is_off_and_jumps_back() {
     assert!(ok, "{text}\n{}", pl.logs());
     assert!(expected_clicks(&text) > 800, "{text}");
     eprintln!("clock skew and jump back:\n{text}");
+}
+
+/// A UDP proxy between the shipper and the aggregator that loses, duplicates
+/// and reorders datagrams, and can cut the link entirely (a partition).
+struct Proxy {
+    addr: std::net::SocketAddr,
+    faults: std::sync::Arc<ProxyFaults>,
+}
+
+#[derive(Default)]
+struct ProxyFaults {
+    partitioned: std::sync::atomic::AtomicBool,
+    /// Percent of datagrams lost, duplicated, held back behind the next.
+    loss: std::sync::atomic::AtomicU64,
+    dup: std::sync::atomic::AtomicU64,
+    reorder: std::sync::atomic::AtomicU64,
+    passed: std::sync::atomic::AtomicU64,
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+impl Proxy {
+    fn start(server: std::net::SocketAddr) -> Proxy {
+        use std::net::UdpSocket;
+        use std::sync::atomic::Ordering::Relaxed;
+        use std::sync::{Arc, Mutex};
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
+        let back = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
+        let addr = front.local_addr().unwrap();
+        let faults = Arc::new(ProxyFaults::default());
+        let client: Arc<Mutex<Option<std::net::SocketAddr>>> = Arc::default();
+        // One direction: read from `from`, apply the faults, write with `to`.
+        let pump = |from: Arc<UdpSocket>, to: Arc<UdpSocket>, upstream: bool, seed: u64| {
+            let faults = faults.clone();
+            let client = client.clone();
+            std::thread::spawn(move || {
+                let mut rng = seed;
+                let mut next = move |n: u64| {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng % n
+                };
+                let mut buf = vec![0u8; 65_536];
+                let mut held: Option<Vec<u8>> = None;
+                loop {
+                    let Ok((n, src)) = from.recv_from(&mut buf) else {
+                        return;
+                    };
+                    let dest = if upstream {
+                        *client.lock().unwrap() = Some(src);
+                        Some(server)
+                    } else {
+                        *client.lock().unwrap()
+                    };
+                    let Some(dest) = dest else { continue };
+                    if faults.partitioned.load(Relaxed) || next(100) < faults.loss.load(Relaxed) {
+                        faults.dropped.fetch_add(1, Relaxed);
+                        continue;
+                    }
+                    let pkt = buf[..n].to_vec();
+                    if held.is_none() && next(100) < faults.reorder.load(Relaxed) {
+                        held = Some(pkt);
+                        continue;
+                    }
+                    let copies = if next(100) < faults.dup.load(Relaxed) {
+                        2
+                    } else {
+                        1
+                    };
+                    for _ in 0..copies {
+                        let _ = to.send_to(&pkt, dest);
+                    }
+                    if let Some(h) = held.take() {
+                        let _ = to.send_to(&h, dest);
+                    }
+                    faults.passed.fetch_add(1, Relaxed);
+                }
+            });
+        };
+        pump(front.clone(), back.clone(), true, 0x1234_5678_9abc_def1);
+        pump(back, front, false, 0x0fed_cba9_8765_4321);
+        Proxy { addr, faults }
+    }
+
+    fn set(&self, loss: u64, dup: u64, reorder: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.faults.loss.store(loss, Relaxed);
+        self.faults.dup.store(dup, Relaxed);
+        self.faults.reorder.store(reorder, Relaxed);
+    }
+
+    fn partition(&self, on: bool) {
+        self.faults
+            .partitioned
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn exact_through_a_lossy_link_a_partition_and_a_wiped_shipper() {
+    // 5% loss, 2% duplicates, 10% reordering on the shipper-aggregator link
+    // throughout; a partition of E2E_PARTITION_SECS (default 8; the long
+    // profile: 120) under load, during which the shipper is killed and
+    // restarted (memory wiped). Afterwards the counts must be exact, and the
+    // time from healing to caught up is reported.
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let part_secs = env("E2E_PARTITION_SECS", 8);
+    let (mut pl, proxy) = Pipeline::through_proxy();
+    proxy.set(5, 2, 10);
+    let load_secs = part_secs + 6;
+    let lg = pl
+        .loadgen("oracle-link.json", &["--connections", "8", "--rate", "300"])
+        .args(["--duration", &load_secs.to_string()])
+        .args(["--pool", &(300 * load_secs).to_string(), "--seed", "14"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    proxy.partition(true);
+    std::thread::sleep(Duration::from_secs(part_secs / 2));
+    pl.procs[SHIP].kill9();
+    pl.procs[SHIP].start();
+    std::thread::sleep(Duration::from_secs(part_secs - part_secs / 2));
+    proxy.partition(false);
+    let healed = Instant::now();
+    let out = lg.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let (ok, text) = pl.verify("oracle-link.json");
+    let caught_up = healed.elapsed();
+    assert!(ok, "{text}\n{}", pl.logs());
+    let p = &proxy.faults;
+    eprintln!(
+        "LINK partition_s={part_secs} loss=5% dup=2% reorder=10% datagrams passed={} dropped={} | {} | healed to exact in {:.1} s (includes the rest of the load)",
+        p.passed.load(std::sync::atomic::Ordering::Relaxed),
+        p.dropped.load(std::sync::atomic::Ordering::Relaxed),
+        text.lines().find(|l| l.starts_with("aggregator:")).unwrap_or(""),
+        caught_up.as_secs_f64()
+    );
 }
