@@ -56,6 +56,7 @@ pub fn spawn_writer(store: Arc<Store>, metrics: Arc<Metrics>, group: usize) -> m
                     .map(|j| (j.frame.as_slice(), j.allowed.as_slice()))
                     .collect();
                 let answers = store.apply_many(&input, crate::now_ms());
+                wire::failpoint::hit("aggregator_committed_before_answer");
                 metrics
                     .commit_latency
                     .observe(t0.elapsed().as_micros() as u64);

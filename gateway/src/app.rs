@@ -564,6 +564,7 @@ impl App {
     pub fn append_partial(&mut self, now_ms: i64) -> Result<u64, AppendError> {
         let p = self.preagg.partial(self.log.next_seq(), now_ms);
         let seq = self.log.append_partial(&p, now_ms)?;
+        wire::failpoint::hit("gateway_partial_staged");
         self.preagg.committed(seq);
         self.counters.partials_appended += 1;
         self.counters.records_appended += 1;

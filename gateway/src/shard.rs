@@ -514,6 +514,7 @@ impl ShardLoop {
             .counters
             .flush(started.elapsed().as_micros() as u64);
         self.app.durable_seq = self.app.log.write_done(id);
+        wire::failpoint::hit("gateway_durable_before_answer");
         for w in std::mem::take(&mut self.waiters) {
             self.dirty.push(w.0);
         }

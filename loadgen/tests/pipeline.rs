@@ -153,7 +153,9 @@ impl Pipeline {
 
     /// With environment variables for the gateway (fault injection).
     fn with_gateway_env(gateway_env: &[(&str, &str)]) -> Pipeline {
-        Self::build(gateway_env, None)
+        let envs: Vec<(usize, &str, &str)> =
+            gateway_env.iter().map(|(k, v)| (GW, *k, *v)).collect();
+        Self::build(&envs, None)
     }
 
     /// With the shipper sending through a fault proxy to the aggregator.
@@ -163,7 +165,8 @@ impl Pipeline {
         (pl, proxy.unwrap())
     }
 
-    fn build(gateway_env: &[(&str, &str)], proxy: Option<&mut Option<Proxy>>) -> Pipeline {
+    /// `envs`: (process, variable, value) for each process's first start.
+    fn build(envs: &[(usize, &str, &str)], proxy: Option<&mut Option<Proxy>>) -> Pipeline {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().to_owned();
         let agg_bin = bin("clickgate-aggregator", "clickgate-aggregator");
@@ -282,10 +285,9 @@ impl Pipeline {
             token,
             procs,
         };
-        pl.procs[GW].env = gateway_env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        for (i, k, v) in envs {
+            pl.procs[*i].env.push((k.to_string(), v.to_string()));
+        }
         for p in pl.procs.iter_mut() {
             p.start();
         }
@@ -668,4 +670,96 @@ fn exact_through_a_lossy_link_a_partition_and_a_wiped_shipper() {
         text.lines().find(|l| l.starts_with("aggregator:")).unwrap_or(""),
         caught_up.as_secs_f64()
     );
+}
+
+impl Pipeline {
+    /// Restarts (without their fault-injection environment) the processes
+    /// that exited; returns how many.
+    fn restart_dead(&mut self) -> usize {
+        let mut n = 0;
+        for p in self.procs.iter_mut() {
+            let dead = p
+                .child
+                .as_mut()
+                .is_some_and(|c| c.try_wait().unwrap().is_some());
+            if dead {
+                p.child = None;
+                p.env.clear();
+                p.start();
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+#[test]
+fn exact_through_crashes_at_named_points() {
+    // Each process aborts at a named crash point (CLICKGATE_CRASH_AT) in the
+    // middle of a loaded run and is restarted: the gateway after a durable
+    // write completed but before answering it (then, on a second pipeline,
+    // after staging a partial before writing it), the aggregator after a
+    // commit but before answering it, the shipper after an answer but before
+    // recording its cursors.
+    let rounds: [&[(usize, &str, &str)]; 2] = [
+        &[
+            (
+                GW,
+                "CLICKGATE_CRASH_AT",
+                "gateway_durable_before_answer:400",
+            ),
+            (
+                AGG,
+                "CLICKGATE_CRASH_AT",
+                "aggregator_committed_before_answer:25",
+            ),
+            (
+                SHIP,
+                "CLICKGATE_CRASH_AT",
+                "shipper_answered_before_cursor:15",
+            ),
+        ],
+        &[(GW, "CLICKGATE_CRASH_AT", "gateway_partial_staged:12")],
+    ];
+    for (r, envs) in rounds.iter().enumerate() {
+        let mut pl = Pipeline::build(envs, None);
+        let oracle = format!("oracle-crash{r}.json");
+        let mut lg = pl
+            .loadgen(&oracle, &["--connections", "8", "--rate", "300"])
+            .args([
+                "--duration",
+                "6",
+                "--pool",
+                "1800",
+                "--seed",
+                &(20 + r).to_string(),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut crashed = 0;
+        while lg.try_wait().unwrap().is_none() {
+            crashed += pl.restart_dead();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        crashed += pl.restart_dead();
+        let out = lg.wait_with_output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(
+            crashed,
+            envs.len(),
+            "every armed point crashed its process once\n{}",
+            pl.logs()
+        );
+        let (ok, text) = pl.verify(&oracle);
+        assert!(ok, "round {r}\n{text}\n{}", pl.logs());
+        eprintln!(
+            "CRASHPOINTS round {r}: {} crash(es) | {}",
+            crashed,
+            text.lines()
+                .find(|l| l.starts_with("aggregator:"))
+                .unwrap_or("")
+        );
+    }
 }

@@ -14,10 +14,12 @@
 //!   and the aggregator's answer (status and cursors).
 //! - [`layout`]: file names in a gateway's data directory, shared by gateway and
 //!   shipper.
+//! - [`failpoint`]: named crash points for tests (`CLICKGATE_CRASH_AT`).
 
 #![forbid(unsafe_code)]
 
 pub mod batch;
+pub mod failpoint;
 pub mod fuzzing;
 pub mod layout;
 pub mod record;
