@@ -190,6 +190,82 @@ fn query_latency() {
     println!("query_1h_1m_100ads_p50 {} us", h.value_at_quantile(0.5));
     println!("query_1h_1m_100ads_p99 {} us", h.value_at_quantile(0.99));
     println!("query_1h_1m_100ads_max {} us", h.max());
+    query_over_http(store);
+}
+
+/// The same query through the real HTTP API (axum, bearer token, JSON of
+/// 6 000 points), one client connection, on loopback.
+fn query_over_http(store: Store) {
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+    let tokens: aggregator::config::Tokens = toml::from_str(
+        "[[token]]\nadvertiser_id = \"adv-0\"\ntoken = \"bench-token-0123456789\"\n",
+    )
+    .unwrap();
+    let api = Arc::new(aggregator::http::Api {
+        store: Arc::new(store),
+        tokens,
+        metrics: Arc::new(aggregator::metrics::Metrics::default()),
+        query_max_points: 100_000,
+        ready: true.into(),
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move { axum::serve(listener, aggregator::http::router(api)).await });
+    let mut h = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let mut buf = vec![0u8; 4 << 20];
+    for i in 0..500u32 {
+        let start_min = T0_MIN + (i * 37) % (1440 - 60);
+        let req = format!(
+            "GET /api/v1/advertisers/analytics?advertiser_id=adv-0&start_time={}&end_time={}&granularity=1m HTTP/1.1\r\n\
+             Host: b\r\nAuthorization: Bearer bench-token-0123456789\r\n\r\n",
+            start_min as i64 * 60,
+            (start_min as i64 + 60) * 60
+        );
+        let t = Instant::now();
+        s.write_all(req.as_bytes()).unwrap();
+        // Read one response: headers, then Content-Length bytes of body.
+        let mut got = 0;
+        let body_end = loop {
+            let n = s.read(&mut buf[got..]).unwrap();
+            assert!(n > 0, "server closed");
+            got += n;
+            if let Some(he) = buf[..got].windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = std::str::from_utf8(&buf[..he])
+                    .unwrap()
+                    .to_ascii_lowercase();
+                assert!(head.starts_with("http/1.1 200"), "{head}");
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .unwrap()
+                    .trim()
+                    .parse()
+                    .unwrap();
+                if got >= he + 4 + len {
+                    break he + 4 + len;
+                }
+            }
+        };
+        h.record(t.elapsed().as_micros() as u64).unwrap();
+        assert_eq!(body_end, got, "one response at a time");
+    }
+    println!(
+        "http_query_1h_1m_100ads_p50 {} us",
+        h.value_at_quantile(0.5)
+    );
+    println!(
+        "http_query_1h_1m_100ads_p99 {} us",
+        h.value_at_quantile(0.99)
+    );
 }
 
 fn main() {

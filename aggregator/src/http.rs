@@ -148,38 +148,73 @@ async fn analytics(
         Ok(Err(e)) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
-    let points: Vec<_> = series
+    // Typed and serialized in one pass (a JSON value tree per point cost
+    // more than the query itself); each bucket's time formatted once.
+    let stamps: HashMap<i64, String> = series
+        .keys()
+        .map(|(t, _)| *t)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .map(|t| (t, format_time(t)))
+        .collect();
+    let points: Vec<Point<'_>> = series
         .iter()
         .filter(|((t, _), _)| *t + q.bucket_s > q.start_s && *t < q.end_s)
-        .map(|((t, ad), (c, fin, ver))| {
-            json!({
-                "timestamp": format_time(*t),
-                "ad_id": ad,
-                "clicks": c.clicks,
-                "impressions": c.impressions,
-                "total_spend": c.spend_micros as f64 / 1e6,
-                "total_spend_micros": c.spend_micros,
-                "ctr": if c.impressions > 0 { Some(c.clicks as f64 / c.impressions as f64) } else { None },
-                "duplicates": c.duplicates,
-                "invalid": c.invalid,
-                "final": fin,
-                "version": ver,
-            })
+        .map(|((t, ad), (c, fin, ver))| Point {
+            timestamp: &stamps[t],
+            ad_id: ad,
+            clicks: c.clicks,
+            impressions: c.impressions,
+            total_spend: c.spend_micros as f64 / 1e6,
+            total_spend_micros: c.spend_micros,
+            ctr: (c.impressions > 0).then(|| c.clicks as f64 / c.impressions as f64),
+            duplicates: c.duplicates,
+            invalid: c.invalid,
+            is_final: *fin,
+            version: *ver,
         })
         .collect();
+    let body = Analytics {
+        advertiser_id: &q.advertiser_id,
+        granularity: p.get("granularity").map(String::as_str).unwrap_or("1m"),
+        start_time: format_time(q.start_s),
+        end_time: format_time(q.end_s),
+        watermark: format_time(wm / 1000),
+        series: points,
+    };
+    let resp = Json(body).into_response();
     api.metrics.queries.fetch_add(1, Relaxed);
     api.metrics
         .query_latency
         .observe(t0.elapsed().as_micros() as u64);
-    Json(json!({
-        "advertiser_id": q.advertiser_id,
-        "granularity": p.get("granularity").map(String::as_str).unwrap_or("1m"),
-        "start_time": format_time(q.start_s),
-        "end_time": format_time(q.end_s),
-        "watermark": format_time(wm / 1000),
-        "series": points,
-    }))
-    .into_response()
+    resp
+}
+
+/// One point of the analytics answer (`docs/openapi.yaml`).
+#[derive(serde::Serialize)]
+struct Point<'a> {
+    timestamp: &'a str,
+    ad_id: &'a str,
+    clicks: u64,
+    impressions: u64,
+    total_spend: f64,
+    total_spend_micros: u64,
+    ctr: Option<f64>,
+    duplicates: u64,
+    invalid: u64,
+    #[serde(rename = "final")]
+    is_final: bool,
+    version: u32,
+}
+
+#[derive(serde::Serialize)]
+struct Analytics<'a> {
+    advertiser_id: &'a str,
+    granularity: &'a str,
+    start_time: String,
+    end_time: String,
+    watermark: String,
+    series: Vec<Point<'a>>,
 }
 
 async fn late(
