@@ -10,13 +10,11 @@ use anyhow::Context;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::{mpsc, oneshot};
-use wire::batch::{Ack, BatchKind, Status};
+use wire::batch::{Ack, BatchKind, Status, ALPN};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::store::Store;
-
-pub const ALPN: &[u8] = b"clickgate/1";
 
 /// One batch waiting for the writer.
 pub struct Job {

@@ -7,30 +7,12 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn gateway_bin() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_BIN_EXE_loadgen"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let bin = dir.join("clickgate-gateway");
-    if !bin.exists() {
-        let profile_release = dir.ends_with("release");
-        let mut c = Command::new(env!("CARGO"));
-        c.args(["build", "-q", "-p", "clickgate-gateway"]);
-        if profile_release {
-            c.arg("--release");
-        }
-        assert!(c.status().unwrap().success());
-    }
-    bin
-}
+mod common;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+use common::{bin, free_port};
+
+fn gateway_bin() -> PathBuf {
+    bin("clickgate-gateway", "clickgate-gateway")
 }
 
 #[test]

@@ -11,40 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A workspace binary beside loadgen's, built if missing (a `cargo test -p
-/// clickgate-loadgen` alone does not build the other packages).
-fn bin(name: &str, package: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_BIN_EXE_loadgen"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let b = dir.join(name);
-    if !b.exists() {
-        let mut c = Command::new(env!("CARGO"));
-        c.args(["build", "-q", "-p", package]);
-        if dir.ends_with("release") {
-            c.arg("--release");
-        }
-        assert!(c.status().unwrap().success(), "building {package}");
-    }
-    b
-}
+mod common;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::{bin, free_port, free_udp_port};
 
 /// GET on loopback; the status code, or None if nothing answers.
 fn http_status(addr: &str, path: &str) -> Option<u16> {

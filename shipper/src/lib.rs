@@ -23,15 +23,13 @@ use rand::Rng;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::Semaphore;
-use wire::batch::{Ack, Batch, BatchKind, Status};
+use wire::batch::{Ack, Batch, BatchKind, Status, ALPN};
 use wire::layout;
 
 use config::Config;
 use outbox::{Next, Outbox, Policy};
 use tail::Tail;
 
-/// The ALPN protocol both ends speak.
-pub const ALPN: &[u8] = b"clickgate/1";
 /// Longest answer the aggregator sends.
 const ACK_MAX: usize = 4096;
 
@@ -242,31 +240,26 @@ impl Shipper {
 /// the shipped seq the gateway recycles by).
 struct ShardState {
     dir: PathBuf,
-    cursors: Mutex<[u64; 2]>,
-    known: Mutex<[bool; 2]>,
+    /// Per stream (partials, events): the cursor, once the aggregator gave one.
+    cursors: Mutex<[Option<u64>; 2]>,
 }
 
 impl ShardState {
     fn set(&self, kind: BatchKind, cursor: u64) {
         let mut c = self.cursors.lock().unwrap();
-        let mut k = self.known.lock().unwrap();
         let i = kind_index(kind);
-        if c[i] == cursor && k[i] {
+        if c[i] == Some(cursor) {
             return;
         }
-        c[i] = cursor;
-        k[i] = true;
-        let tmp = self.dir.join("shipper.cursors.tmp");
-        let text = format!("partials {}\nevents {}\n", c[0], c[1]);
-        if let Err(e) = std::fs::write(&tmp, text)
-            .and_then(|_| std::fs::rename(&tmp, self.dir.join("shipper.cursors")))
-        {
-            tracing::warn!(error = %e, "cannot persist the shipper cursors");
+        c[i] = Some(cursor);
+        let [p, e] = [c[0].unwrap_or(0), c[1].unwrap_or(0)];
+        if let Err(err) = layout::write_shipper_cursors(&self.dir, p, e) {
+            tracing::warn!(error = %err, "cannot persist the shipper cursors");
         }
         // Only once both streams have heard from the aggregator.
-        if k[0] && k[1] {
-            if let Err(e) = layout::write_shipped(&self.dir, c[0].min(c[1])) {
-                tracing::warn!(error = %e, "cannot write the shipped seq");
+        if let [Some(p), Some(e)] = *c {
+            if let Err(err) = layout::write_shipped(&self.dir, p.min(e)) {
+                tracing::warn!(error = %err, "cannot write the shipped seq");
             }
         }
     }
@@ -276,7 +269,8 @@ impl ShardState {
 fn gateway_id_of(dir: &Path) -> Option<String> {
     let segs = layout::list_segments(dir).ok()?;
     let (_, path) = segs.first()?;
-    let b = std::fs::read(path).ok()?;
+    let mut b = [0u8; wire::segment::HEADER_LEN];
+    std::io::Read::read_exact(&mut std::fs::File::open(path).ok()?, &mut b).ok()?;
     wire::segment::SegmentHeader::decode(&b)
         .ok()
         .map(|h| h.gateway_id)
@@ -441,8 +435,7 @@ pub async fn run(sh: Arc<Shipper>) -> anyhow::Result<()> {
                     sh.metrics.shards.lock().unwrap().insert(shard, [0; 3]);
                     let state = Arc::new(ShardState {
                         dir: layout::shard_dir(&sh.cfg.data_dir, shard),
-                        cursors: Mutex::new([0; 2]),
-                        known: Mutex::new([false; 2]),
+                        cursors: Mutex::new([None; 2]),
                     });
                     for kind in [BatchKind::Partials, BatchKind::Events] {
                         tasks.push(tokio::spawn(run_stream(

@@ -21,6 +21,8 @@
 
 use thiserror::Error;
 
+/// The ALPN protocol shipper and aggregator speak over QUIC.
+pub const ALPN: &[u8] = b"clickgate/1";
 pub const MAGIC: [u8; 8] = *b"CLKGBAT\0";
 pub const ACK_MAGIC: [u8; 8] = *b"CLKGACK\0";
 pub const VERSION: u16 = 1;

@@ -8,9 +8,11 @@
 //! <data>/shard-<n>/shipped          decimal: every record up to this seq is at the
 //!                                   aggregator (written by the shipper; segments
 //!                                   wholly below it may be recycled)
+//! <data>/shard-<n>/shipper.cursors  the shipper's two cursors, for operators
 //! ```
 //!
-//! The only I/O in this crate: listing a directory and reading two tiny files.
+//! The only I/O in this crate: listing a directory, and reading and replacing
+//! these tiny files.
 
 use std::fs;
 use std::io;
@@ -18,6 +20,7 @@ use std::path::{Path, PathBuf};
 
 pub const DURABLE_FILE: &str = "durable";
 pub const SHIPPED_FILE: &str = "shipped";
+pub const SHIPPER_CURSORS_FILE: &str = "shipper.cursors";
 
 pub fn shard_dir(data: &Path, shard: u16) -> PathBuf {
     data.join(format!("shard-{shard}"))
@@ -81,9 +84,23 @@ pub fn read_shipped(shard_dir: &Path) -> Option<u64> {
         .ok()
 }
 
-/// Replaces the shipped seq atomically (write a temporary file, rename).
+/// Replaces a small file atomically (write a temporary file, rename).
+fn replace(shard_dir: &Path, name: &str, text: String) -> io::Result<()> {
+    let tmp = shard_dir.join(format!("{name}.tmp"));
+    fs::write(&tmp, text)?;
+    fs::rename(&tmp, shard_dir.join(name))
+}
+
+/// Replaces the shipped seq atomically.
 pub fn write_shipped(shard_dir: &Path, seq: u64) -> io::Result<()> {
-    let tmp = shard_dir.join(format!("{SHIPPED_FILE}.tmp"));
-    fs::write(&tmp, format!("{seq}\n"))?;
-    fs::rename(&tmp, shard_dir.join(SHIPPED_FILE))
+    replace(shard_dir, SHIPPED_FILE, format!("{seq}\n"))
+}
+
+/// Replaces the shipper's cursors file atomically.
+pub fn write_shipper_cursors(shard_dir: &Path, partials: u64, events: u64) -> io::Result<()> {
+    replace(
+        shard_dir,
+        SHIPPER_CURSORS_FILE,
+        format!("partials {partials}\nevents {events}\n"),
+    )
 }
