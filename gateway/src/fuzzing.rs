@@ -30,7 +30,8 @@ pub fn http_parse(data: &[u8]) {
     }
 }
 
-fn ring() -> &'static KeyRing {
+/// The key ring the click target verifies with (kid "k1", [`SECRET_B64`]).
+pub fn ring() -> &'static KeyRing {
     static RING: OnceLock<KeyRing> = OnceLock::new();
     RING.get_or_init(|| {
         KeyRing::parse(
@@ -43,6 +44,19 @@ fn ring() -> &'static KeyRing {
     })
 }
 
+/// The limits the click target verifies under (the defaults of
+/// `deploy/gateway.toml`).
+pub fn policy(need_redirect: bool) -> Policy {
+    Policy {
+        max_age_ms: 86_400_000,
+        future_skew_ms: 300_000,
+        id_bytes_max: 64,
+        url_bytes_max: 2048,
+        cost_micros_max: 1_000_000_000,
+        need_redirect,
+    }
+}
+
 /// The signed-click verifier. An odd first byte signs the rest with the test
 /// key first, so the fuzzer reaches the field decoding behind a good
 /// signature; an even one verifies the rest as it is.
@@ -50,14 +64,7 @@ pub fn click_verify(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
-    let policy = Policy {
-        max_age_ms: 86_400_000,
-        future_skew_ms: 300_000,
-        id_bytes_max: 64,
-        url_bytes_max: 2048,
-        cost_micros_max: 1_000_000_000,
-        need_redirect: mode & 2 == 0,
-    };
+    let policy = policy(mode & 2 == 0);
     let query: Vec<u8> = if mode & 1 == 1 {
         let Ok(text) = std::str::from_utf8(rest) else {
             return;

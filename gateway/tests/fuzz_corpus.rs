@@ -27,28 +27,12 @@ fn the_signed_seed_verifies() {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/click_verify/signed"),
     )
     .unwrap();
-    let ring = gateway::token::KeyRing::parse(
-        &format!(
-            "[[key]]\nkid=\"k1\"\nsecret=\"{}\"\n",
-            gateway::fuzzing::SECRET_B64
-        ),
-        0,
-        None,
-        0,
-    )
-    .unwrap();
-    let policy = gateway::token::Policy {
-        max_age_ms: 86_400_000,
-        future_skew_ms: 300_000,
-        id_bytes_max: 64,
-        url_bytes_max: 2048,
-        cost_micros_max: 1_000_000_000,
-        need_redirect: true,
-    };
+    let ring = gateway::fuzzing::ring();
+    let policy = gateway::fuzzing::policy(true);
     let mut scratch = vec![0u8; q.len()];
     let s = gateway::token::verify(
         &q[1..],
-        &ring,
+        ring,
         &policy,
         gateway::fuzzing::NOW_MS,
         &mut scratch,
