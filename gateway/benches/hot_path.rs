@@ -197,6 +197,7 @@ fn main() {
             version: AtomicU64::new(1),
             ring: Mutex::new(Arc::new(keys())),
         },
+        tls: None,
     });
     let (log2, _) = ShardLog::open(&log_config(dir.path(), 1), now).unwrap();
     let mut app = App::new(0, &cfg, log2, PreAgg::new(100_000, 0), shared);
@@ -215,7 +216,7 @@ fn main() {
         }
         let mut w = ResponseWriter {
             out: &mut out,
-            date: b"Date: Mon, 23 Nov 2026 00:00:00 GMT\r\n",
+            common: b"Date: Mon, 23 Nov 2026 00:00:00 GMT\r\n",
         };
         let o = app.handle(&b, &req, [1; 16], now, &mut w);
         assert!(o.wait_seq > 0);

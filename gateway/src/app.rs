@@ -34,6 +34,8 @@ pub struct Shared {
     pub registry: Registry,
     pub state: AtomicU8,
     pub keys: KeysHandle,
+    /// The HTTPS / HTTP/3 certificate, when either is configured.
+    pub tls: Option<crate::tls::TlsHandle>,
 }
 
 /// The per-shard settings the request path reads, derived from [`Config`].

@@ -29,6 +29,7 @@ pub struct Config {
     pub traffic: Traffic,
     pub limits: Limits,
     pub drain: Drain,
+    pub tls: Tls,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -52,6 +53,45 @@ pub struct Listen {
     pub http: SocketAddr,
     /// listen(2) backlog per shard. Default 4096.
     pub backlog: u32,
+    /// HTTPS (TLS 1.3 and 1.2, HTTP/1.1) address, every shard binds it with
+    /// SO_REUSEPORT; needs [tls]. Unset: no HTTPS. Default unset.
+    pub https: Option<SocketAddr>,
+    /// HTTP/3 (QUIC) UDP address; needs [tls]. Unset: no HTTP/3 and no
+    /// Alt-Svc header. Default unset.
+    pub http3: Option<SocketAddr>,
+    /// Every connection on the plain HTTP listener starts with a PROXY
+    /// protocol header (v1 or v2) from the load balancer; one without is
+    /// closed. Default false.
+    pub http_proxy_protocol: bool,
+    /// The same for the HTTPS listener (the header comes before TLS).
+    /// Default false.
+    pub https_proxy_protocol: bool,
+    /// Longest PROXY header accepted, bytes (v2 may carry TLVs). Default 536.
+    pub proxy_header_bytes_max: usize,
+    /// Peers (addresses or CIDRs) whose X-Forwarded-For names the client:
+    /// the right-most address in it that is not itself listed. Default none.
+    pub trusted_proxies: Vec<String>,
+    /// Alt-Svc max-age advertised for HTTP/3, seconds. Default 86400.
+    pub alt_svc_max_age_s: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tls {
+    /// PEM certificate chain, leaf first. Re-read on SIGHUP; connections
+    /// open at the time keep theirs. Default "./certs/gateway.pem".
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1). Default "./certs/gateway.key".
+    pub key_file: PathBuf,
+    /// Oldest TLS version offered: "1.2" or "1.3". Default "1.2".
+    pub min_version: String,
+    /// Stateless session tickets (TLS 1.3 and 1.2), one ticket key shared by
+    /// the shards and rotated every 6 hours, so a resumed connection may land
+    /// on any shard. Default true.
+    pub session_tickets: bool,
+    /// TLS 1.2 session-id cache entries, shared by the shards. 0 disables.
+    /// Default 4096.
+    pub session_cache_entries: usize,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -214,6 +254,7 @@ impl Default for Config {
             traffic: Traffic::default(),
             limits: Limits::default(),
             drain: Drain::default(),
+            tls: Tls::default(),
         }
     }
 }
@@ -223,6 +264,25 @@ impl Default for Listen {
         Self {
             http: "127.0.0.1:8080".parse().unwrap(),
             backlog: 4096,
+            https: None,
+            http3: None,
+            http_proxy_protocol: false,
+            https_proxy_protocol: false,
+            proxy_header_bytes_max: 536,
+            trusted_proxies: Vec::new(),
+            alt_svc_max_age_s: 86_400,
+        }
+    }
+}
+
+impl Default for Tls {
+    fn default() -> Self {
+        Self {
+            cert_file: "./certs/gateway.pem".into(),
+            key_file: "./certs/gateway.key".into(),
+            min_version: "1.2".into(),
+            session_tickets: true,
+            session_cache_entries: 4096,
         }
     }
 }
@@ -398,6 +458,17 @@ impl Config {
         if self.dedup.horizon_s == 0 {
             return Err("dedup.horizon_s: at least 1".into());
         }
+        crate::edge::TrustedProxies::parse(&self.listen.trusted_proxies)
+            .map_err(|e| format!("listen.trusted_proxies: {e}"))?;
+        if !(16..=65_551).contains(&self.listen.proxy_header_bytes_max) {
+            return Err("listen.proxy_header_bytes_max: 16 to 65551".into());
+        }
+        if self.listen.https_proxy_protocol && self.listen.https.is_none() {
+            return Err("listen.https_proxy_protocol: needs listen.https".into());
+        }
+        if !["1.2", "1.3"].contains(&self.tls.min_version.as_str()) {
+            return Err("tls.min_version: \"1.2\" or \"1.3\"".into());
+        }
         Ok(())
     }
 
@@ -434,6 +505,17 @@ mod tests {
         assert_eq!(format!("{:?}", c.log), format!("{:?}", d.log));
         assert_eq!(format!("{:?}", c.aggregate), format!("{:?}", d.aggregate));
         assert_eq!(format!("{:?}", c.drain), format!("{:?}", d.drain));
+        assert_eq!(c.tls, d.tls);
+        assert_eq!(
+            format!(
+                "{:?}",
+                Listen {
+                    http: d.listen.http,
+                    ..c.listen.clone()
+                }
+            ),
+            format!("{:?}", d.listen)
+        );
         assert_eq!(c.durability, d.durability);
     }
 

@@ -38,6 +38,9 @@ pub struct Request {
     pub query: Range<usize>,
     pub user_agent: Range<usize>,
     pub country: Option<Range<usize>>,
+    /// The last `X-Forwarded-For` header's value (empty when none); believed
+    /// only from a trusted proxy (`edge::TrustedProxies`).
+    pub forwarded_for: Range<usize>,
     pub body: Range<usize>,
     pub keep_alive: bool,
     /// Bytes of the buffer this request took; the next one starts there.
@@ -147,6 +150,7 @@ pub fn parse(buf: &mut [u8], limits: &Limits, country_header: &str) -> Parse {
     let mut keep_alive = !http10;
     let mut user_agent = 0..0;
     let mut country = None;
+    let mut forwarded_for = 0..0;
     let mut content_length: Option<usize> = None;
     let mut chunked = false;
     let mut transfer_encoding = false;
@@ -179,6 +183,8 @@ pub fn parse(buf: &mut [u8], limits: &Limits, country_header: &str) -> Parse {
             }
         } else if name.eq_ignore_ascii_case("user-agent") {
             user_agent = range_in(buf, h.value);
+        } else if name.eq_ignore_ascii_case("x-forwarded-for") {
+            forwarded_for = range_in(buf, h.value);
         } else if !country_header.is_empty() && name.eq_ignore_ascii_case(country_header) {
             country = Some(range_in(buf, trim(h.value)));
         }
@@ -214,6 +220,7 @@ pub fn parse(buf: &mut [u8], limits: &Limits, country_header: &str) -> Parse {
         query,
         user_agent,
         country,
+        forwarded_for,
         body,
         keep_alive,
         consumed,
@@ -336,8 +343,9 @@ pub fn reason_phrase(status: u16) -> &'static str {
 /// the connection's life, so steady state allocates nothing.
 pub struct ResponseWriter<'a> {
     pub out: &'a mut Vec<u8>,
-    /// `Date: ...\r\n`, formatted once a second by the shard.
-    pub date: &'a [u8],
+    /// Header lines every answer carries: `Date: ...\r\n` (formatted once a
+    /// second by the shard) and, when HTTP/3 is on, `Alt-Svc: ...\r\n`.
+    pub common: &'a [u8],
 }
 
 impl ResponseWriter<'_> {
@@ -347,7 +355,7 @@ impl ResponseWriter<'_> {
         self.out.push(b' ');
         self.out.extend_from_slice(reason_phrase(status).as_bytes());
         self.out.extend_from_slice(b"\r\nServer: clickgate\r\n");
-        self.out.extend_from_slice(self.date);
+        self.out.extend_from_slice(self.common);
         if !keep_alive {
             self.out.extend_from_slice(b"Connection: close\r\n");
         }
@@ -459,8 +467,9 @@ mod tests {
 
     #[test]
     fn get_with_query_and_headers_parses_in_place() {
-        let raw = b"GET /api/v1/clicks?a=1&b=2 HTTP/1.1\r\nHost: x\r\nUser-Agent: UA\r\nX-Country: DE\r\n\r\n";
+        let raw = b"GET /api/v1/clicks?a=1&b=2 HTTP/1.1\r\nHost: x\r\nUser-Agent: UA\r\nX-Country: DE\r\nX-Forwarded-For: 192.0.2.1, 10.0.0.1\r\n\r\n";
         let r = req(raw);
+        assert_eq!(&raw[r.forwarded_for.clone()], b"192.0.2.1, 10.0.0.1");
         assert_eq!(r.method, Method::Get);
         assert_eq!(&raw[r.path.clone()], b"/api/v1/clicks");
         assert_eq!(&raw[r.query.clone()], b"a=1&b=2");
@@ -611,7 +620,7 @@ mod tests {
         let mut out = Vec::new();
         let mut w = ResponseWriter {
             out: &mut out,
-            date: b"Date: x\r\n",
+            common: b"Date: x\r\n",
         };
         w.redirect(b"https://a.example/", true);
         let s = String::from_utf8(out.clone()).unwrap();
@@ -622,7 +631,7 @@ mod tests {
         out.clear();
         let mut w = ResponseWriter {
             out: &mut out,
-            date: b"",
+            common: b"",
         };
         let at = w.begin_body(b"text/plain", false);
         w.out.extend_from_slice(b"hello");

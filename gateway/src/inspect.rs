@@ -99,13 +99,14 @@ pub fn inspect(data: &Path, opts: Options) -> anyhow::Result<String> {
                         if opts.events {
                             let _ = writeln!(
                                 out,
-                                "event shard={shard} seq={} kind={} verdict={} click_id={} minute={} cost_micros={}",
+                                "event shard={shard} seq={} kind={} verdict={} click_id={} minute={} cost_micros={} client={}",
                                 f.seq,
                                 e.kind.as_str(),
                                 e.verdict.as_str(),
                                 e.click_id,
                                 wire::minute_of(e.event_ms),
-                                e.cost_micros
+                                e.cost_micros,
+                                std::net::Ipv6Addr::from(e.client_ip).to_canonical()
                             );
                         }
                         let _ = Verdict::Accepted;

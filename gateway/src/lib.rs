@@ -15,6 +15,7 @@
 pub mod app;
 pub mod config;
 pub mod dedup;
+pub mod edge;
 pub mod fuzzing;
 pub mod http;
 pub mod inspect;
@@ -25,4 +26,5 @@ pub mod preagg;
 pub mod server;
 pub mod shard;
 pub mod sys;
+pub mod tls;
 pub mod token;

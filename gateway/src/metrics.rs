@@ -45,6 +45,9 @@ pub const DROPS: &[&str] = &[
     "header_timeout",
     "partial_deferred",
     "durable_publish_failed",
+    "proxy_header_invalid",
+    "tls_error",
+    "h3_error",
 ];
 /// Flush (fdatasync) latency histogram bucket bounds, microseconds.
 pub const FLUSH_BUCKETS_US: &[u64] =
@@ -54,7 +57,7 @@ pub const FLUSH_BUCKETS_US: &[u64] =
 pub struct Counters {
     pub requests: [[u64; 13]; 7],
     pub rejects: [u64; 9],
-    pub drops: [u64; 19],
+    pub drops: [u64; DROPS.len()],
     /// [kind][verdict]
     pub events: [[u64; 3]; 2],
     pub bytes_appended: u64,
@@ -68,6 +71,8 @@ pub struct Counters {
     pub connections_accepted: u64,
     pub connections_refused: u64,
     pub connections_idle_closed: u64,
+    pub tls_handshakes: u64,
+    pub tls_resumed: u64,
     pub dedup_evictions: u64,
     pub dedup_untracked: u64,
     pub velocity_untracked: u64,
@@ -81,7 +86,7 @@ pub struct Counters {
 }
 
 const _: () = assert!(ENDPOINTS.len() == 7 && STATUSES.len() == 13);
-const _: () = assert!(DROPS.len() == 19 && FLUSH_BUCKETS_US.len() + 1 == 11);
+const _: () = assert!(FLUSH_BUCKETS_US.len() + 1 == 11);
 
 impl Counters {
     pub fn request(&mut self, endpoint: usize, status: u16) {
@@ -153,6 +158,8 @@ impl Counters {
         self.connections_accepted += o.connections_accepted;
         self.connections_refused += o.connections_refused;
         self.connections_idle_closed += o.connections_idle_closed;
+        self.tls_handshakes += o.tls_handshakes;
+        self.tls_resumed += o.tls_resumed;
         self.dedup_evictions += o.dedup_evictions;
         self.dedup_untracked += o.dedup_untracked;
         self.velocity_untracked += o.velocity_untracked;
@@ -306,6 +313,16 @@ impl Registry {
                 "connections_idle_closed_total",
                 "Connections closed by the idle timeout.",
                 t.connections_idle_closed,
+            ),
+            (
+                "tls_handshakes_total",
+                "TLS handshakes completed on the HTTPS listener.",
+                t.tls_handshakes,
+            ),
+            (
+                "tls_resumed_total",
+                "Of those, resumed sessions (ticket or session id).",
+                t.tls_resumed,
             ),
             (
                 "dedup_evictions_total",

@@ -1,6 +1,6 @@
 //! Process start-up and supervision: config and keys, one pinned thread per
 //! shard (recovery, then the event loop), signals (SIGTERM/SIGINT drain,
-//! SIGHUP reloads keys), keys-file polling, and exit codes.
+//! SIGHUP reloads keys and the TLS certificate), keys-file polling, and exit codes.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -17,8 +17,9 @@ use crate::dedup::DedupTable;
 use crate::log::{shard_dir, LogConfig, ShardLog};
 use crate::metrics::Registry;
 use crate::preagg::PreAgg;
-use crate::shard::{bind_listener, now_ms, ShardLoop};
+use crate::shard::{bind_listener, now_ms, Listener, ShardLoop};
 use crate::sys;
+use crate::tls::TlsHandle;
 use crate::token::KeyRing;
 
 /// Locked memory io_uring may need (rings and, on older kernels, their
@@ -67,6 +68,11 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             lock_path.display()
         )
     })?;
+    let tls = if cfg.listen.https.is_some() || cfg.listen.http3.is_some() {
+        Some(TlsHandle::load(&cfg.tls).context("loading the TLS certificate")?)
+    } else {
+        None
+    };
     let shared = Arc::new(Shared {
         dedup: DedupTable::new(
             cfg.dedup.entries_max,
@@ -78,6 +84,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             version: AtomicU64::new(1),
             ring: Mutex::new(Arc::new(ring)),
         },
+        tls,
     });
     shared
         .registry
@@ -155,7 +162,10 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         }
         for sig in signals.pending() {
             match sig {
-                signal_hook::consts::SIGHUP => reload_keys(&cfg, &shared, grace_ms, "SIGHUP"),
+                signal_hook::consts::SIGHUP => {
+                    reload_keys(&cfg, &shared, grace_ms, "SIGHUP");
+                    reload_tls(&shared);
+                }
                 _ => {
                     if drain_started.is_none() {
                         tracing::info!(signal = sig, "draining");
@@ -245,6 +255,17 @@ fn reload_keys(cfg: &Config, shared: &Shared, grace_ms: i64, why: &str) {
     }
 }
 
+fn reload_tls(shared: &Shared) {
+    if let Some(tls) = &shared.tls {
+        match tls.reload() {
+            Ok(()) => tracing::info!("TLS certificate reloaded"),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "TLS reload failed; keeping the old certificate")
+            }
+        }
+    }
+}
+
 /// Pins, recovers the shard's log, refills dedup and the pre-aggregate, binds
 /// the listener: everything before the shard may answer.
 fn start_shard(
@@ -322,8 +343,20 @@ fn start_shard(
         ms = t0.elapsed().as_millis() as u64,
         "recovered"
     );
-    let listener = bind_listener(cfg.listen.http, cfg.listen.backlog)
-        .with_context(|| format!("binding {}", cfg.listen.http))?;
+    let mut listeners = vec![Listener {
+        socket: bind_listener(cfg.listen.http, cfg.listen.backlog)
+            .with_context(|| format!("binding listen.http {}", cfg.listen.http))?,
+        tls: false,
+        proxy_protocol: cfg.listen.http_proxy_protocol,
+    }];
+    if let Some(addr) = cfg.listen.https {
+        listeners.push(Listener {
+            socket: bind_listener(addr, cfg.listen.backlog)
+                .with_context(|| format!("binding listen.https {addr}"))?,
+            tls: true,
+            proxy_protocol: cfg.listen.https_proxy_protocol,
+        });
+    }
     app.publish();
-    Ok(ShardLoop::new(cfg, app, listener)?)
+    Ok(ShardLoop::new(cfg, app, listeners)?)
 }

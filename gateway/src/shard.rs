@@ -18,9 +18,11 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use io_uring::{opcode, squeue, types, IoUring};
+use rustls::ServerConnection;
 
 use crate::app::{App, DRAINING};
 use crate::config::{Config, DurabilityMode};
+use crate::edge::{self, ProxyParse, TrustedProxies};
 use crate::http::{self, Parse, ResponseWriter};
 
 const OP_ACCEPT: u64 = 1;
@@ -33,6 +35,9 @@ const OP_CANCEL: u64 = 6;
 const TICK_MS: u64 = 50;
 const RBUF_INITIAL: usize = 4096;
 const WBUF_INITIAL: usize = 4096;
+/// Receive buffer of a TLS or PROXY-protocol connection: a TLS record is at
+/// most 16 KiB plus its overhead.
+const NBUF_MIN: usize = 17 * 1024;
 
 fn ud(op: u64, slot: usize, gen: u32) -> u64 {
     op << 56 | (slot as u64 & 0xFF_FFFF) << 32 | gen as u64
@@ -68,8 +73,18 @@ struct Conn {
     gen: u32,
     in_use: bool,
     peer: [u8; 16],
+    /// HTTP bytes (plaintext) waiting to be parsed.
     rbuf: Vec<u8>,
     rlen: usize,
+    /// Bytes as they came off the socket, when a layer sits below HTTP (a
+    /// PROXY header still to read, or TLS); plain connections receive
+    /// straight into `rbuf`.
+    nbuf: Vec<u8>,
+    nlen: usize,
+    proxy_pending: bool,
+    tls: Option<Box<ServerConnection>>,
+    tls_close_sent: bool,
+    tls_counted: bool,
     /// Answers not yet handed to a send; they wait for `out_wait` to be durable.
     out: Vec<u8>,
     out_wait: u64,
@@ -86,10 +101,12 @@ struct Conn {
     last_active_ms: i64,
 }
 
-/// Formats the `Date` header once a second.
+/// The header lines every answer carries: `Date`, formatted once a second,
+/// and `Alt-Svc` when HTTP/3 is on.
 struct DateCache {
     second: i64,
     line: Vec<u8>,
+    alt_svc: Vec<u8>,
 }
 
 impl DateCache {
@@ -101,8 +118,23 @@ impl DateCache {
             self.line.extend_from_slice(b"Date: ");
             self.line.extend_from_slice(http_date(s).as_bytes());
             self.line.extend_from_slice(b"\r\n");
+            self.line.extend_from_slice(&self.alt_svc);
         }
     }
+}
+
+/// One listening socket of a shard and how its connections start.
+pub struct Listener {
+    pub socket: socket2::Socket,
+    pub tls: bool,
+    pub proxy_protocol: bool,
+}
+
+struct ListenerState {
+    fd: Option<RawFd>,
+    armed: bool,
+    tls: bool,
+    proxy_protocol: bool,
 }
 
 /// RFC 9110 IMF-fixdate for a Unix time.
@@ -137,8 +169,12 @@ pub fn http_date(secs: i64) -> String {
 
 pub struct ShardLoop {
     ring: IoUring,
-    listener: Option<RawFd>,
-    accept_armed: bool,
+    listeners: Vec<ListenerState>,
+    /// The TLS config new connections get, and the shared version it is of.
+    tls_config: Option<std::sync::Arc<rustls::ServerConfig>>,
+    tls_version: u64,
+    trusted_proxies: TrustedProxies,
+    proxy_header_max: usize,
     conns: Vec<Conn>,
     free: Vec<usize>,
     open: usize,
@@ -177,7 +213,7 @@ pub struct ShardLoop {
 }
 
 impl ShardLoop {
-    pub fn new(cfg: &Config, app: App, listener: socket2::Socket) -> io::Result<Self> {
+    pub fn new(cfg: &Config, app: App, listeners: Vec<Listener>) -> io::Result<Self> {
         let entries = 4096;
         let ring = IoUring::builder()
             .setup_single_issuer()
@@ -194,10 +230,38 @@ impl ShardLoop {
             .open(shard_dir.join(wire::layout::DURABLE_FILE))
             .map_err(|e| tracing::error!(error = %e, "cannot publish the durable seq; the shipper will not ship"))
             .ok();
+        let (tls_version, tls_config) = match &app.shared.tls {
+            Some(t) => {
+                let (v, c) = t.current();
+                (v, Some(c))
+            }
+            None => (0, None),
+        };
+        let alt_svc = match cfg.listen.http3 {
+            Some(a) => format!(
+                "Alt-Svc: h3=\":{}\"; ma={}\r\n",
+                a.port(),
+                cfg.listen.alt_svc_max_age_s
+            )
+            .into_bytes(),
+            None => Vec::new(),
+        };
         Ok(Self {
             ring,
-            listener: Some(listener.into_raw_fd()),
-            accept_armed: false,
+            listeners: listeners
+                .into_iter()
+                .map(|l| ListenerState {
+                    fd: Some(l.socket.into_raw_fd()),
+                    armed: false,
+                    tls: l.tls,
+                    proxy_protocol: l.proxy_protocol,
+                })
+                .collect(),
+            tls_config,
+            tls_version,
+            trusted_proxies: TrustedProxies::parse(&cfg.listen.trusted_proxies)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+            proxy_header_max: cfg.listen.proxy_header_bytes_max,
             conns: Vec::new(),
             free: Vec::new(),
             open: 0,
@@ -226,6 +290,7 @@ impl ShardLoop {
             date: DateCache {
                 second: -1,
                 line: Vec::with_capacity(48),
+                alt_svc,
             },
             cqes: Vec::with_capacity(entries as usize * 4),
             last_second_ms: 0,
@@ -254,14 +319,14 @@ impl ShardLoop {
         }
     }
 
-    fn arm_accept(&mut self) {
-        if let Some(fd) = self.listener {
+    fn arm_accept(&mut self, i: usize) {
+        if let Some(fd) = self.listeners[i].fd {
             let e = opcode::AcceptMulti::new(types::Fd(fd))
                 .build()
-                .user_data(ud(OP_ACCEPT, 0, 0));
+                .user_data(ud(OP_ACCEPT, i, 0));
             // SAFETY: accept writes no user memory (no address buffer).
             unsafe { self.push(e) };
-            self.accept_armed = true;
+            self.listeners[i].armed = true;
         }
     }
 
@@ -275,7 +340,9 @@ impl ShardLoop {
 
     /// Runs until drained. Returns the counters' final state via the registry.
     pub fn run(mut self) -> io::Result<()> {
-        self.arm_accept();
+        for i in 0..self.listeners.len() {
+            self.arm_accept(i);
+        }
         self.arm_timer();
         let now = now_ms();
         self.date.refresh(now);
@@ -312,7 +379,7 @@ impl ShardLoop {
     fn complete(&mut self, u: u64, res: i32, flags: u32, now: i64) {
         let (op, slot, gen) = ud_parts(u);
         match op {
-            OP_ACCEPT => self.on_accept(res, flags),
+            OP_ACCEPT => self.on_accept(slot, res, flags),
             OP_RECV | OP_SEND => {
                 let c = &mut self.conns[slot];
                 assert!(
@@ -338,13 +405,13 @@ impl ShardLoop {
         }
     }
 
-    fn on_accept(&mut self, res: i32, flags: u32) {
+    fn on_accept(&mut self, i: usize, res: i32, flags: u32) {
         if !io_uring::cqueue::more(flags) {
-            self.accept_armed = false;
+            self.listeners[i].armed = false;
         }
         if res < 0 {
             if res == -libc::ECANCELED || self.drain_deadline_ms.is_some() {
-                if let Some(fd) = self.listener.take() {
+                if let Some(fd) = self.listeners[i].fd.take() {
                     // SAFETY: we own the listener fd and nothing uses it now.
                     unsafe { libc::close(fd) };
                 }
@@ -352,14 +419,14 @@ impl ShardLoop {
             }
             tracing::warn!(shard = self.app.shard, errno = -res, "accept failed");
         } else {
-            self.new_conn(res);
+            self.new_conn(i, res);
         }
-        if !self.accept_armed && self.drain_deadline_ms.is_none() {
-            self.arm_accept();
+        if !self.listeners[i].armed && self.drain_deadline_ms.is_none() {
+            self.arm_accept(i);
         }
     }
 
-    fn new_conn(&mut self, fd: RawFd) {
+    fn new_conn(&mut self, listener: usize, fd: RawFd) {
         self.app.counters.connections_accepted += 1;
         if self.open >= self.connections_max || self.drain_deadline_ms.is_some() {
             self.app.counters.connections_refused += 1;
@@ -367,6 +434,34 @@ impl ShardLoop {
             unsafe { libc::close(fd) };
             return;
         }
+        let ListenerState {
+            tls,
+            proxy_protocol,
+            ..
+        } = self.listeners[listener];
+        let tls = if tls {
+            let config = self
+                .tls_config
+                .clone()
+                .expect("a TLS listener has a config");
+            match ServerConnection::new(config) {
+                Ok(mut t) => {
+                    // Output is bounded by limits.pending_output_bytes_max,
+                    // which stops reading; rustls need not refuse writes.
+                    t.set_buffer_limit(None);
+                    Some(Box::new(t))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "TLS connection not created");
+                    self.app.counters.drop("tls_error");
+                    // SAFETY: a fresh fd from accept that nothing else refers to.
+                    unsafe { libc::close(fd) };
+                    return;
+                }
+            }
+        } else {
+            None
+        };
         let peer = peer_of(fd);
         crate::sys::set_nodelay(fd);
         let slot = match self.free.pop() {
@@ -384,6 +479,17 @@ impl ShardLoop {
         c.rlen = 0;
         if c.rbuf.len() < RBUF_INITIAL {
             c.rbuf.resize(RBUF_INITIAL, 0);
+        }
+        c.nlen = 0;
+        c.proxy_pending = proxy_protocol;
+        c.tls = tls;
+        c.tls_close_sent = false;
+        c.tls_counted = false;
+        if c.layered() {
+            let n = NBUF_MIN.max(self.proxy_header_max);
+            if c.nbuf.len() < n {
+                c.nbuf.resize(n, 0);
+            }
         }
         c.out.clear();
         c.out.reserve(WBUF_INITIAL);
@@ -407,6 +513,8 @@ impl ShardLoop {
             country_header,
             date,
             rbuf_max,
+            trusted_proxies,
+            proxy_header_max,
             ..
         } = self;
         let c = &mut conns[slot];
@@ -421,18 +529,44 @@ impl ShardLoop {
             }
             return;
         }
-        c.rlen += res as usize;
         c.last_active_ms = self.mono;
+        let mut peer_closed = false;
+        if c.layered() {
+            c.nlen += res as usize;
+            match c.unlayer(*rbuf_max, *proxy_header_max) {
+                Ok(eof) => peer_closed = eof,
+                Err(reason) => {
+                    // A TLS error has queued its alert; progress() sends it,
+                    // then closes.
+                    app.counters.drop(reason);
+                    c.read_done = true;
+                    return;
+                }
+            }
+            if let Some(t) = &c.tls {
+                if !c.tls_counted && !t.is_handshaking() {
+                    c.tls_counted = true;
+                    app.counters.tls_handshakes += 1;
+                    if t.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                        app.counters.tls_resumed += 1;
+                    }
+                }
+            }
+        } else {
+            c.rlen += res as usize;
+        }
         let mut start = 0;
         while start < c.rlen && !c.read_done {
             let mut w = ResponseWriter {
                 out: &mut c.out,
-                date: &date.line,
+                common: &date.line,
             };
             match http::parse(&mut c.rbuf[start..c.rlen], limits, country_header) {
                 Parse::Partial => break,
                 Parse::Request(req) => {
-                    let o = app.handle(&c.rbuf[start..c.rlen], &req, c.peer, now, &mut w);
+                    let raw = &c.rbuf[start..c.rlen];
+                    let client = trusted_proxies.client(c.peer, &raw[req.forwarded_for.clone()]);
+                    let o = app.handle(raw, &req, client, now, &mut w);
                     c.out_wait = c.out_wait.max(o.wait_seq);
                     start += req.consumed;
                     if o.close {
@@ -449,7 +583,10 @@ impl ShardLoop {
             c.rbuf.copy_within(start..c.rlen, 0);
             c.rlen -= start;
         }
-        c.partial_since_ms = if c.rlen > 0 {
+        if peer_closed {
+            c.read_done = true;
+        }
+        c.partial_since_ms = if c.rlen > 0 || c.handshaking() {
             Some(c.partial_since_ms.unwrap_or(self.mono))
         } else {
             None
@@ -457,9 +594,8 @@ impl ShardLoop {
         // A request larger than the buffer: grow it (never while a receive is
         // in flight; none is now). The parser refuses anything over the limits
         // before the buffer reaches `rbuf_max`.
-        if c.rlen == c.rbuf.len() && c.rbuf.len() < *rbuf_max {
-            let n = (c.rbuf.len() * 2).min(*rbuf_max);
-            c.rbuf.resize(n, 0);
+        if c.rlen == c.rbuf.len() {
+            c.grow_rbuf(*rbuf_max);
         }
     }
 
@@ -585,10 +721,30 @@ impl ShardLoop {
                 c.sent = 0;
                 if !c.out.is_empty() {
                     if c.out_wait <= durable {
-                        std::mem::swap(&mut c.out, &mut c.sending);
+                        match &mut c.tls {
+                            None => std::mem::swap(&mut c.out, &mut c.sending),
+                            Some(t) => {
+                                use std::io::Write;
+                                // Cannot fail: the buffer limit is off.
+                                let _ = t.writer().write_all(&c.out);
+                                c.out.clear();
+                            }
+                        }
                         c.out_wait = 0;
                     } else {
                         self.waiters.push((slot, c.gen));
+                    }
+                }
+                if let Some(t) = &mut c.tls {
+                    if c.read_done && c.out.is_empty() && !c.tls_close_sent {
+                        c.tls_close_sent = true;
+                        t.send_close_notify();
+                    }
+                    // Handshake messages, alerts, tickets and records.
+                    while t.wants_write() {
+                        if t.write_tls(&mut c.sending).is_err() {
+                            break;
+                        }
                     }
                 }
             }
@@ -605,19 +761,23 @@ impl ShardLoop {
         }
         let c = &mut self.conns[slot];
         let queued = c.out.len() + c.sending.len() - c.sent;
-        if !c.recv_inflight
-            && !c.read_done
-            && !c.closing
-            && queued < pending_max
-            && c.rlen < c.rbuf.len()
-        {
-            let buf = &mut c.rbuf[c.rlen..];
+        let room = if c.layered() {
+            c.nlen < c.nbuf.len()
+        } else {
+            c.rlen < c.rbuf.len()
+        };
+        if !c.recv_inflight && !c.read_done && !c.closing && queued < pending_max && room {
+            let buf = if c.layered() {
+                &mut c.nbuf[c.nlen..]
+            } else {
+                &mut c.rbuf[c.rlen..]
+            };
             let e = opcode::Recv::new(types::Fd(c.fd), buf.as_mut_ptr(), buf.len() as u32)
                 .build()
                 .user_data(ud(OP_RECV, slot, c.gen));
             c.recv_inflight = true;
-            // SAFETY: `rbuf` is not touched (nor resized) until this receive
-            // completes.
+            // SAFETY: `rbuf` / `nbuf` is not touched (nor resized) until this
+            // receive completes.
             unsafe { self.push(e) };
         }
         let c = &mut self.conns[slot];
@@ -635,6 +795,8 @@ impl ShardLoop {
             c.sending.clear();
             c.sent = 0;
             c.rlen = 0;
+            c.nlen = 0;
+            c.tls = None;
             // Give back memory a large request made this connection take.
             if c.rbuf.len() > 64 * 1024 {
                 c.rbuf = vec![0; RBUF_INITIAL];
@@ -650,15 +812,24 @@ impl ShardLoop {
         let draining = self.app.shared.state.load(Ordering::Relaxed) == DRAINING;
         if draining && self.drain_deadline_ms.is_none() {
             self.drain_deadline_ms = Some(self.mono + self.drain_timeout_ms);
-            if self.accept_armed {
-                let e = opcode::AsyncCancel::new(ud(OP_ACCEPT, 0, 0))
-                    .build()
-                    .user_data(ud(OP_CANCEL, 0, 0));
-                // SAFETY: no user memory.
-                unsafe { self.push(e) };
-            } else if let Some(fd) = self.listener.take() {
-                // SAFETY: our listener, no accept in flight.
-                unsafe { libc::close(fd) };
+            for i in 0..self.listeners.len() {
+                if self.listeners[i].armed {
+                    let e = opcode::AsyncCancel::new(ud(OP_ACCEPT, i, 0))
+                        .build()
+                        .user_data(ud(OP_CANCEL, 0, 0));
+                    // SAFETY: no user memory.
+                    unsafe { self.push(e) };
+                } else if let Some(fd) = self.listeners[i].fd.take() {
+                    // SAFETY: our listener, no accept in flight.
+                    unsafe { libc::close(fd) };
+                }
+            }
+        }
+        if let Some(t) = &self.app.shared.tls {
+            if t.version.load(Ordering::Acquire) != self.tls_version {
+                let (v, c) = t.current();
+                self.tls_version = v;
+                self.tls_config = Some(c);
             }
         }
         if self.mono - self.last_second_ms >= 1000 || draining {
@@ -719,7 +890,9 @@ impl ShardLoop {
     fn finished(&self, now: i64) -> bool {
         match self.drain_deadline_ms {
             Some(deadline) => {
-                (self.open == 0 && self.listener.is_none() && self.syncs.is_empty())
+                (self.open == 0
+                    && self.listeners.iter().all(|l| l.fd.is_none())
+                    && self.syncs.is_empty())
                     || now >= deadline
             }
             None => false,
@@ -748,6 +921,91 @@ impl ShardLoop {
 }
 
 impl Conn {
+    /// Bytes arrive below HTTP: a PROXY header still to read, or TLS.
+    fn layered(&self) -> bool {
+        self.proxy_pending || self.tls.is_some()
+    }
+
+    /// Still before the first HTTP byte: the PROXY header or the TLS
+    /// handshake is incomplete (the header timeout applies).
+    fn handshaking(&self) -> bool {
+        self.proxy_pending || self.tls.as_ref().is_some_and(|t| t.is_handshaking())
+    }
+
+    fn grow_rbuf(&mut self, rbuf_max: usize) -> bool {
+        if self.rbuf.len() >= rbuf_max {
+            return false;
+        }
+        let n = (self.rbuf.len() * 2).min(rbuf_max);
+        self.rbuf.resize(n, 0);
+        true
+    }
+
+    /// Takes `nbuf[..nlen]` through the PROXY header and TLS into `rbuf`.
+    /// Returns whether the peer closed its side (TLS close_notify), or the
+    /// drop reason that ends the connection.
+    fn unlayer(&mut self, rbuf_max: usize, proxy_max: usize) -> Result<bool, &'static str> {
+        let mut start = 0;
+        if self.proxy_pending {
+            match edge::parse_proxy(&self.nbuf[..self.nlen], proxy_max) {
+                ProxyParse::Partial => return Ok(false),
+                ProxyParse::Invalid => return Err("proxy_header_invalid"),
+                ProxyParse::Done { len, client } => {
+                    if let Some(a) = client {
+                        self.peer = a;
+                    }
+                    self.proxy_pending = false;
+                    start = len;
+                }
+            }
+        }
+        let n = self.nlen;
+        self.nlen = 0;
+        let Some(tls) = self.tls.as_mut() else {
+            // Plain HTTP after the PROXY header: what came with it moves over;
+            // later bytes are received into rbuf directly.
+            let bytes = n - start;
+            while self.rbuf.len() - self.rlen < bytes {
+                if !self.grow_rbuf(rbuf_max.max(self.rlen + bytes)) {
+                    break;
+                }
+            }
+            self.rbuf[self.rlen..self.rlen + bytes].copy_from_slice(&self.nbuf[start..n]);
+            self.rlen += bytes;
+            return Ok(false);
+        };
+        let mut input = &self.nbuf[start..n];
+        let mut eof = false;
+        while !input.is_empty() {
+            if tls.read_tls(&mut input).is_err() {
+                return Err("tls_error");
+            }
+            if tls.process_new_packets().is_err() {
+                return Err("tls_error");
+            }
+            loop {
+                if self.rlen == self.rbuf.len() {
+                    let rbuf_len = self.rbuf.len();
+                    if rbuf_len >= rbuf_max {
+                        // Over every limit: the parser answers 413/431.
+                        return Ok(eof);
+                    }
+                    self.rbuf.resize((rbuf_len * 2).min(rbuf_max), 0);
+                }
+                match std::io::Read::read(&mut tls.reader(), &mut self.rbuf[self.rlen..]) {
+                    Ok(0) => {
+                        eof = true;
+                        break;
+                    }
+                    Ok(k) => self.rlen += k,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => return Err("tls_error"),
+                }
+            }
+        }
+        Ok(eof)
+    }
+
     /// Shuts the socket down; in-flight operations then complete promptly and
     /// the slot is freed once they have.
     fn closing_soon(&mut self) {

@@ -45,6 +45,11 @@ pub struct Gateway {
     pub extra: String,
     /// Environment for the process (fault injection).
     pub env: Vec<(String, String)>,
+    /// Lines added to the [listen] table (HTTPS, PROXY protocol).
+    pub listen_extra: String,
+    /// Whether the plain listener expects a PROXY header (readiness probes
+    /// then send one).
+    pub proxy_protocol: bool,
 }
 
 impl Gateway {
@@ -60,6 +65,15 @@ impl Gateway {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
+        g.spawn();
+        g
+    }
+
+    /// As [`Self::start`], with `listen` lines in the [listen] table.
+    pub fn start_listen(extra: &str, listen: &str) -> Gateway {
+        let mut g = Self::build(extra, |_| {});
+        g.listen_extra = listen.to_string();
+        g.proxy_protocol = listen.contains("http_proxy_protocol = true");
         g.spawn();
         g
     }
@@ -82,6 +96,8 @@ impl Gateway {
             dir,
             extra: extra.to_string(),
             env: Vec::new(),
+            listen_extra: String::new(),
+            proxy_protocol: false,
         }
     }
 
@@ -102,12 +118,13 @@ impl Gateway {
         let extra = &self.extra;
         let has_cpus = extra.contains("cpus");
         let cfg = format!(
-            "gateway_id = \"test\"\ndata_dir = \"{}\"\nkeys_file = \"{}\"\n{}\n{}\n[listen]\nhttp = \"{}\"\n",
+            "gateway_id = \"test\"\ndata_dir = \"{}\"\nkeys_file = \"{}\"\n{}\n{}\n[listen]\nhttp = \"{}\"\n{}\n",
             self.data_dir().display(),
             self.keys_path().display(),
             if has_cpus { "" } else { "cpus = [0]" },
             extra,
-            self.addr
+            self.addr,
+            self.listen_extra
         );
         // `extra` may open tables; the [listen] table goes last so it does not
         // land inside them.
@@ -186,6 +203,9 @@ impl Gateway {
     pub fn request(&self, raw: &[u8]) -> std::io::Result<Response> {
         let mut s = TcpStream::connect(self.addr)?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        if self.proxy_protocol {
+            s.write_all(b"PROXY TCP4 127.0.0.1 127.0.0.1 1 1\r\n")?;
+        }
         s.write_all(raw)?;
         read_response(&mut s)
     }
@@ -248,7 +268,7 @@ impl Response {
 
 /// Reads exactly one response (Content-Length framed) from a stream, and not
 /// a byte more, so pipelined responses can be read one after another.
-pub fn read_response(s: &mut TcpStream) -> std::io::Result<Response> {
+pub fn read_response(s: &mut impl Read) -> std::io::Result<Response> {
     let mut buf = Vec::new();
     let mut byte = [0u8; 1];
     while !buf.ends_with(b"\r\n\r\n") {

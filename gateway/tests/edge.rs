@@ -1,0 +1,381 @@
+//! The PoP edge against the real binary: HTTPS (curl and a rustls client:
+//! resumption, certificate reload), the PROXY protocol (v1, v2, and haproxy
+//! from Debian sending v2), and X-Forwarded-For from trusted proxies.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use rustls::pki_types::{CertificateDer, ServerName};
+
+/// A self-signed certificate for localhost / 127.0.0.1, written as
+/// `<name>.pem` and `<name>.key`; returns its DER.
+fn write_cert(dir: &Path, name: &str) -> CertificateDer<'static> {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params =
+        rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let tmp = |ext: &str| dir.join(format!("{name}.{ext}.tmp"));
+    std::fs::write(tmp("pem"), cert.pem()).unwrap();
+    std::fs::write(tmp("key"), key.serialize_pem()).unwrap();
+    // Atomic replace, as an operator's deploy tool would.
+    std::fs::rename(tmp("pem"), dir.join(format!("{name}.pem"))).unwrap();
+    std::fs::rename(tmp("key"), dir.join(format!("{name}.key"))).unwrap();
+    cert.der().clone()
+}
+
+struct TlsGateway {
+    g: Gateway,
+    https: std::net::SocketAddr,
+    certs: tempfile::TempDir,
+    der: CertificateDer<'static>,
+}
+
+fn start_tls(listen_extra: &str) -> TlsGateway {
+    let certs = tempfile::tempdir().unwrap();
+    let der = write_cert(certs.path(), "gw");
+    let https: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let extra = format!(
+        "[tls]\ncert_file = \"{0}/gw.pem\"\nkey_file = \"{0}/gw.key\"\n",
+        certs.path().display()
+    );
+    let g = Gateway::start_listen(&extra, &format!("https = \"{https}\"\n{listen_extra}"));
+    TlsGateway {
+        g,
+        https,
+        certs,
+        der,
+    }
+}
+
+fn client_config(trust: &CertificateDer<'static>, tls12: bool) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(trust.clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let versions: &[&rustls::SupportedProtocolVersion] = if tls12 {
+        &[&rustls::version::TLS12]
+    } else {
+        &[&rustls::version::TLS13]
+    };
+    let mut c = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    c.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(c)
+}
+
+type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+fn tls_connect(addr: std::net::SocketAddr, config: &Arc<rustls::ClientConfig>) -> Tls {
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let conn =
+        rustls::ClientConnection::new(config.clone(), ServerName::try_from("localhost").unwrap())
+            .unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).unwrap();
+    }
+    s
+}
+
+fn tls_get(s: &mut Tls, target: &str) -> Response {
+    s.write_all(format!("GET {target} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+        .unwrap();
+    read_response(s).unwrap()
+}
+
+fn click(id: &str) -> String {
+    Click {
+        click_id: id,
+        ..Click::default()
+    }
+    .target()
+}
+
+#[test]
+fn https_clicks_with_curl_and_resumed_sessions_on_tls_13_and_12() {
+    let t = start_tls("");
+    let url = format!("https://localhost:{}{}", t.https.port(), click("tls-curl"));
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{redirect_url} %{http_version}",
+        ])
+        .arg("--cacert")
+        .arg(t.certs.path().join("gw.pem"))
+        .arg("--resolve")
+        .arg(format!("localhost:{}:127.0.0.1", t.https.port()))
+        .arg(&url)
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(
+        text,
+        "302 https://shop.example/landing?item=7&ref=ad 1.1",
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    for (tls12, prefix) in [(false, "r13"), (true, "r12")] {
+        let config = client_config(&t.der, tls12);
+        let mut first = tls_connect(t.https, &config);
+        let r = tls_get(&mut first, &click(&format!("{prefix}-1")));
+        assert_eq!(r.status, 302);
+        assert_eq!(r.header("alt-svc"), None, "no HTTP/3 configured");
+        // Keep-alive and pipelining work through TLS as they do in clear.
+        first
+            .write_all(
+                format!(
+                    "GET {} HTTP/1.1\r\nHost: l\r\n\r\nGET {} HTTP/1.1\r\nHost: l\r\n\r\n",
+                    click(&format!("{prefix}-2")),
+                    click(&format!("{prefix}-3"))
+                )
+                .as_bytes(),
+            )
+            .unwrap();
+        assert_eq!(read_response(&mut first).unwrap().status, 302);
+        assert_eq!(read_response(&mut first).unwrap().status, 302);
+        assert_eq!(
+            first.conn.handshake_kind(),
+            Some(rustls::HandshakeKind::Full)
+        );
+        drop(first);
+        let mut second = tls_connect(t.https, &config);
+        assert_eq!(
+            tls_get(&mut second, &click(&format!("{prefix}-4"))).status,
+            302
+        );
+        assert_eq!(
+            second.conn.handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed),
+            "tls12={tls12}: the ticket (or session id) is honoured"
+        );
+    }
+    let m = t.g.metrics();
+    assert!(metric(&m, "clickgate_tls_handshakes_total") >= 5, "{m}");
+    assert!(metric(&m, "clickgate_tls_resumed_total") >= 2, "{m}");
+    let (clicks, _, dups, _) = totals(&t.g.inspect(false));
+    assert_eq!((clicks, dups), (9, 0));
+
+    // Plain HTTP on the TLS port: closed, counted; HTTP on its own port is fine.
+    let mut s = TcpStream::connect(t.https).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    assert!(!buf.starts_with(b"HTTP/"), "no HTTP answer on the TLS port");
+    assert_eq!(
+        metric(
+            &t.g.metrics(),
+            "clickgate_drops_total{reason=\"tls_error\"}"
+        ),
+        1
+    );
+    assert_eq!(t.g.get("/healthz").status, 200);
+}
+
+#[test]
+fn a_reloaded_certificate_serves_new_connections_and_open_ones_keep_going() {
+    let t = start_tls("");
+    let old = client_config(&t.der, false);
+    let mut open = tls_connect(t.https, &old);
+    assert_eq!(tls_get(&mut open, &click("rl-1")).status, 302);
+
+    let new_der = write_cert(t.certs.path(), "gw");
+    assert_ne!(new_der, t.der);
+    t.g.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(400));
+    let fresh = tls_connect(t.https, &client_config(&new_der, false));
+    assert_eq!(
+        fresh.conn.peer_certificates().unwrap()[0],
+        new_der,
+        "new connections get the new certificate"
+    );
+    assert_eq!(
+        tls_get(&mut open, &click("rl-2")).status,
+        302,
+        "the connection opened before the reload still answers"
+    );
+    // A broken pair keeps the running certificate.
+    std::fs::write(t.certs.path().join("gw.key"), "not a key").unwrap();
+    t.g.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(400));
+    let mut again = tls_connect(t.https, &client_config(&new_der, false));
+    assert_eq!(tls_get(&mut again, &click("rl-3")).status, 302);
+    assert!(t.g.log().contains("TLS reload failed"));
+}
+
+fn proxy_v2(client: [u8; 4]) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend_from_slice(&[0x21, 0x11, 0, 12]);
+    h.extend_from_slice(&client);
+    h.extend_from_slice(&[127, 0, 0, 1, 0x30, 0x39, 0x1F, 0x90]);
+    h
+}
+
+fn events_by_client(g: &Gateway) -> Vec<(String, String)> {
+    g.inspect(true)
+        .lines()
+        .filter(|l| l.starts_with("event "))
+        .map(|l| {
+            let get = |k: &str| {
+                l.split(' ')
+                    .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+                    .unwrap()
+                    .to_string()
+            };
+            (get("client"), get("verdict"))
+        })
+        .collect()
+}
+
+#[test]
+fn proxy_protocol_addresses_feed_the_velocity_filter() {
+    let g = Gateway::start_listen(
+        "[traffic]\nvelocity_per_minute_max = 1\n",
+        "http_proxy_protocol = true\n",
+    );
+    let send = |header: &[u8], id: &str| {
+        let mut s = TcpStream::connect(g.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(header).unwrap();
+        s.write_all(format!("GET {} HTTP/1.1\r\nHost: t\r\n\r\n", click(id)).as_bytes())
+            .unwrap();
+        read_response(&mut s)
+    };
+    assert_eq!(send(&proxy_v2([192, 0, 2, 9]), "pp-1").unwrap().status, 302);
+    assert_eq!(send(&proxy_v2([192, 0, 2, 9]), "pp-2").unwrap().status, 302);
+    let v1 = b"PROXY TCP4 198.51.100.4 127.0.0.1 40000 8080\r\n";
+    assert_eq!(send(v1, "pp-3").unwrap().status, 302);
+    // No header: closed without an answer, counted.
+    assert!(send(b"", "pp-4").is_err());
+    assert_eq!(
+        metric(
+            &g.metrics(),
+            "clickgate_drops_total{reason=\"proxy_header_invalid\"}"
+        ),
+        1
+    );
+    let mut ev = events_by_client(&g);
+    ev.sort();
+    assert_eq!(
+        ev,
+        vec![
+            ("192.0.2.9".to_string(), "accepted".to_string()),
+            ("192.0.2.9".to_string(), "invalid".to_string()),
+            ("198.51.100.4".to_string(), "accepted".to_string()),
+        ],
+        "the second click of 192.0.2.9 is over velocity; 198.51.100.4 is another client"
+    );
+}
+
+#[test]
+fn forwarded_for_is_believed_from_trusted_proxies_only() {
+    let trusted = Gateway::start_listen("", "trusted_proxies = [\"127.0.0.0/8\"]\n");
+    let untrusted = Gateway::start_listen("", "trusted_proxies = [\"10.0.0.0/8\"]\n");
+    for (g, id) in [(&trusted, "xff-1"), (&untrusted, "xff-2")] {
+        let raw = format!(
+            "GET {} HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: 6.6.6.6, 203.0.113.8\r\n\r\n",
+            click(id)
+        );
+        assert_eq!(g.request(raw.as_bytes()).unwrap().status, 302);
+    }
+    assert_eq!(events_by_client(&trusted)[0].0, "203.0.113.8");
+    assert_eq!(events_by_client(&untrusted)[0].0, "127.0.0.1");
+}
+
+/// Debian's haproxy in front, sending PROXY v2, as a PoP's L4 balancer would.
+/// Installs haproxy when missing (the test command runs as root on a fresh
+/// box); skipped only where it cannot be installed.
+#[test]
+fn haproxy_sends_proxy_v2_and_clicks_pass_through() {
+    if !ensure_haproxy() {
+        eprintln!("SKIPPED: haproxy is not installed and could not be installed");
+        return;
+    }
+    let g = Gateway::start_listen("", "http_proxy_protocol = true\n");
+    let dir = tempfile::tempdir().unwrap();
+    let front = free_port();
+    let cfg = format!(
+        "global\n  maxconn 100\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 10s\n  timeout server 10s\n\
+         frontend f\n  bind 127.0.0.1:{front}\n  default_backend b\n\
+         backend b\n  server gw {} send-proxy-v2\n",
+        g.addr
+    );
+    std::fs::write(dir.path().join("haproxy.cfg"), cfg).unwrap();
+    let mut hp = Command::new("haproxy")
+        .arg("-f")
+        .arg(dir.path().join("haproxy.cfg"))
+        .arg("-db")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{front}").parse().unwrap();
+    let mut ok = 0;
+    for i in 0..50 {
+        let Ok(mut s) = TcpStream::connect(addr) else {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let raw = format!(
+            "GET {} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            click(&format!("hp-{i}"))
+        );
+        if s.write_all(raw.as_bytes()).is_ok() {
+            if let Ok(r) = read_response(&mut s) {
+                assert_eq!(r.status, 302);
+                ok += 1;
+                if ok == 5 {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = hp.kill();
+    let _ = hp.wait();
+    assert_eq!(ok, 5, "five clicks through haproxy");
+    assert_eq!(
+        metric(
+            &g.metrics(),
+            "clickgate_drops_total{reason=\"proxy_header_invalid\"}"
+        ),
+        0
+    );
+    let ev = events_by_client(&g);
+    assert_eq!(ev.len(), 5);
+    assert!(ev.iter().all(|(c, _)| c == "127.0.0.1"), "{ev:?}");
+}
+
+fn ensure_haproxy() -> bool {
+    let have = || Command::new("haproxy").arg("-v").output().is_ok();
+    if have() {
+        return true;
+    }
+    let _ = Command::new("apt-get")
+        .args(["install", "-y", "-qq", "haproxy"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status();
+    if !have() {
+        let _ = Command::new("apt-get").args(["update", "-qq"]).status();
+        let _ = Command::new("apt-get")
+            .args(["install", "-y", "-qq", "haproxy"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status();
+    }
+    have()
+}
