@@ -228,6 +228,10 @@ pub struct Limits {
     /// Responses queued on one connection (pipelining) before it stops being
     /// read, bytes. Default 262144.
     pub pending_output_bytes_max: usize,
+    /// Concurrent request streams one HTTP/3 connection may open. Default 100.
+    pub h3_streams_per_connection_max: u32,
+    /// HTTP/3 requests queued to one shard; over it 503. Default 4096.
+    pub h3_pending_max: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -364,6 +368,8 @@ impl Default for Limits {
             header_timeout_ms: 10_000,
             idle_timeout_ms: 60_000,
             pending_output_bytes_max: 256 * 1024,
+            h3_streams_per_connection_max: 100,
+            h3_pending_max: 4096,
         }
     }
 }
@@ -465,6 +471,11 @@ impl Config {
         }
         if self.listen.https_proxy_protocol && self.listen.https.is_none() {
             return Err("listen.https_proxy_protocol: needs listen.https".into());
+        }
+        if l.h3_streams_per_connection_max == 0 || l.h3_pending_max == 0 {
+            return Err(
+                "limits.h3_streams_per_connection_max and h3_pending_max: at least 1".into(),
+            );
         }
         if !["1.2", "1.3"].contains(&self.tls.min_version.as_str()) {
             return Err("tls.min_version: \"1.2\" or \"1.3\"".into());

@@ -17,6 +17,7 @@ pub mod config;
 pub mod dedup;
 pub mod edge;
 pub mod fuzzing;
+pub mod h3;
 pub mod http;
 pub mod inspect;
 pub mod limiter;

@@ -47,7 +47,6 @@ pub const DROPS: &[&str] = &[
     "durable_publish_failed",
     "proxy_header_invalid",
     "tls_error",
-    "h3_error",
 ];
 /// Flush (fdatasync) latency histogram bucket bounds, microseconds.
 pub const FLUSH_BUCKETS_US: &[u64] =
@@ -179,6 +178,9 @@ pub struct Registry {
     pub keys_loaded: AtomicU64,
     pub key_reloads_ok: AtomicU64,
     pub key_reloads_failed: AtomicU64,
+    pub h3_connections: AtomicU64,
+    pub h3_refused: AtomicU64,
+    pub h3_errors: AtomicU64,
 }
 
 impl Registry {
@@ -192,6 +194,9 @@ impl Registry {
             keys_loaded: AtomicU64::new(0),
             key_reloads_ok: AtomicU64::new(0),
             key_reloads_failed: AtomicU64::new(0),
+            h3_connections: AtomicU64::new(0),
+            h3_refused: AtomicU64::new(0),
+            h3_errors: AtomicU64::new(0),
         }
     }
 
@@ -345,7 +350,24 @@ impl Registry {
                 t.segments_recycled,
             ),
         ];
-        for (name, help, v) in counters {
+        let h3 = [
+            (
+                "h3_connections_total",
+                "HTTP/3 connections offered (QUIC Initial accepted for handshake).",
+                self.h3_connections.load(Ordering::Relaxed),
+            ),
+            (
+                "h3_refused_total",
+                "HTTP/3 connections refused: over limits.connections_max.",
+                self.h3_refused.load(Ordering::Relaxed),
+            ),
+            (
+                "h3_errors_total",
+                "HTTP/3 connections or requests ended by a protocol error or timeout.",
+                self.h3_errors.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, help, v) in counters.iter().copied().chain(h3) {
             head(&mut s, name, "counter", help);
             let _ = writeln!(s, "clickgate_{name} {v}");
         }

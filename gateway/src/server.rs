@@ -102,9 +102,23 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         signal_hook::consts::SIGHUP,
     ])?;
 
+    // HTTP/3: each shard's UDP socket is bound now, so an address in use
+    // fails the start; the companions start once every shard is ready.
+    let mut h3_parts = Vec::new();
+    let mut inboxes = Vec::new();
+    for _ in &cpus {
+        match cfg.listen.http3 {
+            Some(addr) => {
+                let (outbox, inbox) = crate::h3::channel(cfg.limits.h3_pending_max)?;
+                h3_parts.push((crate::h3::bind(addr)?, outbox));
+                inboxes.push(Some(inbox));
+            }
+            None => inboxes.push(None),
+        }
+    }
     let (started_tx, started_rx) = mpsc::channel::<(usize, anyhow::Result<()>)>();
     let mut handles = Vec::new();
-    for (i, &cpu) in cpus.iter().enumerate() {
+    for ((i, &cpu), inbox) in cpus.iter().enumerate().zip(inboxes) {
         let cfg = cfg.clone();
         let shared = shared.clone();
         let shared_go = shared.clone();
@@ -112,7 +126,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         let h = std::thread::Builder::new()
             .name(format!("shard-{i}"))
             .spawn(move || -> anyhow::Result<()> {
-                let lp = match start_shard(i, cpu, &cfg, shared) {
+                let lp = match start_shard(i, cpu, &cfg, shared, inbox) {
                     Ok(lp) => {
                         let _ = tx.send((i, Ok(())));
                         // Answer nothing until every shard has refilled the
@@ -144,6 +158,17 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         }
     }
     shared.state.store(READY, Ordering::Release);
+    let mut h3_handles = Vec::new();
+    for (i, (socket, outbox)) in h3_parts.into_iter().enumerate() {
+        h3_handles.push(crate::h3::spawn(
+            i,
+            cpus[i],
+            &cfg,
+            shared.clone(),
+            socket,
+            outbox,
+        )?);
+    }
     tracing::info!(listen = %cfg.listen.http, "ready");
 
     let clock_file = std::env::var_os("CLICKGATE_INJECT_CLOCK_FILE").map(std::path::PathBuf::from);
@@ -208,6 +233,12 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let mut failed = false;
+    for h in h3_handles {
+        if h.join().is_err() {
+            tracing::error!("an HTTP/3 thread panicked");
+            failed = true;
+        }
+    }
     for (i, h) in handles.into_iter().enumerate() {
         match h.join() {
             Ok(Ok(())) => {}
@@ -273,6 +304,7 @@ fn start_shard(
     cpu: usize,
     cfg: &Config,
     shared: Arc<Shared>,
+    h3: Option<crate::h3::Inbox>,
 ) -> anyhow::Result<ShardLoop> {
     if let Err(e) = sys::pin_to_cpu(cpu) {
         tracing::warn!(shard = i, cpu, error = %e, "could not pin shard");
@@ -358,5 +390,5 @@ fn start_shard(
         });
     }
     app.publish();
-    Ok(ShardLoop::new(cfg, app, listeners)?)
+    Ok(ShardLoop::new(cfg, app, listeners, h3)?)
 }

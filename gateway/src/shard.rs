@@ -31,6 +31,7 @@ const OP_SEND: u64 = 3;
 const OP_SYNC: u64 = 4;
 const OP_TIMER: u64 = 5;
 const OP_CANCEL: u64 = 6;
+const OP_H3_WAKE: u64 = 7;
 
 const TICK_MS: u64 = 50;
 const RBUF_INITIAL: usize = 4096;
@@ -130,6 +131,17 @@ pub struct Listener {
     pub proxy_protocol: bool,
 }
 
+/// The shard's side of its HTTP/3 companion (see [`crate::h3`]).
+struct H3Side {
+    inbox: crate::h3::Inbox,
+    /// Where the eventfd read lands (boxed: the kernel writes it).
+    wake_buf: Box<u64>,
+    /// The companion has gone (drained): nothing more will come.
+    done: bool,
+    /// Answers waiting for their record to be durable: (seq, reply, answer).
+    waiting: Vec<(u64, tokio::sync::oneshot::Sender<Vec<u8>>, Vec<u8>)>,
+}
+
 struct ListenerState {
     fd: Option<RawFd>,
     armed: bool,
@@ -175,6 +187,7 @@ pub struct ShardLoop {
     tls_version: u64,
     trusted_proxies: TrustedProxies,
     proxy_header_max: usize,
+    h3: Option<H3Side>,
     conns: Vec<Conn>,
     free: Vec<usize>,
     open: usize,
@@ -213,7 +226,12 @@ pub struct ShardLoop {
 }
 
 impl ShardLoop {
-    pub fn new(cfg: &Config, app: App, listeners: Vec<Listener>) -> io::Result<Self> {
+    pub fn new(
+        cfg: &Config,
+        app: App,
+        listeners: Vec<Listener>,
+        h3: Option<crate::h3::Inbox>,
+    ) -> io::Result<Self> {
         let entries = 4096;
         let ring = IoUring::builder()
             .setup_single_issuer()
@@ -262,6 +280,12 @@ impl ShardLoop {
             trusted_proxies: TrustedProxies::parse(&cfg.listen.trusted_proxies)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
             proxy_header_max: cfg.listen.proxy_header_bytes_max,
+            h3: h3.map(|inbox| H3Side {
+                inbox,
+                wake_buf: Box::new(0),
+                done: false,
+                waiting: Vec::new(),
+            }),
             conns: Vec::new(),
             free: Vec::new(),
             open: 0,
@@ -330,6 +354,92 @@ impl ShardLoop {
         }
     }
 
+    fn arm_h3_wake(&mut self) {
+        let Some(h) = self.h3.as_mut() else { return };
+        if h.done {
+            return;
+        }
+        let buf: *mut u64 = &mut *h.wake_buf;
+        let e = opcode::Read::new(types::Fd(h.inbox.efd), buf.cast(), 8)
+            .build()
+            .user_data(ud(OP_H3_WAKE, 0, 0));
+        // SAFETY: the boxed u64 lives in self as long as the ring, and is
+        // only read after this completion.
+        unsafe { self.push(e) };
+    }
+
+    /// Answers what the HTTP/3 companion queued, exactly as a TCP request
+    /// is answered (see [`crate::h3`]).
+    fn on_h3(&mut self, now: i64) {
+        let Self {
+            h3,
+            app,
+            limits,
+            country_header,
+            date,
+            trusted_proxies,
+            ..
+        } = self;
+        let Some(h) = h3.as_mut() else { return };
+        loop {
+            let r = match h.inbox.rx.try_recv() {
+                Ok(r) => r,
+                Err(crossbeam_channel::TryRecvError::Empty) => break,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    h.done = true;
+                    break;
+                }
+            };
+            let mut raw = r.raw;
+            let mut out = Vec::with_capacity(512);
+            let mut w = ResponseWriter {
+                out: &mut out,
+                common: &date.line,
+            };
+            let wait = match http::parse(&mut raw, limits, country_header) {
+                Parse::Request(req) => {
+                    let client = trusted_proxies.client(r.peer, &raw[req.forwarded_for.clone()]);
+                    app.handle(&raw, &req, client, now, &mut w).wait_seq
+                }
+                Parse::Error(e) => {
+                    app.http_error(e, &mut w);
+                    0
+                }
+                Parse::Partial => {
+                    app.http_error(http::HttpError::Malformed, &mut w);
+                    0
+                }
+            };
+            if wait <= app.durable_seq {
+                let _ = r.reply.send(out);
+            } else if !app.failed {
+                h.waiting.push((wait, r.reply, out));
+            }
+        }
+    }
+
+    /// Sends the HTTP/3 answers whose records are now durable; after a
+    /// failed write, drops them all (the companion answers 503).
+    fn release_h3(&mut self) {
+        let durable = self.app.durable_seq;
+        let failed = self.app.failed;
+        if let Some(h) = self.h3.as_mut() {
+            if failed {
+                h.waiting.clear();
+                return;
+            }
+            let mut i = 0;
+            while i < h.waiting.len() {
+                if h.waiting[i].0 <= durable {
+                    let (_, reply, out) = h.waiting.swap_remove(i);
+                    let _ = reply.send(out);
+                } else {
+                    i += 1;
+                }
+            }
+        }
+    }
+
     fn arm_timer(&mut self) {
         let e = opcode::Timeout::new(&*self.timespec)
             .build()
@@ -344,6 +454,7 @@ impl ShardLoop {
             self.arm_accept(i);
         }
         self.arm_timer();
+        self.arm_h3_wake();
         let now = now_ms();
         self.date.refresh(now);
         self.mono = mono_ms();
@@ -401,6 +512,10 @@ impl ShardLoop {
                 self.arm_timer();
             }
             OP_CANCEL => {}
+            OP_H3_WAKE => {
+                self.on_h3(now);
+                self.arm_h3_wake();
+            }
             _ => unreachable!("unknown op {op}"),
         }
     }
@@ -697,6 +812,9 @@ impl ShardLoop {
                 }
             }
         }
+        if self.h3.as_ref().is_some_and(|h| !h.waiting.is_empty()) {
+            self.release_h3();
+        }
         let mut dirty = std::mem::take(&mut self.dirty);
         dirty.sort_unstable();
         dirty.dedup();
@@ -892,7 +1010,11 @@ impl ShardLoop {
             Some(deadline) => {
                 (self.open == 0
                     && self.listeners.iter().all(|l| l.fd.is_none())
-                    && self.syncs.is_empty())
+                    && self.syncs.is_empty()
+                    && self
+                        .h3
+                        .as_ref()
+                        .is_none_or(|h| h.done && h.waiting.is_empty()))
                     || now >= deadline
             }
             None => false,

@@ -6,29 +6,12 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 use rustls::pki_types::{CertificateDer, ServerName};
-
-/// A self-signed certificate for localhost / 127.0.0.1, written as
-/// `<name>.pem` and `<name>.key`; returns its DER.
-fn write_cert(dir: &Path, name: &str) -> CertificateDer<'static> {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let params =
-        rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    let cert = params.self_signed(&key).unwrap();
-    let tmp = |ext: &str| dir.join(format!("{name}.{ext}.tmp"));
-    std::fs::write(tmp("pem"), cert.pem()).unwrap();
-    std::fs::write(tmp("key"), key.serialize_pem()).unwrap();
-    // Atomic replace, as an operator's deploy tool would.
-    std::fs::rename(tmp("pem"), dir.join(format!("{name}.pem"))).unwrap();
-    std::fs::rename(tmp("key"), dir.join(format!("{name}.key"))).unwrap();
-    cert.der().clone()
-}
 
 struct TlsGateway {
     g: Gateway,

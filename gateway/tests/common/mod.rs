@@ -71,7 +71,16 @@ impl Gateway {
 
     /// As [`Self::start`], with `listen` lines in the [listen] table.
     pub fn start_listen(extra: &str, listen: &str) -> Gateway {
+        Self::start_listen_env(extra, listen, &[])
+    }
+
+    /// As [`Self::start_listen`], with environment variables for the process.
+    pub fn start_listen_env(extra: &str, listen: &str, env: &[(&str, &str)]) -> Gateway {
         let mut g = Self::build(extra, |_| {});
+        g.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         g.listen_extra = listen.to_string();
         g.proxy_protocol = listen.contains("http_proxy_protocol = true");
         g.spawn();
@@ -372,4 +381,20 @@ pub fn write_keys(path: &Path, keys: &[(&str, &[u8])]) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, keys_toml(keys)).unwrap();
     std::fs::rename(tmp, path).unwrap();
+}
+
+/// A self-signed certificate for localhost / 127.0.0.1, written as
+/// `<name>.pem` and `<name>.key`; returns its DER.
+pub fn write_cert(dir: &Path, name: &str) -> rustls::pki_types::CertificateDer<'static> {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params =
+        rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let tmp = |ext: &str| dir.join(format!("{name}.{ext}.tmp"));
+    std::fs::write(tmp("pem"), cert.pem()).unwrap();
+    std::fs::write(tmp("key"), key.serialize_pem()).unwrap();
+    // Atomic replace, as an operator's deploy tool would.
+    std::fs::rename(tmp("pem"), dir.join(format!("{name}.pem"))).unwrap();
+    std::fs::rename(tmp("key"), dir.join(format!("{name}.key"))).unwrap();
+    cert.der().clone()
 }
