@@ -198,6 +198,7 @@ fn main() {
             ring: Mutex::new(Arc::new(keys())),
         },
         tls: None,
+        shards_failed: AtomicU64::new(0),
     });
     let (log2, _) = ShardLog::open(&log_config(dir.path(), 1), now).unwrap();
     let mut app = App::new(0, &cfg, log2, PreAgg::new(100_000, 0), shared);

@@ -36,6 +36,8 @@ pub struct Shared {
     pub keys: KeysHandle,
     /// The HTTPS / HTTP/3 certificate, when either is configured.
     pub tls: Option<crate::tls::TlsHandle>,
+    /// Shards that stopped acknowledging: any makes the host not ready.
+    pub shards_failed: AtomicU64,
 }
 
 /// The per-shard settings the request path reads, derived from [`Config`].
@@ -243,7 +245,9 @@ impl App {
             }
             EP_READYZ => {
                 let (status, body): (u16, &[u8]) = match self.shared.state.load(Ordering::Relaxed) {
-                    _ if self.failed => (503, b"failed: log sync error\n"),
+                    _ if self.shared.shards_failed.load(Ordering::Relaxed) > 0 => {
+                        (503, b"failed: a shard's durable write failed\n")
+                    }
                     READY => (200, b"ready\n"),
                     DRAINING => (503, b"draining\n"),
                     _ => (503, b"starting\n"),
@@ -563,6 +567,15 @@ impl App {
     }
 
     /// Appends the partial for everything since the previous one.
+    /// A durable write failed: this shard acknowledges nothing more, and the
+    /// host reports not ready (whichever shard answers /readyz).
+    pub fn fail(&mut self) {
+        if !self.failed {
+            self.failed = true;
+            self.shared.shards_failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     pub fn append_partial(&mut self, now_ms: i64) -> Result<u64, AppendError> {
         let p = self.preagg.partial(self.log.next_seq(), now_ms);
         let seq = self.log.append_partial(&p, now_ms)?;

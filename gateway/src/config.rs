@@ -240,6 +240,10 @@ pub struct Drain {
     /// On SIGTERM, how long in-flight requests may take before the process
     /// exits anyway, ms. Default 10000.
     pub timeout_ms: u64,
+    /// With `run --takeover` (rolling restart), how long the new process
+    /// waits for the old one to drain and release the data directory, ms.
+    /// Default 60000.
+    pub takeover_wait_ms: u64,
 }
 
 impl Default for Config {
@@ -376,7 +380,10 @@ impl Default for Limits {
 
 impl Default for Drain {
     fn default() -> Self {
-        Self { timeout_ms: 10_000 }
+        Self {
+            timeout_ms: 10_000,
+            takeover_wait_ms: 60_000,
+        }
     }
 }
 

@@ -40,6 +40,14 @@ enum Cmd {
         /// Override durability.mode: sync or process.
         #[arg(long)]
         durability: Option<String>,
+        /// Rolling restart: start beside the running gateway of this
+        /// data_dir. Binds the listeners at once (SO_REUSEPORT), logs
+        /// "listening; waiting for the data directory", then waits for the old
+        /// process to drain (send it SIGTERM) and release the directory, and
+        /// serves. Needs net.ipv4.tcp_migrate_req=1 so connections queued on
+        /// the old listeners move over (deploy/RUNBOOK.md).
+        #[arg(long)]
+        takeover: bool,
     },
     /// Print what is in a data directory's logs, without starting the server.
     Inspect {
@@ -110,6 +118,7 @@ fn real_main() -> anyhow::Result<()> {
             keys,
             cpus,
             durability,
+            takeover,
         } => {
             let mut cfg = match config {
                 Some(p) => Config::load(&p)?,
@@ -142,7 +151,7 @@ fn real_main() -> anyhow::Result<()> {
                 };
             }
             cfg.validate().map_err(|m| anyhow::anyhow!("config: {m}"))?;
-            gateway::server::run(cfg)
+            gateway::server::run(cfg, takeover)
         }
         Cmd::Inspect { data_dir, events } => {
             let out = gateway::inspect::inspect(&data_dir, gateway::inspect::Options { events })?;

@@ -42,7 +42,7 @@ fn mtime(path: &Path) -> Option<SystemTime> {
 }
 
 /// Runs the gateway until it is told to stop. Returns Ok after a clean drain.
-pub fn run(cfg: Config) -> anyhow::Result<()> {
+pub fn run(cfg: Config, takeover: bool) -> anyhow::Result<()> {
     let cpus = cfg.shard_cpus();
     let memlock = sys::raise_memlock(MEMLOCK_BYTES);
     let nofile = sys::raise_nofile();
@@ -62,12 +62,36 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
     let lock_path = cfg.data_dir.join("LOCK");
-    let _lock = sys::lock_exclusive(&lock_path).with_context(|| {
-        format!(
-            "locking {}: is another gateway using this data_dir?",
-            lock_path.display()
-        )
-    })?;
+    // Listeners are bound before recovery, so that connections made while
+    // the logs are read wait in the backlog rather than being refused; in a
+    // takeover, before the lock, so that the old process's queued
+    // connections can move to them when it closes its listeners.
+    let (_lock, mut listeners) = if takeover {
+        let listeners = bind_listeners(&cfg, cpus.len())?;
+        tracing::info!("listening; waiting for the data directory (takeover)");
+        let deadline = Instant::now() + Duration::from_millis(cfg.drain.takeover_wait_ms);
+        let lock = loop {
+            match sys::lock_exclusive(&lock_path) {
+                Ok(l) => break l,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => bail!(
+                    "takeover: {} still locked after drain.takeover_wait_ms: {e}",
+                    lock_path.display()
+                ),
+            }
+        };
+        (lock, listeners)
+    } else {
+        let lock = sys::lock_exclusive(&lock_path).with_context(|| {
+            format!(
+                "locking {}: is another gateway using this data_dir? (a rolling restart uses run --takeover)",
+                lock_path.display()
+            )
+        })?;
+        (lock, bind_listeners(&cfg, cpus.len())?)
+    };
     let tls = if cfg.listen.https.is_some() || cfg.listen.http3.is_some() {
         Some(TlsHandle::load(&cfg.tls).context("loading the TLS certificate")?)
     } else {
@@ -85,6 +109,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             ring: Mutex::new(Arc::new(ring)),
         },
         tls,
+        shards_failed: AtomicU64::new(0),
     });
     shared
         .registry
@@ -120,13 +145,14 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let mut handles = Vec::new();
     for ((i, &cpu), inbox) in cpus.iter().enumerate().zip(inboxes) {
         let cfg = cfg.clone();
+        let listeners = std::mem::take(&mut listeners[i]);
         let shared = shared.clone();
         let shared_go = shared.clone();
         let tx = started_tx.clone();
         let h = std::thread::Builder::new()
             .name(format!("shard-{i}"))
             .spawn(move || -> anyhow::Result<()> {
-                let lp = match start_shard(i, cpu, &cfg, shared, inbox) {
+                let lp = match start_shard(i, cpu, &cfg, shared, listeners, inbox) {
                     Ok(lp) => {
                         let _ = tx.send((i, Ok(())));
                         // Answer nothing until every shard has refilled the
@@ -286,6 +312,29 @@ fn reload_keys(cfg: &Config, shared: &Shared, grace_ms: i64, why: &str) {
     }
 }
 
+/// Each shard's SO_REUSEPORT listeners: plain HTTP, and HTTPS when set.
+fn bind_listeners(cfg: &Config, shards: usize) -> anyhow::Result<Vec<Vec<Listener>>> {
+    (0..shards)
+        .map(|_| {
+            let mut l = vec![Listener {
+                socket: bind_listener(cfg.listen.http, cfg.listen.backlog)
+                    .with_context(|| format!("binding listen.http {}", cfg.listen.http))?,
+                tls: false,
+                proxy_protocol: cfg.listen.http_proxy_protocol,
+            }];
+            if let Some(addr) = cfg.listen.https {
+                l.push(Listener {
+                    socket: bind_listener(addr, cfg.listen.backlog)
+                        .with_context(|| format!("binding listen.https {addr}"))?,
+                    tls: true,
+                    proxy_protocol: cfg.listen.https_proxy_protocol,
+                });
+            }
+            Ok(l)
+        })
+        .collect()
+}
+
 fn reload_tls(shared: &Shared) {
     if let Some(tls) = &shared.tls {
         match tls.reload() {
@@ -304,6 +353,7 @@ fn start_shard(
     cpu: usize,
     cfg: &Config,
     shared: Arc<Shared>,
+    listeners: Vec<Listener>,
     h3: Option<crate::h3::Inbox>,
 ) -> anyhow::Result<ShardLoop> {
     if let Err(e) = sys::pin_to_cpu(cpu) {
@@ -375,20 +425,6 @@ fn start_shard(
         ms = t0.elapsed().as_millis() as u64,
         "recovered"
     );
-    let mut listeners = vec![Listener {
-        socket: bind_listener(cfg.listen.http, cfg.listen.backlog)
-            .with_context(|| format!("binding listen.http {}", cfg.listen.http))?,
-        tls: false,
-        proxy_protocol: cfg.listen.http_proxy_protocol,
-    }];
-    if let Some(addr) = cfg.listen.https {
-        listeners.push(Listener {
-            socket: bind_listener(addr, cfg.listen.backlog)
-                .with_context(|| format!("binding listen.https {addr}"))?,
-            tls: true,
-            proxy_protocol: cfg.listen.https_proxy_protocol,
-        });
-    }
     app.publish();
     Ok(ShardLoop::new(cfg, app, listeners, h3)?)
 }

@@ -748,7 +748,7 @@ impl ShardLoop {
                 bytes = len,
                 "durable write failed; shard stops acknowledging"
             );
-            self.app.failed = true;
+            self.app.fail();
             self.app.counters.flush_errors += 1;
             for (slot, gen) in std::mem::take(&mut self.waiters) {
                 let c = &mut self.conns[slot];
@@ -784,7 +784,7 @@ impl ShardLoop {
                         }
                         Err(e) => {
                             tracing::error!(shard = self.app.shard, error = %e, "log write failed; shard stops acknowledging");
-                            self.app.failed = true;
+                            self.app.fail();
                             self.app.counters.flush_errors += 1;
                         }
                     }

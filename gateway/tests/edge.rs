@@ -362,3 +362,123 @@ fn ensure_haproxy() -> bool {
     }
     have()
 }
+
+/// A rolling restart: the new process binds beside the old one, the old one
+/// drains, the new one takes the data directory over. A client making a new
+/// connection per click all along gets a 302 for every click, and every 302
+/// is in the log once.
+#[test]
+fn rolling_restart_with_takeover_drops_no_click() {
+    // Connections queued on the old listeners move to the new ones when the
+    // old ones close (Linux 5.14+); the runbook sets this too.
+    if std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1").is_err() {
+        eprintln!("SKIPPED: cannot set net.ipv4.tcp_migrate_req (not root?)");
+        return;
+    }
+    let mut old = Gateway::start("[traffic]\nvelocity_per_minute_max = 0\n");
+    let addr = old.addr;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Eight clients, so that connections are queued on the old listeners
+    // when they close.
+    let clients: Vec<_> = (0..8)
+        .map(|t| {
+            let (stop, answered) = (stop.clone(), answered.clone());
+            std::thread::spawn(move || {
+                let mut acked = Vec::new();
+                let mut failed = Vec::new();
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let id = format!("roll-{t}-{i}");
+                    i += 1;
+                    let raw = format!(
+                        "GET {} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+                        click(&id)
+                    );
+                    let r = TcpStream::connect(addr).and_then(|mut s| {
+                        s.set_read_timeout(Some(Duration::from_secs(15)))?;
+                        s.write_all(raw.as_bytes())?;
+                        read_response(&mut s)
+                    });
+                    match r {
+                        Ok(r) if r.status == 302 => acked.push(id),
+                        Ok(r) => failed.push(format!("{id}: {}", r.status)),
+                        Err(e) => failed.push(format!("{id}: {e}")),
+                    }
+                    answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                (acked, failed)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let new_log = old.dir.path().join("new.log");
+    let mut new = Command::new(env!("CARGO_BIN_EXE_clickgate-gateway"))
+        .args(["run", "--takeover", "--config"])
+        .arg(old.config_path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&new_log).unwrap())
+        .spawn()
+        .unwrap();
+    let waited = std::time::Instant::now();
+    while !std::fs::read_to_string(&new_log)
+        .unwrap_or_default()
+        .contains("waiting for the data directory")
+    {
+        assert!(
+            waited.elapsed() < Duration::from_secs(20),
+            "new process not listening"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    old.signal(libc::SIGTERM);
+    assert_eq!(
+        old.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        old.log()
+    );
+    let at_old_exit = answered.load(std::sync::atomic::Ordering::Relaxed);
+    while !std::fs::read_to_string(&new_log)
+        .unwrap_or_default()
+        .contains("ready")
+    {
+        assert!(
+            waited.elapsed() < Duration::from_secs(40),
+            "new process not ready"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut acked, mut failed) = (Vec::new(), Vec::new());
+    for c in clients {
+        let (a, f) = c.join().unwrap();
+        acked.extend(a);
+        failed.extend(f);
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(new.id() as i32, libc::SIGTERM) };
+    let st = new.wait().unwrap();
+    assert!(
+        st.success(),
+        "{}",
+        std::fs::read_to_string(&new_log).unwrap()
+    );
+    assert!(failed.is_empty(), "clicks not answered 302: {failed:?}");
+    assert!(
+        acked.len() > at_old_exit + 100,
+        "the new process answered too few: {} of {}",
+        acked.len() - at_old_exit,
+        acked.len()
+    );
+    let ins = old.inspect(false);
+    let (clicks, _, dups, _) = totals(&ins);
+    assert_eq!(
+        (clicks, dups),
+        (acked.len() as u64, 0),
+        "{ins}\n{}",
+        std::fs::read_to_string(&new_log).unwrap()
+    );
+}
