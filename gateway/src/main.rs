@@ -66,6 +66,16 @@ enum Cmd {
         #[arg(long, default_value = "keys.toml")]
         out: PathBuf,
     },
+    /// Write a self-signed TLS certificate (gateway.pem, gateway.key) for
+    /// development and benchmarks; production brings its own.
+    DevCert {
+        /// Directory to write into; existing files are kept.
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        /// Names the certificate is valid for (DNS names or IP addresses).
+        #[arg(long, default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        name: Vec<String>,
+    },
     /// Sign a click or impression URL with a key from a keys file.
     Sign {
         #[arg(long, default_value = "keys.toml")]
@@ -177,6 +187,22 @@ fn real_main() -> anyhow::Result<()> {
                 .with_context(|| format!("creating {}", out.display()))?;
             f.write_all(text.as_bytes())?;
             eprintln!("wrote {} with key {kid}", out.display());
+            Ok(())
+        }
+        Cmd::DevCert { out, name } => {
+            let (pem, key) = (out.join("gateway.pem"), out.join("gateway.key"));
+            if pem.exists() || key.exists() {
+                eprintln!("{} exists; kept", pem.display());
+                return Ok(());
+            }
+            std::fs::create_dir_all(&out)?;
+            let k = rcgen::KeyPair::generate()?;
+            let cert = rcgen::CertificateParams::new(name)?.self_signed(&k)?;
+            std::fs::write(&pem, cert.pem())?;
+            std::fs::write(&key, k.serialize_pem())?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+            eprintln!("wrote {} and {}", pem.display(), key.display());
             Ok(())
         }
         Cmd::Sign {

@@ -129,7 +129,7 @@ fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 /// A whole response: status, total length, body.
 type Parsed<'a> = (u16, usize, &'a [u8]);
 
-fn parse_response(b: &[u8]) -> Option<Result<Parsed<'_>, ()>> {
+pub(crate) fn parse_response(b: &[u8]) -> Option<Result<Parsed<'_>, ()>> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut r = httparse::Response::new(&mut headers);
     match r.parse(b) {
@@ -157,7 +157,7 @@ fn parse_response(b: &[u8]) -> Option<Result<Parsed<'_>, ()>> {
     }
 }
 
-fn batch_verdict(body: &[u8]) -> BatchVerdict {
+pub(crate) fn batch_verdict(body: &[u8]) -> BatchVerdict {
     let first = body.split(|&c| c == b'\n').next().unwrap_or(b"");
     match first.split(|&c| c == b' ').next().unwrap_or(b"") {
         b"accepted" => BatchVerdict::Accepted,

@@ -10,6 +10,7 @@
 mod aggcheck;
 mod engine;
 mod oracle;
+mod secure;
 mod workload;
 
 use std::collections::{BTreeMap, HashSet};
@@ -128,6 +129,21 @@ struct RunArgs {
     /// A label for the report.
     #[arg(long, default_value = "")]
     label: String,
+    /// http (plain HTTP/1.1, the io_uring engine), https (HTTP/1.1 over
+    /// TLS) or h3 (HTTP/3 over QUIC).
+    #[arg(long, default_value = "http")]
+    proto: String,
+    /// PEM certificate(s) to trust for https and h3 (the server's
+    /// self-signed certificate, or its CA).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Server name for TLS (SNI and certificate check).
+    #[arg(long, default_value = "localhost")]
+    sni: String,
+    /// TLS session resumption (tickets, session ids) for https and h3: on or
+    /// off. Matters with --no-keepalive, where every request handshakes.
+    #[arg(long, default_value = "on")]
+    tls_resumption: String,
 }
 
 #[derive(Serialize)]
@@ -281,12 +297,36 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs() as i64;
     let record = a.oracle.is_some();
+    let secure = match a.proto.as_str() {
+        "http" => None,
+        p @ ("https" | "h3") => {
+            let ca = a.ca.as_deref().context("--ca is needed for https and h3")?;
+            let resumption = match a.tls_resumption.as_str() {
+                "on" => true,
+                "off" => false,
+                _ => anyhow::bail!("--tls-resumption: on or off"),
+            };
+            let (proto, alpn): (_, &[u8]) = if p == "h3" {
+                (secure::Proto::H3, b"h3")
+            } else {
+                (secure::Proto::Https, b"http/1.1")
+            };
+            Some(secure::Secure {
+                proto,
+                tls: secure::client_config(ca, alpn, resumption)?,
+                server_name: rustls::pki_types::ServerName::try_from(a.sni.clone())
+                    .context("--sni")?,
+            })
+        }
+        _ => anyhow::bail!("--proto: http, https or h3"),
+    };
     let handles: Vec<_> = cpus
         .iter()
         .enumerate()
         .map(|(w, &cpu)| {
             let model = model.clone();
             let a = a.clone();
+            let secure = secure.clone();
             std::thread::spawn(
                 move || -> anyhow::Result<(workload::Pool, engine::WorkerResult)> {
                     let _ = gateway::sys::pin_to_cpu(cpu);
@@ -305,7 +345,10 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
                         }),
                         record_answers: record,
                     };
-                    let r = engine::run_worker(&plan, &pool.requests)?;
+                    let r = match &secure {
+                        None => engine::run_worker(&plan, &pool.requests)?,
+                        Some(s) => secure::run_worker(&plan, &pool.requests, s)?,
+                    };
                     Ok((pool, r))
                 },
             )

@@ -5,15 +5,16 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-/// A workspace binary beside loadgen's, built if missing (a `cargo test -p
-/// clickgate-loadgen` alone does not build the other packages).
+/// A workspace binary beside loadgen's, brought up to date first (a `cargo
+/// test -p clickgate-loadgen` alone neither builds nor rebuilds the other
+/// packages; a stale binary would test old code).
 pub fn bin(name: &str, package: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_BIN_EXE_loadgen"))
         .parent()
         .unwrap()
         .to_path_buf();
     let b = dir.join(name);
-    if !b.exists() {
+    {
         let mut c = Command::new(env!("CARGO"));
         c.args(["build", "-q", "-p", package]);
         if dir.ends_with("release") {
