@@ -193,39 +193,40 @@ async fn run(plan: Plan, requests: Rc<Vec<Vec<u8>>>, s: Secure) -> anyhow::Resul
                 })
                 .await;
                 let now = Instant::now();
-                let mut st = stats.borrow_mut();
-                let answer = match result {
-                    Ok(Ok((status, body))) => {
-                        *st.statuses.entry(status).or_insert(0) += 1;
-                        if t.due >= measure_from && t.due < end {
-                            let ns = now.duration_since(t.due).as_nanos() as u64;
-                            st.hist.saturating_record(ns.max(1_000));
-                            st.measured_completed += 1;
+                {
+                    let mut st = stats.borrow_mut();
+                    let answer = match result {
+                        Ok(Ok((status, body))) => {
+                            *st.statuses.entry(status).or_insert(0) += 1;
+                            if t.due >= measure_from && t.due < end {
+                                let ns = now.duration_since(t.due).as_nanos() as u64;
+                                st.hist.saturating_record(ns.max(1_000));
+                                st.measured_completed += 1;
+                            }
+                            if status == 200 && requests[t.req].starts_with(b"POST") {
+                                Answer::BatchItem(batch_verdict(&body))
+                            } else {
+                                Answer::Status(status)
+                            }
                         }
-                        if status == 200 && requests[t.req].starts_with(b"POST") {
-                            Answer::BatchItem(batch_verdict(&body))
-                        } else {
-                            Answer::Status(status)
+                        Ok(Err((kind, _))) => {
+                            match kind {
+                                Fail::Connect => st.errors.connect += 1,
+                                Fail::Reset => st.errors.reset += 1,
+                            }
+                            conn = None;
+                            Answer::Unknown
                         }
-                    }
-                    Ok(Err((kind, _))) => {
-                        match kind {
-                            Fail::Connect => st.errors.connect += 1,
-                            Fail::Reset => st.errors.reset += 1,
+                        Err(_) => {
+                            st.errors.timeout += 1;
+                            conn = None;
+                            Answer::Unknown
                         }
-                        conn = None;
-                        Answer::Unknown
+                    };
+                    if plan.record_answers {
+                        st.answers.push((t.req as u32, answer));
                     }
-                    Err(_) => {
-                        st.errors.timeout += 1;
-                        conn = None;
-                        Answer::Unknown
-                    }
-                };
-                if plan.record_answers {
-                    st.answers.push((t.req as u32, answer));
                 }
-                drop(st);
                 if !plan.keepalive {
                     if let Some(c) = conn.take() {
                         c.close().await;
