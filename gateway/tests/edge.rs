@@ -6,6 +6,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -481,4 +482,95 @@ fn rolling_restart_with_takeover_drops_no_click() {
         "{ins}\n{}",
         std::fs::read_to_string(&new_log).unwrap()
     );
+}
+
+/// Installs a Debian package when `probe` is missing (the test command runs
+/// as root on a fresh box); false when it cannot be had.
+fn ensure_debian(probe: &str, packages: &[&str]) -> bool {
+    let have = || Path::new(probe).exists();
+    for update in [false, true] {
+        if have() {
+            return true;
+        }
+        if update {
+            let _ = Command::new("apt-get").args(["update", "-qq"]).status();
+        }
+        let _ = Command::new("apt-get")
+            .args(["install", "-y", "-qq"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(std::process::Stdio::null())
+            .status();
+    }
+    have()
+}
+
+/// A real browser: headless Chromium opens a publisher page, clicks the
+/// signed ad link (HTTPS), follows the gateway's 302 and lands on the advertiser's
+/// page; the click is in the gateway's log once. The screenshot of the
+/// landing is kept in target/test-artifacts/.
+#[test]
+fn a_browser_clicks_a_signed_ad_and_lands_with_the_click_counted() {
+    let selenium = || {
+        Command::new("python3")
+            .args(["-c", "import selenium"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !selenium() {
+        let _ = Command::new("python3")
+            .args(["-m", "pip", "install", "-q", "selenium"])
+            .status();
+    }
+    if !ensure_debian("/usr/bin/chromedriver", &["chromium", "chromium-driver"]) || !selenium() {
+        eprintln!("SKIPPED: chromium, chromium-driver or selenium could not be installed");
+        return;
+    }
+    // Over HTTPS, as browsers follow ad links (the dev certificate is
+    // self-signed: the browser is told to accept it).
+    let t = start_tls("");
+    let g = &t.g;
+    let pages = free_port();
+    let landing = format!("http://127.0.0.1:{pages}/landing?item=7");
+    let target = Click {
+        click_id: "browser-1",
+        redirect: &landing,
+        ..Click::default()
+    }
+    .target();
+    let ad_url = format!("https://localhost:{}{target}", t.https.port());
+    let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let shot = artifacts.join("browser-click-landing.png");
+    let _ = std::fs::remove_file(&shot);
+    let out = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/tools/browser_click.py"
+        ))
+        .args([
+            "--port",
+            &pages.to_string(),
+            "--ad-url",
+            &ad_url,
+            "--screenshot",
+        ])
+        .arg(&shot)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains(&format!("\"url\": \"{landing}\"")), "{text}");
+    assert!(text.contains("Item 7 at the advertiser's shop"), "{text}");
+    assert!(
+        std::fs::metadata(&shot).unwrap().len() > 1000,
+        "screenshot kept"
+    );
+    let ins = g.inspect(true);
+    assert_eq!(totals(&ins), (1, 0, 0, 0), "{ins}");
+    assert!(ins.contains("click_id=browser-1 "), "{ins}");
 }
