@@ -22,11 +22,15 @@ struct TlsGateway {
 }
 
 fn start_tls(listen_extra: &str) -> TlsGateway {
+    start_tls_with("", listen_extra)
+}
+
+fn start_tls_with(extra: &str, listen_extra: &str) -> TlsGateway {
     let certs = tempfile::tempdir().unwrap();
     let der = write_cert(certs.path(), "gw");
     let https: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let extra = format!(
-        "[tls]\ncert_file = \"{0}/gw.pem\"\nkey_file = \"{0}/gw.key\"\n",
+        "{extra}\n[tls]\ncert_file = \"{0}/gw.pem\"\nkey_file = \"{0}/gw.key\"\n",
         certs.path().display()
     );
     let g = Gateway::start_listen(&extra, &format!("https = \"{https}\"\n{listen_extra}"));
@@ -59,8 +63,18 @@ fn client_config(trust: &CertificateDer<'static>, tls12: bool) -> Arc<rustls::Cl
 type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
 fn tls_connect(addr: std::net::SocketAddr, config: &Arc<rustls::ClientConfig>) -> Tls {
-    let tcp = TcpStream::connect(addr).unwrap();
+    tls_connect_after(addr, config, b"")
+}
+
+/// A TLS connection that first sends `prefix` in clear (a PROXY header).
+fn tls_connect_after(
+    addr: std::net::SocketAddr,
+    config: &Arc<rustls::ClientConfig>,
+    prefix: &[u8],
+) -> Tls {
+    let mut tcp = TcpStream::connect(addr).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tcp.write_all(prefix).unwrap();
     let conn =
         rustls::ClientConnection::new(config.clone(), ServerName::try_from("localhost").unwrap())
             .unwrap();
@@ -573,4 +587,60 @@ fn a_browser_clicks_a_signed_ad_and_lands_with_the_click_counted() {
     let ins = g.inspect(true);
     assert_eq!(totals(&ins), (1, 0, 0, 0), "{ins}");
     assert!(ins.contains("click_id=browser-1 "), "{ins}");
+}
+
+/// The PROXY header comes before TLS on the HTTPS listener; a connection
+/// stalled in the PROXY header or in the TLS handshake is closed by the
+/// header timeout, as a stalled HTTP request is.
+#[test]
+fn https_behind_proxy_protocol_and_stalled_handshakes_time_out() {
+    let t = start_tls_with(
+        "[limits]\nheader_timeout_ms = 1000\n[traffic]\nvelocity_per_minute_max = 1\n",
+        "https_proxy_protocol = true\n",
+    );
+    let config = client_config(&t.der, false);
+    let header = b"PROXY TCP4 203.0.113.50 127.0.0.1 40000 443\r\n";
+    for id in ["ppt-1", "ppt-2"] {
+        let mut s = tls_connect_after(t.https, &config, header);
+        assert_eq!(tls_get(&mut s, &click(id)).status, 302);
+    }
+    let mut ev = events_by_client(&t.g);
+    ev.sort();
+    assert_eq!(
+        ev,
+        vec![
+            ("203.0.113.50".to_string(), "accepted".to_string()),
+            ("203.0.113.50".to_string(), "invalid".to_string()),
+        ],
+        "the address from the PROXY header, before TLS, is the client"
+    );
+
+    let stalled = |bytes: &[u8]| {
+        let mut s = TcpStream::connect(t.https).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(bytes).unwrap();
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 64];
+        // Closed: EOF or a reset, well before the 10 s read timeout.
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        started.elapsed()
+    };
+    // Half a PROXY header.
+    assert!(stalled(b"PROXY TCP4 203.0.") < Duration::from_secs(5));
+    // A whole PROXY header, then five bytes of a TLS record header.
+    let mut half_hello = header.to_vec();
+    half_hello.extend_from_slice(&[0x16, 0x03, 0x01, 0x02, 0x00]);
+    assert!(stalled(&half_hello) < Duration::from_secs(5));
+    assert_eq!(
+        metric(
+            &t.g.metrics(),
+            "clickgate_drops_total{reason=\"header_timeout\"}"
+        ),
+        2
+    );
 }
