@@ -46,6 +46,55 @@ pub struct Config {
     pub group_commit_max: usize,
     /// Most points one query may return. Default 100000.
     pub query_max_points: usize,
+    /// The ClickHouse sink; off unless `clickhouse.url` is set.
+    pub clickhouse: ClickHouse,
+}
+
+/// `[clickhouse]`: merged rows written to a ClickHouse ReplacingMergeTree.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClickHouse {
+    /// HTTP interface, e.g. "http://127.0.0.1:8123". Empty: no sink. Default "".
+    pub url: String,
+    /// Database (created beforehand). Default "default".
+    pub database: String,
+    /// Table for the rows; `<table>_watermark` holds the watermark. Created
+    /// if missing. Default "clickgate_minutes".
+    pub table: String,
+    /// HTTP basic auth; empty user: none. Default "".
+    pub user: String,
+    pub password: String,
+    /// How often changed rows are written, ms. Default 1000.
+    pub flush_interval_ms: u64,
+    /// Most rows in one INSERT. Default 50000.
+    pub batch_rows_max: usize,
+    /// One statement's time limit, ms. Default 10000.
+    pub timeout_ms: u64,
+    /// Answer queries for advertisers this instance does not own from
+    /// ClickHouse (see [cluster]). Default true.
+    pub serve_queries: bool,
+}
+
+impl Default for ClickHouse {
+    fn default() -> Self {
+        ClickHouse {
+            url: String::new(),
+            database: "default".into(),
+            table: "clickgate_minutes".into(),
+            user: String::new(),
+            password: String::new(),
+            flush_interval_ms: 1000,
+            batch_rows_max: 50_000,
+            timeout_ms: 10_000,
+            serve_queries: true,
+        }
+    }
+}
+
+impl ClickHouse {
+    pub fn enabled(&self) -> bool {
+        !self.url.is_empty()
+    }
 }
 
 impl Default for Config {
@@ -67,6 +116,7 @@ impl Default for Config {
             max_streams_per_connection: 64,
             group_commit_max: 64,
             query_max_points: 100_000,
+            clickhouse: ClickHouse::default(),
         }
     }
 }
@@ -91,6 +141,22 @@ impl Config {
             return Err(
                 "max_batch_bytes at least 1024, max_raw_bytes at least max_batch_bytes".into(),
             );
+        }
+        let ch = &self.clickhouse;
+        let ident =
+            |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if ch.enabled() {
+            if !ch.url.starts_with("http://") {
+                return Err("clickhouse.url: http://host:port".into());
+            }
+            if !ident(&ch.database) || !ident(&ch.table) {
+                return Err("clickhouse.database and clickhouse.table: [A-Za-z0-9_]+".into());
+            }
+            if ch.batch_rows_max == 0 || ch.flush_interval_ms == 0 || ch.timeout_ms == 0 {
+                return Err(
+                    "clickhouse.batch_rows_max, flush_interval_ms, timeout_ms: at least 1".into(),
+                );
+            }
         }
         if self.max_streams_per_connection == 0
             || self.group_commit_max == 0

@@ -8,6 +8,7 @@
 //! sockets; [`server`] (quinn) and [`http`] (axum) are the edges.
 
 pub mod certs;
+pub mod clickhouse;
 pub mod config;
 pub mod http;
 pub mod metrics;

@@ -39,6 +39,10 @@ enum Cmd {
         /// Allowed lateness, ms (overrides the config).
         #[arg(long)]
         lateness_ms: Option<i64>,
+        /// ClickHouse HTTP URL for the sink, e.g. http://127.0.0.1:8123
+        /// (overrides clickhouse.url).
+        #[arg(long)]
+        clickhouse: Option<String>,
     },
     /// Write a development CA, server and PoP certificates and pops.toml.
     DevCerts {
@@ -99,6 +103,7 @@ fn main() -> anyhow::Result<()> {
             certs,
             tokens,
             lateness_ms,
+            clickhouse,
         } => {
             let mut cfg = match config {
                 Some(p) => Config::load(&p).map_err(anyhow::Error::msg)?,
@@ -124,6 +129,9 @@ fn main() -> anyhow::Result<()> {
             }
             if let Some(l) = lateness_ms {
                 cfg.lateness_ms = l;
+            }
+            if let Some(u) = clickhouse {
+                cfg.clickhouse.url = u;
             }
             cfg.validate().map_err(anyhow::Error::msg)?;
             run(cfg)
@@ -236,6 +244,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
                 horizon_ms: cfg.horizon_ms,
                 source_timeout_ms: cfg.source_timeout_ms,
                 raw_max: cfg.max_raw_bytes,
+                export: cfg.clickhouse.enabled(),
             },
         )
         .with_context(|| format!("opening the store {}", cfg.store_path.display()))?,
@@ -247,6 +256,16 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let writer = server::spawn_writer(st.clone(), metrics.clone(), cfg.group_commit_max);
+        let sink_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sink = cfg.clickhouse.enabled().then(|| {
+            tracing::info!(url = %cfg.clickhouse.url, table = %cfg.clickhouse.table, "ClickHouse sink on");
+            tokio::spawn(aggregator::clickhouse::run_sink(
+                st.clone(),
+                cfg.clickhouse.clone(),
+                metrics.clone(),
+                sink_stop.clone(),
+            ))
+        });
         let endpoint = quinn::Endpoint::server(server::server_config(&cfg)?, cfg.listen_quic)
             .with_context(|| format!("binding QUIC on {}", cfg.listen_quic))?;
         let api = Arc::new(http::Api {
@@ -279,6 +298,12 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         endpoint.close(0u32.into(), b"aggregator stopping");
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), quic).await;
         endpoint.wait_idle().await;
+        // Last rows to ClickHouse: one more round, then stop (what is not
+        // written stays in the store's export table for the next start).
+        if let Some(sink) = sink {
+            sink_stop.store(true, Relaxed);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), sink).await;
+        }
         Ok(())
     })
 }

@@ -58,6 +58,11 @@ pub struct Metrics {
     pub query_latency: Histogram,
     pub queries: AtomicU64,
     pub query_errors: AtomicU64,
+    pub ch_rows_written: AtomicU64,
+    pub ch_inserts: AtomicU64,
+    pub ch_errors: AtomicU64,
+    /// Changed rows not yet in ClickHouse (gauge).
+    pub ch_backlog: AtomicU64,
 }
 
 impl Metrics {
@@ -132,6 +137,21 @@ impl Metrics {
                 "Query API requests refused (400, 401, 403).",
                 &self.query_errors,
             ),
+            (
+                "clickhouse_rows_written_total",
+                "Rows written to ClickHouse (a row again after each change).",
+                &self.ch_rows_written,
+            ),
+            (
+                "clickhouse_inserts_total",
+                "INSERT statements ClickHouse accepted.",
+                &self.ch_inserts,
+            ),
+            (
+                "clickhouse_errors_total",
+                "ClickHouse statements that failed (retried with back-off).",
+                &self.ch_errors,
+            ),
         ] {
             let _ = writeln!(s, "# HELP clickgate_aggregator_{name} {help}\n# TYPE clickgate_aggregator_{name} counter\nclickgate_aggregator_{name} {}", v.load(Relaxed));
         }
@@ -139,6 +159,11 @@ impl Metrics {
         let _ = writeln!(
             s,
             "# TYPE clickgate_aggregator_sources gauge\nclickgate_aggregator_sources {sources}"
+        );
+        let _ = writeln!(
+            s,
+            "# HELP clickgate_aggregator_clickhouse_backlog_rows Changed rows not yet written to ClickHouse.\n# TYPE clickgate_aggregator_clickhouse_backlog_rows gauge\nclickgate_aggregator_clickhouse_backlog_rows {}",
+            self.ch_backlog.load(Relaxed)
         );
         self.commit_latency
             .render("clickgate_aggregator_store_commit_seconds", &mut s);

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{RwLock, RwLockReadGuard};
 
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use wire::batch::{items, Ack, Batch, BatchKind, Status};
 use wire::record::{Counts, EventRef, PartialRecord, RowKey};
 use wire::segment::RecordType;
@@ -30,6 +30,10 @@ const LATE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("late");
 const AUDIT: TableDefinition<(u32, &str, u16, u64), &[u8]> = TableDefinition::new("audit");
 /// Named counters and the monotonic global watermark.
 const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
+/// Rows changed since they were last written to ClickHouse: row key -> the
+/// revision (`meta["revision"]`, one per write transaction) of the change.
+/// Filled only when a sink is configured (`Settings::export`).
+const EXPORT: TableDefinition<&[u8], u64> = TableDefinition::new("export");
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -42,6 +46,8 @@ pub struct Settings {
     pub source_timeout_ms: i64,
     /// Largest decompressed batch accepted.
     pub raw_max: usize,
+    /// Record changed rows for the ClickHouse sink.
+    pub export: bool,
 }
 
 impl Default for Settings {
@@ -51,6 +57,7 @@ impl Default for Settings {
             horizon_ms: 24 * 3_600_000,
             source_timeout_ms: 60_000,
             raw_max: 64 << 20,
+            export: false,
         }
     }
 }
@@ -93,6 +100,7 @@ fn open_db(path: &Path) -> Result<Database> {
     tx.open_table(LATE).map_err(se)?;
     tx.open_table(AUDIT).map_err(se)?;
     tx.open_table(META).map_err(se)?;
+    tx.open_table(EXPORT).map_err(se)?;
     tx.commit().map_err(se)?;
     Ok(db)
 }
@@ -312,6 +320,9 @@ impl Store {
             let mut late = tx.open_table(LATE).map_err(se)?;
             let mut audit = tx.open_table(AUDIT).map_err(se)?;
             let mut meta = tx.open_table(META).map_err(se)?;
+            let mut export = tx.open_table(EXPORT).map_err(se)?;
+            let revision = meta.get("revision").map_err(se)?.map_or(0, |v| v.value()) + 1;
+            let mut exported = false;
             let mut wm = meta
                 .get("watermark")
                 .map_err(se)?
@@ -380,6 +391,10 @@ impl Store {
                                 }
                                 rows.insert(kb.as_slice(), r.encode().as_slice())
                                     .map_err(se)?;
+                                if self.settings.export {
+                                    export.insert(kb.as_slice(), revision as u64).map_err(se)?;
+                                    exported = true;
+                                }
                                 eff.rows += 1;
                             }
                             let new = (plan.cursor, cur.1);
@@ -422,6 +437,9 @@ impl Store {
                 .unwrap_or(0);
             if wm > stored {
                 meta.insert("watermark", wm).map_err(se)?;
+            }
+            if exported {
+                meta.insert("revision", revision).map_err(se)?;
             }
             for (name, v) in [
                 (
@@ -628,6 +646,12 @@ impl Store {
         let tx = db.begin_write().map_err(se)?;
         {
             let mut t = tx.open_table(ROWS).map_err(se)?;
+            let mut meta = tx.open_table(META).map_err(se)?;
+            let mut export = tx.open_table(EXPORT).map_err(se)?;
+            let revision = meta.get("revision").map_err(se)?.map_or(0, |v| v.value()) + 1;
+            if self.settings.export && !fixes.is_empty() {
+                meta.insert("revision", revision).map_err(se)?;
+            }
             for (k, c) in fixes {
                 let kb = encode_key(k);
                 let old = t
@@ -639,9 +663,86 @@ impl Store {
                     version: old.map_or(0, |o| o.version) + 1,
                 };
                 t.insert(kb.as_slice(), r.encode().as_slice()).map_err(se)?;
+                if self.settings.export {
+                    export.insert(kb.as_slice(), revision as u64).map_err(se)?;
+                }
             }
         }
         tx.commit().map_err(se)
+    }
+
+    /// Up to `max` changed rows not yet in ClickHouse, in key order, as they
+    /// stand now.
+    pub fn export_pending(&self, max: usize) -> Result<Vec<ExportRow>> {
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(se)?;
+        let export = tx.open_table(EXPORT).map_err(se)?;
+        let rows = tx.open_table(ROWS).map_err(se)?;
+        let mut out = Vec::new();
+        for e in export.iter().map_err(se)?.take(max) {
+            let (k, rev) = e.map_err(se)?;
+            let kb = k.value().to_vec();
+            let Some(key) = decode_key(&kb) else { continue };
+            let row = rows
+                .get(kb.as_slice())
+                .map_err(se)?
+                .map(|v| Row::decode(v.value()))
+                .unwrap_or_default();
+            out.push(ExportRow {
+                key_bytes: kb,
+                key,
+                row,
+                revision: rev.value(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Forgets exported changes, unless the row changed again since (its
+    /// revision moved): that change is exported next time.
+    pub fn export_done(&self, done: &[(Vec<u8>, u64)]) -> Result<()> {
+        let db = self.db()?;
+        let tx = db.begin_write().map_err(se)?;
+        {
+            let mut export = tx.open_table(EXPORT).map_err(se)?;
+            for (kb, rev) in done {
+                let same = export
+                    .get(kb.as_slice())
+                    .map_err(se)?
+                    .is_some_and(|v| v.value() == *rev);
+                if same {
+                    export.remove(kb.as_slice()).map_err(se)?;
+                }
+            }
+        }
+        tx.commit().map_err(se)
+    }
+
+    /// Changed rows waiting for ClickHouse.
+    pub fn export_backlog(&self) -> Result<u64> {
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(se)?;
+        let export = tx.open_table(EXPORT).map_err(se)?;
+        export.len().map_err(se)
+    }
+}
+
+/// A row changed since it was last written to ClickHouse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportRow {
+    pub key_bytes: Vec<u8>,
+    pub key: RowKey,
+    pub row: Row,
+    /// The store revision of its last change: ClickHouse's version column.
+    pub revision: u64,
+}
+
+impl ExportRow {
+    /// What `Store::export_done` takes back once the row is written.
+    pub fn done(rows: &[ExportRow]) -> Vec<(Vec<u8>, u64)> {
+        rows.iter()
+            .map(|r| (r.key_bytes.clone(), r.revision))
+            .collect()
     }
 }
 
@@ -804,6 +905,7 @@ mod tests {
                 horizon_ms: 3_600_000,
                 source_timeout_ms: 60_000,
                 raw_max: 1 << 20,
+                export: true,
             },
         )
         .unwrap();
@@ -829,6 +931,42 @@ mod tests {
             c.merge(v);
         }
         c
+    }
+
+    #[test]
+    fn changed_rows_wait_for_export_and_a_newer_change_outlives_an_older_ack() {
+        let (_d, s) = store();
+        let m = (T0 / 60_000) as u32;
+        let b1 = partials(
+            "gw",
+            0,
+            &[(
+                2,
+                0,
+                T0,
+                vec![(key("a", "x", m), clicks(1)), (key("a", "y", m), clicks(1))],
+            )],
+        );
+        assert_eq!(apply(&s, &b1, T0).status, Status::Applied);
+        let first = s.export_pending(10).unwrap();
+        assert_eq!(first.len(), 2);
+        assert_eq!(s.export_pending(1).unwrap().len(), 1, "bounded");
+        // x changes again before the first export is acknowledged.
+        let b2 = partials("gw", 0, &[(5, 2, T0, vec![(key("a", "x", m), clicks(2))])]);
+        assert_eq!(apply(&s, &b2, T0).status, Status::Applied);
+        s.export_done(&ExportRow::done(&first)).unwrap();
+        let left = s.export_pending(10).unwrap();
+        assert_eq!(left.len(), 1, "x's newer change is still to export");
+        assert_eq!(
+            (left[0].key.ad_id.as_str(), left[0].row.counts.clicks),
+            ("x", 3)
+        );
+        assert!(left[0].revision > first[0].revision);
+        // A duplicate batch changes nothing, so exports nothing new.
+        assert_eq!(apply(&s, &b2, T0).status, Status::Duplicate);
+        assert_eq!(s.export_pending(10).unwrap(), left);
+        s.export_done(&ExportRow::done(&left)).unwrap();
+        assert_eq!(s.export_backlog().unwrap(), 0);
     }
 
     #[test]

@@ -37,12 +37,29 @@ pub fn expected_from_log(log: &HashMap<String, Vec<Counted>>) -> Totals {
 
 /// One HTTP/1.1 GET on loopback; returns (status, body).
 fn get(addr: SocketAddr, path: &str, token: &str) -> anyhow::Result<(u16, Vec<u8>)> {
+    exchange(
+        addr,
+        &format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        ),
+    )
+}
+
+/// One HTTP/1.1 POST of `body` on loopback; returns (status, body).
+fn post(addr: SocketAddr, path: &str, body: &str) -> anyhow::Result<(u16, Vec<u8>)> {
+    exchange(
+        addr,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
+fn exchange(addr: SocketAddr, request: &str) -> anyhow::Result<(u16, Vec<u8>)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
-    )?;
+    s.write_all(request.as_bytes())?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf)?;
     let mut headers = [httparse::EMPTY_HEADER; 32];
@@ -125,6 +142,36 @@ pub fn fetch(addr: SocketAddr, token: &str, expected: &Totals) -> anyhow::Result
                 e.0 += clicks;
                 e.1 += spend;
             }
+        }
+    }
+    Ok(got)
+}
+
+/// The totals ClickHouse's final rows hold, per (advertiser, ad, minute),
+/// read over its HTTP interface from the sink's table.
+pub fn fetch_clickhouse(addr: SocketAddr, table: &str) -> anyhow::Result<Totals> {
+    let q = format!(
+        "SELECT advertiser_id, ad_id, intDiv(toUInt32(minute), 60), sum(clicks), sum(spend_micros) \
+         FROM {table} FINAL GROUP BY advertiser_id, ad_id, minute FORMAT TSV"
+    );
+    let (status, body) = post(addr, "/", &q)?;
+    let text = String::from_utf8_lossy(&body);
+    if status != 200 {
+        return Err(anyhow!("ClickHouse: {status} {}", text.trim()));
+    }
+    let mut got = Totals::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        let f: Vec<&str> = line.split('\t').collect();
+        if f.len() != 5 {
+            return Err(anyhow!("unexpected ClickHouse row {line:?}"));
+        }
+        let (clicks, spend): (u64, u64) = (f[3].parse()?, f[4].parse()?);
+        if clicks > 0 || spend > 0 {
+            let e = got
+                .entry((f[0].to_owned(), f[1].to_owned(), f[2].parse()?))
+                .or_default();
+            e.0 += clicks;
+            e.1 += spend;
         }
     }
     Ok(got)

@@ -51,10 +51,17 @@ enum Cmd {
         /// A query token that reads every advertiser (advertiser "*").
         #[arg(long, default_value = "")]
         token: String,
-        /// Keep asking the aggregator for up to this many seconds until it
-        /// matches (it counts what the shipper has delivered so far).
+        /// Keep asking the aggregator (and ClickHouse) for up to this many
+        /// seconds until it matches (it counts what the shipper has
+        /// delivered so far).
         #[arg(long, default_value_t = 0.0)]
         wait_secs: f64,
+        /// ClickHouse's HTTP address: also compare the final rows of the
+        /// aggregator's sink table with the logs, exactly.
+        #[arg(long)]
+        clickhouse: Option<SocketAddr>,
+        #[arg(long, default_value = "clickgate_minutes")]
+        clickhouse_table: String,
     },
 }
 
@@ -183,6 +190,8 @@ fn real_main() -> anyhow::Result<()> {
             aggregator,
             token,
             wait_secs,
+            clickhouse,
+            clickhouse_table,
         } => {
             let o: oracle::Oracle = serde_json::from_slice(
                 &std::fs::read(&oracle).with_context(|| format!("reading {}", oracle.display()))?,
@@ -219,7 +228,14 @@ fn real_main() -> anyhow::Result<()> {
             }
             let mut ok = v.ok();
             if let Some(addr) = aggregator {
-                ok &= verify_aggregator(addr, &token, &counted, wait_secs)?;
+                ok &= verify_totals("aggregator", &counted, wait_secs, |e| {
+                    aggcheck::fetch(addr, &token, e)
+                })?;
+            }
+            if let Some(addr) = clickhouse {
+                ok &= verify_totals("clickhouse", &counted, wait_secs, |_| {
+                    aggcheck::fetch_clickhouse(addr, &clickhouse_table)
+                })?;
             }
             if ok {
                 println!("verify: OK (exact)");
@@ -232,24 +248,25 @@ fn real_main() -> anyhow::Result<()> {
     }
 }
 
-/// Compares the aggregator's totals with the logs' until equal or out of time.
-fn verify_aggregator(
-    addr: SocketAddr,
-    token: &str,
+/// Compares totals read by `fetch` (the aggregator's, ClickHouse's) with the
+/// logs' until equal or out of time.
+fn verify_totals(
+    what: &str,
     log: &std::collections::HashMap<String, Vec<oracle::Counted>>,
     wait_secs: f64,
+    fetch: impl Fn(&aggcheck::Totals) -> anyhow::Result<aggcheck::Totals>,
 ) -> anyhow::Result<bool> {
     let expected = aggcheck::expected_from_log(log);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64(wait_secs);
     loop {
-        let got = aggcheck::fetch(addr, token, &expected)?;
+        let got = fetch(&expected)?;
         let d = aggcheck::diff(&expected, &got);
         let sum = |t: &aggcheck::Totals| t.values().fold((0, 0), |a, v| (a.0 + v.0, a.1 + v.1));
         if d.is_empty() || std::time::Instant::now() >= deadline {
             let (ec, es) = sum(&expected);
             let (gc, gs) = sum(&got);
             println!(
-                "aggregator: expected clicks {ec} spend_micros {es}  counted clicks {gc} spend_micros {gs}  differing (advertiser, ad, minute) {}",
+                "{what}: expected clicks {ec} spend_micros {es}  counted clicks {gc} spend_micros {gs}  differing (advertiser, ad, minute) {}",
                 d.len()
             );
             for ((adv, ad, m), e, g) in d.iter().take(10) {

@@ -109,6 +109,45 @@ struct Pipeline {
     agg_http: String,
     token: String,
     procs: [Proc; 3],
+    /// The ClickHouse server the aggregator's sink writes to, if any.
+    clickhouse: Option<ClickHouseServer>,
+}
+
+/// A private clickhouse-server (scripts/clickhouse-local).
+struct ClickHouseServer {
+    pid: i32,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl ClickHouseServer {
+    /// None when no server can be had (not root, no package).
+    fn start() -> Option<ClickHouseServer> {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/clickhouse-local");
+        let out = Command::new(script)
+            .arg(dir.path())
+            .arg(port.to_string())
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            eprintln!("no ClickHouse: {}", String::from_utf8_lossy(&out.stderr));
+            return None;
+        }
+        Some(ClickHouseServer {
+            pid: String::from_utf8_lossy(&out.stdout).trim().parse().unwrap(),
+            addr: format!("127.0.0.1:{port}"),
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for ClickHouseServer {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the server this test started.
+        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+    }
 }
 
 const AGG: usize = 0;
@@ -118,6 +157,13 @@ const SHIP: usize = 2;
 impl Pipeline {
     fn new() -> Pipeline {
         Self::build(&[], None)
+    }
+
+    /// With the aggregator's ClickHouse sink on a private server; None when
+    /// no ClickHouse server can be had.
+    fn with_clickhouse(envs: &[(usize, &str, &str)]) -> Option<Pipeline> {
+        let ch = ClickHouseServer::start()?;
+        Some(Self::build_with(envs, None, Some(ch)))
     }
 
     /// With environment variables for the gateway (fault injection).
@@ -136,6 +182,14 @@ impl Pipeline {
 
     /// `envs`: (process, variable, value) for each process's first start.
     fn build(envs: &[(usize, &str, &str)], proxy: Option<&mut Option<Proxy>>) -> Pipeline {
+        Self::build_with(envs, proxy, None)
+    }
+
+    fn build_with(
+        envs: &[(usize, &str, &str)],
+        proxy: Option<&mut Option<Proxy>>,
+        clickhouse: Option<ClickHouseServer>,
+    ) -> Pipeline {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().to_owned();
         let agg_bin = bin("clickgate-aggregator", "clickgate-aggregator");
@@ -190,23 +244,28 @@ impl Pipeline {
         )
         .unwrap();
         let os = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        let mut agg_args = os(&[
+            "run",
+            "--store",
+            &p("agg/store.redb"),
+            "--certs",
+            &p("certs"),
+            "--tokens",
+            &p("tokens.toml"),
+            "--listen-quic",
+            &agg_quic,
+            "--listen-http",
+            &agg_http,
+        ]);
+        if let Some(ch) = &clickhouse {
+            agg_args.push("--clickhouse".into());
+            agg_args.push(format!("http://{}", ch.addr).into());
+        }
         let procs = [
             Proc {
                 name: "aggregator",
                 bin: agg_bin,
-                args: os(&[
-                    "run",
-                    "--store",
-                    &p("agg/store.redb"),
-                    "--certs",
-                    &p("certs"),
-                    "--tokens",
-                    &p("tokens.toml"),
-                    "--listen-quic",
-                    &agg_quic,
-                    "--listen-http",
-                    &agg_http,
-                ]),
+                args: agg_args,
                 log: d.join("aggregator.log"),
                 ready: (agg_http.clone(), "/readyz"),
                 child: None,
@@ -253,6 +312,7 @@ impl Pipeline {
             agg_http,
             token,
             procs,
+            clickhouse,
         };
         for (i, k, v) in envs {
             pl.procs[*i].env.push((k.to_string(), v.to_string()));
@@ -293,6 +353,11 @@ impl Pipeline {
             .arg(self.path("data"))
             .args(["--aggregator", &self.agg_http, "--token", &self.token])
             .args(["--wait-secs", "60"])
+            .args(
+                self.clickhouse
+                    .iter()
+                    .flat_map(|c| ["--clickhouse".to_string(), c.addr.clone()]),
+            )
             .output()
             .unwrap();
         (
@@ -731,4 +796,56 @@ fn exact_through_crashes_at_named_points() {
                 .unwrap_or("")
         );
     }
+}
+
+#[test]
+fn clickhouse_holds_exactly_what_was_acknowledged_through_aggregator_crashes() {
+    // The aggregator writes merged rows to a real ClickHouse; it aborts once
+    // after a ClickHouse INSERT succeeded but before the store forgot those
+    // rows (so they are written again), and is killed with SIGKILL once more
+    // during the load. ClickHouse's final rows must equal the log exactly.
+    let Some(mut pl) = Pipeline::with_clickhouse(&[(
+        AGG,
+        "CLICKGATE_CRASH_AT",
+        "aggregator_exported_before_forget:3",
+    )]) else {
+        eprintln!("SKIPPED: no ClickHouse server could be started");
+        return;
+    };
+    let oracle = "oracle-ch.json";
+    let mut lg = pl
+        .loadgen(oracle, &["--connections", "8", "--rate", "400"])
+        .args(["--duration", "8", "--pool", "3200", "--seed", "31"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let mut crashed = 0;
+    let mut killed = false;
+    while lg.try_wait().unwrap().is_none() {
+        crashed += pl.restart_dead();
+        if !killed && started.elapsed() > Duration::from_secs(5) {
+            pl.procs[AGG].kill9();
+            pl.procs[AGG].start();
+            killed = true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    crashed += pl.restart_dead();
+    let out = lg.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(killed);
+    assert_eq!(crashed, 1, "the armed crash point fired\n{}", pl.logs());
+    let (ok, text) = pl.verify(oracle);
+    assert!(ok, "{text}\n{}", pl.logs());
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("clickhouse:"))
+        .unwrap_or_else(|| panic!("no clickhouse line:\n{text}"));
+    assert!(
+        line.ends_with("differing (advertiser, ad, minute) 0"),
+        "{line}"
+    );
+    eprintln!("CLICKHOUSE: {line}");
 }

@@ -1,0 +1,413 @@
+//! The ClickHouse sink: merged rows written to a ReplacingMergeTree, in bulk,
+//! idempotently, and read back for queries.
+//!
+//! The store records every row a transaction changes, with the transaction's
+//! revision (`Store::export_pending`). The sink thread writes those rows as
+//! they stand, with their revision as the ReplacingMergeTree version, in one
+//! INSERT, then forgets the changes it wrote (`Store::export_done`). A crash
+//! or a failed answer between the two writes the same rows again with the
+//! same revisions: ClickHouse keeps one of each (same key, same version, same
+//! values), so a re-sent batch leaves the same rows. A later change has a
+//! higher revision and replaces the earlier one; corrections after a minute
+//! is final carry their own `version` column too. Readers use `FINAL`.
+//!
+//! The client is ClickHouse's HTTP interface with JSONEachRow, through the
+//! hyper the aggregator already serves HTTP with: it is the interface every
+//! server version keeps, including Debian's 18.16 the tests run against,
+//! which predates what the native Rust clients speak.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use wire::record::Counts;
+
+use crate::config::ClickHouse;
+use crate::store::{ExportRow, Query, Series, Store};
+
+/// A SQL string literal.
+fn quote(s: &str) -> String {
+    let mut q = String::with_capacity(s.len() + 2);
+    q.push('\'');
+    for c in s.chars() {
+        match c {
+            '\'' => q.push_str("\\'"),
+            '\\' => q.push_str("\\\\"),
+            c => q.push(c),
+        }
+    }
+    q.push('\'');
+    q
+}
+
+/// A JSON string literal (serde_json does the escaping).
+fn js(s: &str) -> String {
+    serde_json::Value::String(s.to_string()).to_string()
+}
+
+pub fn schema(table: &str) -> [String; 2] {
+    [
+        format!(
+            "CREATE TABLE IF NOT EXISTS {table} (\
+             minute DateTime, advertiser_id String, campaign_id String, ad_id String, \
+             device String, country String, \
+             clicks UInt64, impressions UInt64, spend_micros UInt64, duplicates UInt64, invalid UInt64, \
+             version UInt32, revision UInt64) \
+             ENGINE = ReplacingMergeTree(revision) PARTITION BY toYYYYMM(minute) \
+             ORDER BY (advertiser_id, minute, campaign_id, ad_id, device, country)"
+        ),
+        // The aggregator's watermark, so readers of ClickHouse alone can tell
+        // final minutes (end + lateness <= watermark) from provisional ones.
+        format!(
+            "CREATE TABLE IF NOT EXISTS {table}_watermark (id UInt8, watermark_ms UInt64, lateness_ms UInt64) \
+             ENGINE = ReplacingMergeTree(watermark_ms) ORDER BY id"
+        ),
+    ]
+}
+
+/// The rows as JSONEachRow lines.
+pub fn rows_json(rows: &[ExportRow]) -> String {
+    let mut s = String::with_capacity(rows.len() * 220);
+    for ExportRow {
+        key: k,
+        row: r,
+        revision: rev,
+        ..
+    } in rows
+    {
+        let c = &r.counts;
+        let _ = writeln!(
+            s,
+            "{{\"minute\":{},\"advertiser_id\":{},\"campaign_id\":{},\"ad_id\":{},\"device\":{},\"country\":{},\
+             \"clicks\":{},\"impressions\":{},\"spend_micros\":{},\"duplicates\":{},\"invalid\":{},\
+             \"version\":{},\"revision\":{}}}",
+            k.minute as u64 * 60,
+            js(&k.advertiser_id),
+            js(&k.campaign_id),
+            js(&k.ad_id),
+            js(k.device.as_str()),
+            js(std::str::from_utf8(&k.country).unwrap_or("ZZ")),
+            c.clicks,
+            c.impressions,
+            c.spend_micros,
+            c.duplicates,
+            c.invalid,
+            r.version,
+            rev
+        );
+    }
+    s
+}
+
+pub struct Client {
+    cfg: ClickHouse,
+    http: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<bytes::Bytes>,
+    >,
+    auth: Option<String>,
+}
+
+impl Client {
+    pub fn new(cfg: &ClickHouse) -> Client {
+        use base64::Engine;
+        let http =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        let auth = (!cfg.user.is_empty()).then(|| {
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD
+                    .encode(format!("{}:{}", cfg.user, cfg.password))
+            )
+        });
+        Client {
+            cfg: cfg.clone(),
+            http,
+            auth,
+        }
+    }
+
+    /// Runs one statement: the query text, then (for an INSERT) its data, in
+    /// the POST body, as ClickHouse's HTTP interface takes it.
+    pub async fn exec(&self, query: &str, data: &str) -> anyhow::Result<String> {
+        use http_body_util::BodyExt;
+        let body = if data.is_empty() {
+            query.to_string()
+        } else {
+            format!("{query}\n{data}")
+        };
+        let mut req = hyper::Request::post(format!(
+            "{}/?database={}",
+            self.cfg.url.trim_end_matches('/'),
+            self.cfg.database
+        ));
+        if let Some(a) = &self.auth {
+            req = req.header("authorization", a);
+        }
+        let req = req.body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
+        let timeout = Duration::from_millis(self.cfg.timeout_ms);
+        let (status, text) = tokio::time::timeout(timeout, async {
+            let resp = self.http.request(req).await?;
+            let status = resp.status();
+            let bytes = resp.into_body().collect().await?.to_bytes();
+            anyhow::Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("ClickHouse did not answer within {timeout:?}"))??;
+        anyhow::ensure!(
+            status.is_success(),
+            "ClickHouse answered {status}: {}",
+            text.trim()
+        );
+        Ok(text)
+    }
+
+    pub async fn create_tables(&self) -> anyhow::Result<()> {
+        for q in schema(&self.cfg.table) {
+            self.exec(&q, "").await?;
+        }
+        Ok(())
+    }
+
+    pub async fn insert_rows(&self, rows: &[ExportRow]) -> anyhow::Result<()> {
+        self.exec(
+            &format!("INSERT INTO {} FORMAT JSONEachRow", self.cfg.table),
+            &rows_json(rows),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn write_watermark(&self, watermark_ms: i64, lateness_ms: i64) -> anyhow::Result<()> {
+        self.exec(
+            &format!(
+                "INSERT INTO {}_watermark FORMAT JSONEachRow",
+                self.cfg.table
+            ),
+            &format!(
+                "{{\"id\":0,\"watermark_ms\":{},\"lateness_ms\":{}}}\n",
+                watermark_ms.max(0),
+                lateness_ms.max(0)
+            ),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// One advertiser's buckets, as `Store::query` answers them, read from
+    /// ClickHouse's final rows (for advertisers this instance does not own).
+    pub async fn query(&self, q: &Query) -> anyhow::Result<Series> {
+        let wm = self
+            .exec(
+                &format!(
+                    "SELECT watermark_ms, lateness_ms FROM {}_watermark FINAL FORMAT TSV",
+                    self.cfg.table
+                ),
+                "",
+            )
+            .await?;
+        let (wm, lateness): (i64, i64) = wm
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect::<Vec<_>>()
+            .chunks(2)
+            .next()
+            .map_or((0, 0), |c| (c[0], *c.get(1).unwrap_or(&0)));
+        let mut filter = format!(
+            "advertiser_id = {} AND minute >= toDateTime({}) AND minute < toDateTime({})",
+            quote(&q.advertiser_id),
+            q.start_s,
+            q.end_s
+        );
+        if let Some(c) = &q.campaign_id {
+            let _ = write!(filter, " AND campaign_id = {}", quote(c));
+        }
+        if let Some(a) = &q.ad_id {
+            let _ = write!(filter, " AND ad_id = {}", quote(a));
+        }
+        let b = q.bucket_s;
+        let text = self.exec(
+            &format!(
+                "SELECT intDiv(toUInt32(minute), {b}) * {b} AS bucket, ad_id, sum(clicks), sum(impressions), \
+                 sum(spend_micros), sum(duplicates), sum(invalid), max(version), max(toUInt32(minute)) \
+                 FROM {} FINAL WHERE {filter} GROUP BY bucket, ad_id ORDER BY bucket, ad_id FORMAT TSV",
+                self.cfg.table
+            ),
+            "",
+        ).await?;
+        let mut out = Series::new();
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            let f: Vec<&str> = line.split('\t').collect();
+            anyhow::ensure!(f.len() == 9, "unexpected ClickHouse row: {line}");
+            let n = |i: usize| f[i].parse::<u64>().unwrap_or(0);
+            let bucket: i64 = f[0].parse()?;
+            // Final when every minute of the bucket (up to the last one with
+            // data, or the bucket's end) is past the watermark.
+            let last_minute_end_ms = (bucket + b).min(n(8) as i64 + 60) * 1000;
+            let is_final =
+                last_minute_end_ms + lateness <= wm && (bucket + b) * 1000 + lateness <= wm;
+            out.insert(
+                (bucket, unescape_tsv(f[1])),
+                (
+                    Counts {
+                        clicks: n(2),
+                        impressions: n(3),
+                        spend_micros: n(4),
+                        duplicates: n(5),
+                        invalid: n(6),
+                    },
+                    is_final,
+                    n(7) as u32,
+                ),
+            );
+        }
+        Ok(out)
+    }
+}
+
+/// TSV escapes ClickHouse writes in strings.
+fn unescape_tsv(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars();
+    while let Some(c) = it.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match it.next() {
+            Some('t') => out.push('\t'),
+            Some('n') => out.push('\n'),
+            Some('0') => out.push('\0'),
+            Some(o) => out.push(o),
+            None => {}
+        }
+    }
+    out
+}
+
+/// Writes changed rows to ClickHouse: every `flush_interval_ms`, or at once
+/// while a backlog remains; once more after `stop` is set, then returns.
+/// Store reads and writes are short redb transactions, run on the blocking
+/// pool.
+pub async fn run_sink(
+    store: Arc<Store>,
+    cfg: ClickHouse,
+    stats: Arc<crate::metrics::Metrics>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let client = Client::new(&cfg);
+    let mut tables_ready = false;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let stopping = stop.load(Ordering::Relaxed);
+        let result = async {
+            if !tables_ready {
+                client.create_tables().await?;
+                tables_ready = true;
+            }
+            let (st, max) = (store.clone(), cfg.batch_rows_max);
+            let rows = tokio::task::spawn_blocking(move || st.export_pending(max)).await??;
+            if !rows.is_empty() {
+                client.insert_rows(&rows).await?;
+                wire::failpoint::hit("aggregator_exported_before_forget");
+                let done = ExportRow::done(&rows);
+                let st = store.clone();
+                tokio::task::spawn_blocking(move || st.export_done(&done)).await??;
+                stats.ch_inserts.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .ch_rows_written
+                    .fetch_add(rows.len() as u64, Ordering::Relaxed);
+            }
+            let wm = store.watermark(crate::now_ms())?;
+            client
+                .write_watermark(wm, store.settings.lateness_ms)
+                .await?;
+            stats
+                .ch_backlog
+                .store(store.export_backlog()?, Ordering::Relaxed);
+            anyhow::Ok(rows.len())
+        }
+        .await;
+        if stopping {
+            if let Err(e) = result {
+                tracing::warn!(error = %format!("{e:#}"), "ClickHouse: last rows not written before stop");
+            }
+            return;
+        }
+        match result {
+            Ok(n) => {
+                backoff = Duration::from_millis(100);
+                if n < cfg.batch_rows_max {
+                    sleep_unless(&stop, Duration::from_millis(cfg.flush_interval_ms)).await;
+                }
+            }
+            Err(e) => {
+                stats.ch_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %format!("{e:#}"), "ClickHouse write failed; retrying");
+                sleep_unless(&stop, backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+async fn sleep_unless(stop: &std::sync::atomic::AtomicBool, d: Duration) {
+    let until = tokio::time::Instant::now() + d;
+    while !stop.load(Ordering::Relaxed) && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20).min(d)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rows::Row;
+    use wire::record::{Device, RowKey};
+
+    #[test]
+    fn rows_become_json_lines_with_escaped_ids() {
+        let k = RowKey {
+            minute: 29_925_180,
+            advertiser_id: "adv-\"1\"".into(),
+            campaign_id: "c".into(),
+            ad_id: "a\\b".into(),
+            device: Device::Mobile,
+            country: *b"DE",
+        };
+        let r = Row {
+            counts: Counts {
+                clicks: 3,
+                impressions: 10,
+                spend_micros: 750_000,
+                duplicates: 1,
+                invalid: 0,
+            },
+            version: 2,
+        };
+        let j = rows_json(&[ExportRow {
+            key_bytes: vec![],
+            key: k,
+            row: r,
+            revision: 17,
+        }]);
+        let v: serde_json::Value = serde_json::from_str(j.trim()).unwrap();
+        assert_eq!(v["minute"], 29_925_180u64 * 60);
+        assert_eq!(v["advertiser_id"], "adv-\"1\"");
+        assert_eq!(v["ad_id"], "a\\b");
+        assert_eq!(v["device"], "mobile");
+        assert_eq!(v["country"], "DE");
+        assert_eq!(
+            (v["clicks"].as_u64(), v["revision"].as_u64()),
+            (Some(3), Some(17))
+        );
+        assert_eq!(v["version"], 2);
+    }
+
+    #[test]
+    fn sql_literals_and_tsv_are_escaped() {
+        assert_eq!(quote("a'b\\c"), "'a\\'b\\\\c'");
+        assert_eq!(unescape_tsv("a\\tb\\\\c\\'"), "a\tb\\c'");
+    }
+}

@@ -1,0 +1,205 @@
+//! The ClickHouse sink against a real clickhouse-server (Debian's, started
+//! privately by scripts/clickhouse-local, installed when missing): rows land
+//! in bulk; a batch re-sent after a crash, or an older state arriving after
+//! a newer one, leaves the same final rows; corrections show as new
+//! versions; and a query answered from ClickHouse equals the store's.
+
+use std::path::Path;
+use std::process::Command;
+
+use aggregator::clickhouse::Client;
+use aggregator::config::ClickHouse;
+use aggregator::store::{ExportRow, Query, Settings, Store};
+use wire::batch::{push_item, Batch, BatchKind};
+use wire::record::{Counts, Device, PartialRecord, RowKey};
+use wire::segment::RecordType;
+
+const M0: u32 = 29_925_000; // a minute in 2026
+
+struct Server {
+    pid: i32,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the server this test started.
+        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+    }
+}
+
+fn start_clickhouse() -> Option<Server> {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/clickhouse-local");
+    let out = Command::new(script)
+        .arg(dir.path())
+        .arg(port.to_string())
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        eprintln!(
+            "SKIPPED: no ClickHouse server: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return None;
+    }
+    let pid = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    Some(Server {
+        pid,
+        port,
+        _dir: dir,
+    })
+}
+
+fn key(ad: &str, minute: u32, device: Device) -> RowKey {
+    RowKey {
+        minute,
+        advertiser_id: "adv-1".into(),
+        campaign_id: "camp-1".into(),
+        ad_id: ad.into(),
+        device,
+        country: *b"DE",
+    }
+}
+
+fn clicks(n: u64) -> Counts {
+    Counts {
+        clicks: n,
+        impressions: 10 * n,
+        spend_micros: 250_000 * n,
+        ..Counts::default()
+    }
+}
+
+/// A partials batch of one partial (at `seq`) covering the events after the
+/// previous partial (at `after`).
+fn partial(after: u64, seq: u64, rows: Vec<(RowKey, Counts)>) -> Vec<u8> {
+    let mut b = Vec::new();
+    PartialRecord {
+        from_seq: after,
+        to_seq: seq - 1,
+        watermark_ms: M0 as i64 * 60_000,
+        rows,
+    }
+    .encode(&mut b);
+    let mut raw = Vec::new();
+    push_item(&mut raw, seq, RecordType::Partial as u8, &b);
+    Batch::seal(BatchKind::Partials, "gw", 0, after, seq, 1, &raw, 1)
+        .unwrap()
+        .encode()
+}
+
+/// (rows, sum of clicks, sum of spend, max version) of the final rows.
+async fn final_state(c: &Client) -> String {
+    c.exec(
+        "SELECT count(), sum(clicks), sum(spend_micros), max(version) FROM clickgate_minutes FINAL FORMAT TSV",
+        "",
+    )
+    .await
+    .unwrap()
+    .trim()
+    .to_string()
+}
+
+#[test]
+fn rows_land_once_through_resends_and_corrections_and_queries_agree() {
+    let Some(server) = start_clickhouse() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(
+        &dir.path().join("s.redb"),
+        Settings {
+            export: true,
+            ..Settings::default()
+        },
+    )
+    .unwrap();
+    let gws = vec!["gw".to_string()];
+    let now = (M0 as i64 + 1) * 60_000;
+    let apply = |frame: &[u8]| {
+        let (ack, _) = store.apply_many(&[(frame, &gws)], now).remove(0);
+        assert_eq!(ack.status, wire::batch::Status::Applied, "{ack:?}");
+    };
+    let cfg = ClickHouse {
+        url: format!("http://127.0.0.1:{}", server.port),
+        ..ClickHouse::default()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let c = Client::new(&cfg);
+        c.create_tables().await.unwrap();
+        c.create_tables().await.unwrap(); // idempotent
+
+        apply(&partial(
+            0,
+            2,
+            vec![
+                (key("ad-1", M0, Device::Desktop), clicks(3)),
+                (key("ad-2", M0, Device::Mobile), clicks(2)),
+                (key("ad-1", M0 + 1, Device::Desktop), clicks(1)),
+            ],
+        ));
+        let first = store.export_pending(1000).unwrap();
+        assert_eq!(first.len(), 3);
+        c.insert_rows(&first).await.unwrap();
+        // A crash before the store forgot the export: the same rows again.
+        let again = store.export_pending(1000).unwrap();
+        assert_eq!(again, first);
+        c.insert_rows(&again).await.unwrap();
+        assert_eq!(final_state(&c).await, "3\t6\t1500000\t0");
+        store.export_done(&ExportRow::done(&again)).unwrap();
+        assert_eq!(store.export_backlog().unwrap(), 0);
+
+        // A later partial changes one row: only it is exported, newer.
+        apply(&partial(
+            2,
+            3,
+            vec![(key("ad-1", M0, Device::Desktop), clicks(4))],
+        ));
+        let second = store.export_pending(1000).unwrap();
+        assert_eq!(second.len(), 1);
+        assert!(second[0].revision > first[0].revision, "a higher revision");
+        c.insert_rows(&second).await.unwrap();
+        // The older state arriving late (a stale retry) changes nothing.
+        c.insert_rows(&first).await.unwrap();
+        assert_eq!(final_state(&c).await, "3\t10\t2500000\t0");
+        store.export_done(&ExportRow::done(&second)).unwrap();
+
+        // A correction (reconcile) is a new version.
+        store
+            .write_corrections(&[(key("ad-2", M0, Device::Mobile), clicks(1))])
+            .unwrap();
+        let fix = store.export_pending(1000).unwrap();
+        c.insert_rows(&fix).await.unwrap();
+        assert_eq!(final_state(&c).await, "3\t9\t2250000\t1");
+
+        // The same question, answered by the store and by ClickHouse.
+        c.write_watermark(store.watermark(now).unwrap(), store.settings.lateness_ms)
+            .await
+            .unwrap();
+        for bucket_s in [60, 3600] {
+            let q = Query {
+                advertiser_id: "adv-1".into(),
+                start_s: M0 as i64 * 60 - 3600,
+                end_s: M0 as i64 * 60 + 7200,
+                bucket_s,
+                campaign_id: None,
+                ad_id: None,
+            };
+            let from_store = store.query(&q, now).unwrap();
+            let from_ch = c.query(&q).await.unwrap();
+            assert!(!from_store.is_empty());
+            assert_eq!(from_ch, from_store, "bucket {bucket_s}");
+        }
+    });
+}
