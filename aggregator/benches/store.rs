@@ -208,6 +208,9 @@ fn query_over_http(store: Store) {
         metrics: Arc::new(aggregator::metrics::Metrics::default()),
         query_max_points: 100_000,
         ready: true.into(),
+        cluster: None,
+        clickhouse: None,
+        forward: aggregator::http::forwarder(),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

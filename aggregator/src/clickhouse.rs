@@ -197,8 +197,9 @@ impl Client {
     }
 
     /// One advertiser's buckets, as `Store::query` answers them, read from
-    /// ClickHouse's final rows (for advertisers this instance does not own).
-    pub async fn query(&self, q: &Query) -> anyhow::Result<Series> {
+    /// ClickHouse's final rows (for advertisers this instance does not own),
+    /// and the watermark ClickHouse holds.
+    pub async fn query(&self, q: &Query) -> anyhow::Result<(Series, i64)> {
         let wm = self
             .exec(
                 &format!(
@@ -263,7 +264,7 @@ impl Client {
                 ),
             );
         }
-        Ok(out)
+        Ok((out, wm))
     }
 }
 

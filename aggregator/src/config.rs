@@ -48,6 +48,38 @@ pub struct Config {
     pub query_max_points: usize,
     /// The ClickHouse sink; off unless `clickhouse.url` is set.
     pub clickhouse: ClickHouse,
+    /// Several instances, advertisers partitioned among them; off unless
+    /// `cluster.instances` is set.
+    pub cluster: Cluster,
+}
+
+/// `[cluster]`: this instance's id and every instance (the same list, in any
+/// order, on every aggregator and in every shipper's `[[cluster]]`). An
+/// advertiser belongs to one instance (`wire::partition`); the others refuse
+/// its data and answer its queries from ClickHouse or from its owner.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Cluster {
+    pub self_id: String,
+    pub instances: Vec<ClusterInstance>,
+}
+
+/// `[[cluster.instances]] id = "agg-a", http = "10.0.0.1:7401"`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterInstance {
+    pub id: String,
+    /// Its query API, where queries for its advertisers are forwarded.
+    pub http: SocketAddr,
+}
+
+impl Cluster {
+    /// (instance ids, this instance's index), when clustered.
+    pub fn route(&self) -> Option<(std::sync::Arc<Vec<String>>, usize)> {
+        let ids: Vec<String> = self.instances.iter().map(|i| i.id.clone()).collect();
+        let me = ids.iter().position(|i| *i == self.self_id)?;
+        Some((std::sync::Arc::new(ids), me))
+    }
 }
 
 /// `[clickhouse]`: merged rows written to a ClickHouse ReplacingMergeTree.
@@ -117,6 +149,7 @@ impl Default for Config {
             group_commit_max: 64,
             query_max_points: 100_000,
             clickhouse: ClickHouse::default(),
+            cluster: Cluster::default(),
         }
     }
 }
@@ -156,6 +189,18 @@ impl Config {
                 return Err(
                     "clickhouse.batch_rows_max, flush_interval_ms, timeout_ms: at least 1".into(),
                 );
+            }
+        }
+        let cl = &self.cluster;
+        if !cl.instances.is_empty() {
+            let mut ids: Vec<&str> = cl.instances.iter().map(|i| i.id.as_str()).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            if ids.len() != cl.instances.len() || ids.iter().any(|i| i.is_empty()) {
+                return Err("cluster.instances: every instance needs its own non-empty id".into());
+            }
+            if cl.route().is_none() {
+                return Err("cluster.self_id: must be one of cluster.instances' ids".into());
             }
         }
         if self.max_streams_per_connection == 0

@@ -26,7 +26,33 @@ pub struct Api {
     pub metrics: Arc<Metrics>,
     pub query_max_points: usize,
     pub ready: AtomicBool,
+    /// In a cluster: who owns which advertiser, and where each instance's
+    /// query API is.
+    pub cluster: Option<ClusterRoute>,
+    /// Answers for advertisers this instance does not own, when set;
+    /// otherwise they are forwarded to their owner.
+    pub clickhouse: Option<crate::clickhouse::Client>,
+    pub forward: Forwarder,
 }
+
+pub struct ClusterRoute {
+    pub ids: Arc<Vec<String>>,
+    pub me: usize,
+    pub http: Vec<std::net::SocketAddr>,
+}
+
+pub type Forwarder = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Empty<bytes::Bytes>,
+>;
+
+pub fn forwarder() -> Forwarder {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}
+
+/// Marks a query forwarded by another instance: answered here or refused,
+/// never forwarded again (two instances with different lists would loop).
+const FORWARDED: &str = "x-clickgate-forwarded";
 
 pub fn router(api: Arc<Api>) -> Router {
     Router::new()
@@ -119,9 +145,59 @@ pub fn parse_query(p: &HashMap<String, String>, max_points: usize) -> Result<sto
     })
 }
 
+/// Forwards a query to the instance that owns its advertiser; its answer,
+/// status and body, is the answer.
+async fn forward(
+    api: &Api,
+    owner: std::net::SocketAddr,
+    uri: &axum::http::Uri,
+    headers: &HeaderMap,
+) -> Response {
+    use http_body_util::BodyExt;
+    let target = format!(
+        "http://{owner}{}",
+        uri.path_and_query().map_or("/", |p| p.as_str())
+    );
+    let mut req = hyper::Request::get(target).header(FORWARDED, "1");
+    if let Some(a) = headers.get(header::AUTHORIZATION) {
+        req = req.header(header::AUTHORIZATION, a);
+    }
+    let Ok(req) = req.body(http_body_util::Empty::new()) else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cannot build the forwarded request",
+        );
+    };
+    let answer = async {
+        let resp = api.forward.request(req).await?;
+        let status = resp.status();
+        let ctype = resp.headers().get(header::CONTENT_TYPE).cloned();
+        let body = resp.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, ctype, body))
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(30), answer).await {
+        Ok(Ok((status, ctype, body))) => {
+            let mut r = (status, body).into_response();
+            if let Some(c) = ctype {
+                r.headers_mut().insert(header::CONTENT_TYPE, c);
+            }
+            r
+        }
+        Ok(Err(e)) => error(
+            StatusCode::BAD_GATEWAY,
+            format!("the owning instance {owner}: {e}"),
+        ),
+        Err(_) => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("the owning instance {owner} did not answer"),
+        ),
+    }
+}
+
 async fn analytics(
     State(api): State<Arc<Api>>,
     headers: HeaderMap,
+    uri: axum::http::Uri,
     Query(p): Query<HashMap<String, String>>,
 ) -> Response {
     let t0 = Instant::now();
@@ -136,17 +212,51 @@ async fn analytics(
         api.metrics.query_errors.fetch_add(1, Relaxed);
         return *r;
     }
-    let st = api.clone();
-    let q2 = q.clone();
-    let res = tokio::task::spawn_blocking(move || {
-        let now = crate::now_ms();
-        Ok::<_, store::StoreError>((st.store.query(&q2, now)?, st.store.watermark(now)?))
-    })
-    .await;
-    let (series, wm) = match res {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    let owner = api
+        .cluster
+        .as_ref()
+        .map(|c| wire::partition::owner(&q.advertiser_id, &c.ids))
+        .filter(|o| Some(*o) != api.cluster.as_ref().map(|c| c.me));
+    let answered = match (owner, &api.clickhouse) {
+        // Another instance's advertiser: ClickHouse holds every instance's
+        // rows; without it, the owner answers.
+        (Some(_), Some(ch)) => ch.query(&q).await.map_err(|e| {
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("ClickHouse: {e:#}"),
+            )
+        }),
+        (Some(o), None) => {
+            let c = api.cluster.as_ref().expect("an owner implies a cluster");
+            if headers.contains_key(FORWARDED) {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "forwarded here, but advertiser {:?} belongs to {:?}: the instances' [cluster] lists differ",
+                        q.advertiser_id, c.ids[o]
+                    ),
+                );
+            }
+            return forward(&api, c.http[o], &uri, &headers).await;
+        }
+        (None, _) => {
+            let st = api.clone();
+            let q2 = q.clone();
+            match tokio::task::spawn_blocking(move || {
+                let now = crate::now_ms();
+                Ok::<_, store::StoreError>((st.store.query(&q2, now)?, st.store.watermark(now)?))
+            })
+            .await
+            {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => Err(error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+                Err(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+            }
+        }
+    };
+    let (series, wm) = match answered {
+        Ok(v) => v,
+        Err(r) => return r,
     };
     // Typed and serialized in one pass (a JSON value tree per point cost
     // more than the query itself); each bucket's time formatted once.

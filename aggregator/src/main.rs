@@ -43,6 +43,13 @@ enum Cmd {
         /// (overrides clickhouse.url).
         #[arg(long)]
         clickhouse: Option<String>,
+        /// This instance's id in a cluster (overrides cluster.self_id).
+        #[arg(long)]
+        instance_id: Option<String>,
+        /// A cluster instance, ID=HTTP-HOST:PORT (repeat; replaces
+        /// cluster.instances).
+        #[arg(long = "instance")]
+        instances: Vec<String>,
     },
     /// Write a development CA, server and PoP certificates and pops.toml.
     DevCerts {
@@ -104,6 +111,8 @@ fn main() -> anyhow::Result<()> {
             tokens,
             lateness_ms,
             clickhouse,
+            instance_id,
+            instances,
         } => {
             let mut cfg = match config {
                 Some(p) => Config::load(&p).map_err(anyhow::Error::msg)?,
@@ -132,6 +141,25 @@ fn main() -> anyhow::Result<()> {
             }
             if let Some(u) = clickhouse {
                 cfg.clickhouse.url = u;
+            }
+            if let Some(id) = instance_id {
+                cfg.cluster.self_id = id;
+            }
+            if !instances.is_empty() {
+                cfg.cluster.instances = instances
+                    .iter()
+                    .map(|s| {
+                        let (id, addr) = s
+                            .split_once('=')
+                            .ok_or_else(|| anyhow::anyhow!("--instance {s:?}: ID=HOST:PORT"))?;
+                        Ok(aggregator::config::ClusterInstance {
+                            id: id.to_owned(),
+                            http: addr
+                                .parse()
+                                .map_err(|e| anyhow::anyhow!("--instance {s:?}: {e}"))?,
+                        })
+                    })
+                    .collect::<anyhow::Result<_>>()?;
             }
             cfg.validate().map_err(anyhow::Error::msg)?;
             run(cfg)
@@ -245,6 +273,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
                 source_timeout_ms: cfg.source_timeout_ms,
                 raw_max: cfg.max_raw_bytes,
                 export: cfg.clickhouse.enabled(),
+                cluster: cfg.cluster.route(),
             },
         )
         .with_context(|| format!("opening the store {}", cfg.store_path.display()))?,
@@ -274,6 +303,14 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             metrics: metrics.clone(),
             query_max_points: cfg.query_max_points,
             ready: false.into(),
+            cluster: cfg.cluster.route().map(|(ids, me)| http::ClusterRoute {
+                ids,
+                me,
+                http: cfg.cluster.instances.iter().map(|i| i.http).collect(),
+            }),
+            clickhouse: (cfg.clickhouse.enabled() && cfg.clickhouse.serve_queries)
+                .then(|| aggregator::clickhouse::Client::new(&cfg.clickhouse)),
+            forward: http::forwarder(),
         });
         let listener = tokio::net::TcpListener::bind(cfg.listen_http)
             .await

@@ -48,6 +48,24 @@ pub struct Settings {
     pub raw_max: usize,
     /// Record changed rows for the ClickHouse sink.
     pub export: bool,
+    /// In a cluster: the instance ids and this instance's index. Rows and
+    /// events of advertisers another instance owns are refused (a shipper
+    /// with a different instance list would otherwise split them silently).
+    pub cluster: Option<(std::sync::Arc<Vec<String>>, usize)>,
+}
+
+impl Settings {
+    /// Why this instance must not take `advertiser`'s data, if it must not.
+    fn misrouted(&self, advertiser: &str) -> Option<String> {
+        let (ids, me) = self.cluster.as_ref()?;
+        let owner = wire::partition::owner(advertiser, ids);
+        (owner != *me).then(|| {
+            format!(
+                "misrouted: advertiser {advertiser:?} belongs to instance {:?}, this is {:?} (do the shipper's and the aggregators' [cluster] lists match?)",
+                ids[owner], ids[*me]
+            )
+        })
+    }
 }
 
 impl Default for Settings {
@@ -58,6 +76,7 @@ impl Default for Settings {
             source_timeout_ms: 60_000,
             raw_max: 64 << 20,
             export: false,
+            cluster: None,
         }
     }
 }
@@ -361,7 +380,14 @@ impl Store {
                     .unwrap_or((0, 0));
                 let (ack, effect) = match batch.kind {
                     BatchKind::Hello => (answer(Status::Cursors, cur), Effect::default()),
-                    BatchKind::Partials => match plan_partials(&batch, cur.0) {
+                    BatchKind::Partials => match plan_partials(&batch, cur.0).and_then(|p| match p
+                        .rows
+                        .iter()
+                        .find_map(|(k, _)| self.settings.misrouted(&k.advertiser_id))
+                    {
+                        Some(why) => Err(Refusal::Bad(why)),
+                        None => Ok(p),
+                    }) {
                         Err(a) => (a.with(cur), Effect::default()),
                         Ok(plan) => {
                             let mut eff = Effect::default();
@@ -483,6 +509,9 @@ impl Store {
             }
             let e = EventRef::decode(it.bytes)
                 .map_err(|e| Refusal::Bad(format!("event {}: {e}", it.seq)))?;
+            if let Some(why) = self.settings.misrouted(e.advertiser_id) {
+                return Err(Refusal::Bad(why));
+            }
             let hour = (e.event_ms.max(0) / 3_600_000) as u32;
             let slot = by_hour.entry(hour).or_default();
             wire::batch::push_item(&mut slot.0, it.seq, it.ty, it.bytes);
@@ -906,6 +935,7 @@ mod tests {
                 source_timeout_ms: 60_000,
                 raw_max: 1 << 20,
                 export: true,
+                cluster: None,
             },
         )
         .unwrap();

@@ -197,7 +197,8 @@ fn rows_land_once_through_resends_and_corrections_and_queries_agree() {
                 ad_id: None,
             };
             let from_store = store.query(&q, now).unwrap();
-            let from_ch = c.query(&q).await.unwrap();
+            let (from_ch, wm) = c.query(&q).await.unwrap();
+            assert_eq!(wm, store.watermark(now).unwrap());
             assert!(!from_store.is_empty());
             assert_eq!(from_ch, from_store, "bucket {bucket_s}");
         }

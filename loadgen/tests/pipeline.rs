@@ -108,7 +108,10 @@ struct Pipeline {
     gateway_addr: String,
     agg_http: String,
     token: String,
-    procs: [Proc; 3],
+    /// AGG, GW, SHIP, and AGG2 with two aggregators.
+    procs: Vec<Proc>,
+    /// The second aggregator's query API, with two aggregators.
+    agg2_http: Option<String>,
     /// The ClickHouse server the aggregator's sink writes to, if any.
     clickhouse: Option<ClickHouseServer>,
 }
@@ -153,6 +156,7 @@ impl Drop for ClickHouseServer {
 const AGG: usize = 0;
 const GW: usize = 1;
 const SHIP: usize = 2;
+const AGG2: usize = 3;
 
 impl Pipeline {
     fn new() -> Pipeline {
@@ -163,7 +167,7 @@ impl Pipeline {
     /// no ClickHouse server can be had.
     fn with_clickhouse(envs: &[(usize, &str, &str)]) -> Option<Pipeline> {
         let ch = ClickHouseServer::start()?;
-        Some(Self::build_with(envs, None, Some(ch)))
+        Some(Self::build_with(envs, None, Some(ch), false))
     }
 
     /// With environment variables for the gateway (fault injection).
@@ -182,13 +186,16 @@ impl Pipeline {
 
     /// `envs`: (process, variable, value) for each process's first start.
     fn build(envs: &[(usize, &str, &str)], proxy: Option<&mut Option<Proxy>>) -> Pipeline {
-        Self::build_with(envs, proxy, None)
+        Self::build_with(envs, proxy, None, false)
     }
 
+    /// `two_aggregators`: instances agg-a (AGG) and agg-b (AGG2), the
+    /// advertisers partitioned between them, the shipper sending to both.
     fn build_with(
         envs: &[(usize, &str, &str)],
         proxy: Option<&mut Option<Proxy>>,
         clickhouse: Option<ClickHouseServer>,
+        two_aggregators: bool,
     ) -> Pipeline {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().to_owned();
@@ -244,28 +251,55 @@ impl Pipeline {
         )
         .unwrap();
         let os = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
-        let mut agg_args = os(&[
-            "run",
-            "--store",
-            &p("agg/store.redb"),
-            "--certs",
-            &p("certs"),
-            "--tokens",
-            &p("tokens.toml"),
-            "--listen-quic",
-            &agg_quic,
-            "--listen-http",
-            &agg_http,
-        ]);
-        if let Some(ch) = &clickhouse {
-            agg_args.push("--clickhouse".into());
-            agg_args.push(format!("http://{}", ch.addr).into());
-        }
-        let procs = [
+        let (agg2_http, agg2_quic) = (
+            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{}", free_udp_port()),
+        );
+        let agg_args = |store: &str, quic: &str, http: &str, id: &str| {
+            let mut a = os(&[
+                "run",
+                "--store",
+                &p(store),
+                "--certs",
+                &p("certs"),
+                "--tokens",
+                &p("tokens.toml"),
+                "--listen-quic",
+                quic,
+                "--listen-http",
+                http,
+            ]);
+            if let Some(ch) = &clickhouse {
+                a.push("--clickhouse".into());
+                a.push(format!("http://{}", ch.addr).into());
+            }
+            if two_aggregators {
+                a.extend(os(&[
+                    "--instance-id",
+                    id,
+                    "--instance",
+                    &format!("agg-a={agg_http}"),
+                    "--instance",
+                    &format!("agg-b={agg2_http}"),
+                ]));
+            }
+            a
+        };
+        let ship_targets = if two_aggregators {
+            os(&[
+                "--instance",
+                &format!("agg-a={ship_to}"),
+                "--instance",
+                &format!("agg-b={agg2_quic}"),
+            ])
+        } else {
+            os(&["--aggregator", &ship_to])
+        };
+        let mut procs = vec![
             Proc {
                 name: "aggregator",
-                bin: agg_bin,
-                args: agg_args,
+                bin: agg_bin.clone(),
+                args: agg_args("agg/store.redb", &agg_quic, &agg_http, "agg-a"),
                 log: d.join("aggregator.log"),
                 ready: (agg_http.clone(), "/readyz"),
                 child: None,
@@ -287,17 +321,12 @@ impl Pipeline {
             Proc {
                 name: "shipper",
                 bin: ship_bin,
-                args: os(&[
-                    "run",
-                    "--data-dir",
-                    &p("data"),
-                    "--aggregator",
-                    &ship_to,
-                    "--certs",
-                    &p("certs"),
-                    "--metrics-listen",
-                    &ship_metrics,
-                ]),
+                args: [
+                    os(&["run", "--data-dir", &p("data"), "--certs", &p("certs")]),
+                    os(&["--metrics-listen", &ship_metrics]),
+                    ship_targets,
+                ]
+                .concat(),
                 log: d.join("shipper.log"),
                 ready: (ship_metrics.clone(), "/healthz"),
                 child: None,
@@ -306,12 +335,26 @@ impl Pipeline {
                 env: Vec::new(),
             },
         ];
+        if two_aggregators {
+            procs.push(Proc {
+                name: "aggregator-b",
+                bin: agg_bin,
+                args: agg_args("agg2/store.redb", &agg2_quic, &agg2_http, "agg-b"),
+                log: d.join("aggregator-b.log"),
+                ready: (agg2_http.clone(), "/readyz"),
+                child: None,
+                starts: 0,
+                ready_ms: Vec::new(),
+                env: Vec::new(),
+            });
+        }
         let mut pl = Pipeline {
             dir,
             gateway_addr,
             agg_http,
             token,
             procs,
+            agg2_http: two_aggregators.then_some(agg2_http),
             clickhouse,
         };
         for (i, k, v) in envs {
@@ -345,13 +388,18 @@ impl Pipeline {
 
     /// `loadgen verify` against the logs and the aggregator; its stdout.
     fn verify(&self, oracle: &str) -> (bool, String) {
+        self.verify_at(oracle, &self.agg_http)
+    }
+
+    /// As [`Self::verify`], asking the aggregator at `agg_http`.
+    fn verify_at(&self, oracle: &str, agg_http: &str) -> (bool, String) {
         let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
             .arg("verify")
             .arg("--oracle")
             .arg(self.path(oracle))
             .arg("--gateway-data")
             .arg(self.path("data"))
-            .args(["--aggregator", &self.agg_http, "--token", &self.token])
+            .args(["--aggregator", agg_http, "--token", &self.token])
             .args(["--wait-secs", "60"])
             .args(
                 self.clickhouse
@@ -848,4 +896,64 @@ fn clickhouse_holds_exactly_what_was_acknowledged_through_aggregator_crashes() {
         "{line}"
     );
     eprintln!("CLICKHOUSE: {line}");
+}
+
+/// One metric's value from a Prometheus text page.
+fn metric_of(addr: &str, name: &str) -> u64 {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}
+
+#[test]
+fn two_aggregators_split_the_advertisers_and_answer_for_each_other() {
+    // Advertisers partitioned over agg-a and agg-b; the shipper routes each
+    // row and event to its owner; agg-b is killed -9 and restarted mid-run.
+    // Each instance answers for every advertiser (its own from its store,
+    // the other's by forwarding), and both answers equal the log exactly.
+    let mut pl = Pipeline::build_with(&[], None, None, true);
+    let oracle = "oracle-two.json";
+    let lg = pl
+        .loadgen(oracle, &["--connections", "8", "--rate", "400"])
+        .args(["--duration", "6", "--pool", "2400", "--seed", "41"])
+        .args(["--advertisers", "12"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    pl.procs[AGG2].kill9();
+    pl.procs[AGG2].start();
+    let out = lg.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let agg2 = pl.agg2_http.clone().unwrap();
+    for at in [pl.agg_http.clone(), agg2.clone()] {
+        let (ok, text) = pl.verify_at(oracle, &at);
+        assert!(ok, "asking {at}:\n{text}\n{}", pl.logs());
+        eprintln!(
+            "TWO AGGREGATORS asking {at}: {}",
+            text.lines()
+                .find(|l| l.starts_with("aggregator:"))
+                .unwrap_or("")
+        );
+    }
+    for at in [&pl.agg_http, &agg2] {
+        assert!(
+            metric_of(at, "clickgate_aggregator_rows_merged_total") > 0,
+            "{at} merged nothing: the advertisers were not split"
+        );
+        assert_eq!(
+            metric_of(
+                at,
+                "clickgate_aggregator_batches_total{stream=\"partials\",status=\"refused\"}"
+            ),
+            0,
+            "nothing misrouted to {at}"
+        );
+    }
 }

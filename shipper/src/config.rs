@@ -14,6 +14,11 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// The aggregator's QUIC address. Default "127.0.0.1:7400".
     pub aggregator: SocketAddr,
+    /// Several aggregator instances, advertisers partitioned among them
+    /// (`wire::partition`): the same ids, in any order, as every other
+    /// shipper's and aggregator's. When set, `aggregator` is not used.
+    /// Default none.
+    pub cluster: Vec<Instance>,
     /// The name the aggregator's certificate must carry. Default "localhost".
     pub server_name: String,
     /// The CA that signed the aggregator's certificate (PEM).
@@ -40,6 +45,14 @@ pub struct Config {
     pub backoff_max_ms: u64,
 }
 
+/// `[[cluster]] id = "agg-a", quic = "10.0.0.1:7400"`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Instance {
+    pub id: String,
+    pub quic: SocketAddr,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Stream {
@@ -56,6 +69,7 @@ impl Default for Config {
         Config {
             data_dir: "./data".into(),
             aggregator: "127.0.0.1:7400".parse().unwrap(),
+            cluster: Vec::new(),
             server_name: "localhost".into(),
             ca_file: "./certs/ca.pem".into(),
             cert_file: "./certs/pop.pem".into(),
@@ -114,6 +128,12 @@ impl Config {
         }
         if self.backoff_min_ms == 0 || self.backoff_max_ms < self.backoff_min_ms {
             return Err("backoff_min_ms at least 1 and at most backoff_max_ms".into());
+        }
+        let mut ids: Vec<&str> = self.cluster.iter().map(|i| i.id.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() != self.cluster.len() || ids.iter().any(|i| i.is_empty()) {
+            return Err("cluster: every instance needs its own non-empty id".into());
         }
         Ok(())
     }

@@ -114,10 +114,20 @@ impl Metrics {
 pub struct Shipper {
     cfg: Config,
     endpoint: quinn::Endpoint,
-    conn: tokio::sync::Mutex<Option<quinn::Connection>>,
+    /// One per aggregator instance (one without a cluster).
+    links: Vec<Link>,
+    /// The instance ids, when advertisers are partitioned among several.
+    instances: Option<Arc<Vec<String>>>,
     in_flight: Semaphore,
     pub metrics: Metrics,
     pub stopping: AtomicBool,
+}
+
+/// One aggregator instance and its connection.
+struct Link {
+    id: String,
+    addr: std::net::SocketAddr,
+    conn: tokio::sync::Mutex<Option<quinn::Connection>>,
 }
 
 fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
@@ -155,18 +165,44 @@ impl Shipper {
     pub fn new(cfg: Config) -> anyhow::Result<Arc<Shipper>> {
         let mut endpoint = quinn::Endpoint::client("0.0.0.0:0".parse()?)?;
         endpoint.set_default_client_config(client_config(&cfg)?);
+        let link = |id: &str, addr| Link {
+            id: id.to_owned(),
+            addr,
+            conn: tokio::sync::Mutex::new(None),
+        };
+        let (links, instances) = if cfg.cluster.is_empty() {
+            (vec![link("aggregator", cfg.aggregator)], None)
+        } else {
+            (
+                cfg.cluster.iter().map(|i| link(&i.id, i.quic)).collect(),
+                Some(Arc::new(cfg.cluster.iter().map(|i| i.id.clone()).collect())),
+            )
+        };
         Ok(Arc::new(Shipper {
             in_flight: Semaphore::new(cfg.max_in_flight),
             cfg,
             endpoint,
-            conn: tokio::sync::Mutex::new(None),
+            links,
+            instances,
             metrics: Metrics::default(),
             stopping: AtomicBool::new(false),
         }))
     }
 
-    async fn connection(&self) -> anyhow::Result<quinn::Connection> {
-        let mut g = self.conn.lock().await;
+    /// How many aggregator instances this shipper ships to.
+    pub fn links(&self) -> usize {
+        self.links.len()
+    }
+
+    /// "id (address)" of one instance, for messages.
+    pub fn link_name(&self, link: usize) -> String {
+        let l = &self.links[link];
+        format!("{} ({})", l.id, l.addr)
+    }
+
+    async fn connection(&self, link: usize) -> anyhow::Result<quinn::Connection> {
+        let l = &self.links[link];
+        let mut g = l.conn.lock().await;
         if let Some(c) = g.as_ref() {
             if c.close_reason().is_none() {
                 return Ok(c.clone());
@@ -174,19 +210,20 @@ impl Shipper {
         }
         let c = self
             .endpoint
-            .connect(self.cfg.aggregator, &self.cfg.server_name)?
+            .connect(l.addr, &self.cfg.server_name)?
             .await
-            .with_context(|| format!("connecting to the aggregator at {}", self.cfg.aggregator))?;
+            .with_context(|| format!("connecting to aggregator {} at {}", l.id, l.addr))?;
         self.metrics.connects.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(aggregator = %self.cfg.aggregator, "connected");
+        tracing::info!(aggregator = %l.addr, instance = %l.id, "connected");
         *g = Some(c.clone());
         Ok(c)
     }
 
-    /// Sends one frame on its own stream and waits for the answer.
-    async fn exchange(&self, frame: &[u8]) -> anyhow::Result<Ack> {
+    /// Sends one frame to one instance on its own stream and waits for the
+    /// answer.
+    async fn exchange(&self, link: usize, frame: &[u8]) -> anyhow::Result<Ack> {
         let _permit = self.in_flight.acquire().await?;
-        let conn = self.connection().await?;
+        let conn = self.connection(link).await?;
         let work = async {
             let (mut send, mut recv) = conn.open_bi().await?;
             send.write_all(frame).await?;
@@ -200,22 +237,28 @@ impl Shipper {
         }
     }
 
-    /// Asks the aggregator for one shard's cursors (one exchange, no retry):
-    /// checks certificates, the PoP's entry and reachability.
-    pub async fn hello(&self, gateway_id: &str, shard: u16) -> anyhow::Result<Ack> {
-        self.exchange(&Batch::hello(gateway_id, shard).encode())
+    /// Asks one aggregator instance for one shard's cursors (one exchange,
+    /// no retry): checks certificates, the PoP's entry and reachability.
+    pub async fn hello(&self, link: usize, gateway_id: &str, shard: u16) -> anyhow::Result<Ack> {
+        self.exchange(link, &Batch::hello(gateway_id, shard).encode())
             .await
     }
 
     /// Sends until the aggregator answers anything but Retry/Refused or an
     /// error, backing off with full jitter in between.
-    async fn send_until_answered(&self, frame: &[u8], what: &str, ki: usize) -> Option<Ack> {
+    async fn send_until_answered(
+        &self,
+        link: usize,
+        frame: &[u8],
+        what: &str,
+        ki: usize,
+    ) -> Option<Ack> {
         let mut backoff = self.cfg.backoff_min_ms;
         loop {
             if self.stopping.load(Ordering::Relaxed) {
                 return None;
             }
-            match self.exchange(frame).await {
+            match self.exchange(link, frame).await {
                 Ok(a) if !matches!(a.status, Status::Retry | Status::Refused) => return Some(a),
                 Ok(a) => {
                     tracing::warn!(batch = what, status = ?a.status, reason = %a.reason, "batch not accepted; will retry");
@@ -240,28 +283,43 @@ impl Shipper {
 /// the shipped seq the gateway recycles by).
 struct ShardState {
     dir: PathBuf,
-    /// Per stream (partials, events): the cursor, once the aggregator gave one.
-    cursors: Mutex<[Option<u64>; 2]>,
+    /// Per instance, per stream (partials, events): the cursor, once that
+    /// instance gave one.
+    cursors: Mutex<Vec<[Option<u64>; 2]>>,
 }
 
 impl ShardState {
-    fn set(&self, kind: BatchKind, cursor: u64) {
+    fn new(dir: PathBuf, links: usize) -> ShardState {
+        ShardState {
+            dir,
+            cursors: Mutex::new(vec![[None; 2]; links]),
+        }
+    }
+
+    /// Records one instance's cursor; returns the lowest cursor of that
+    /// stream over the instances (what is shipped everywhere).
+    fn set(&self, link: usize, kind: BatchKind, cursor: u64) -> u64 {
         let mut c = self.cursors.lock().unwrap();
         let i = kind_index(kind);
-        if c[i] == Some(cursor) {
-            return;
+        let low = |c: &Vec<[Option<u64>; 2]>, i: usize| {
+            c.iter().map(|l| l[i].unwrap_or(0)).min().unwrap_or(0)
+        };
+        if c[link][i] == Some(cursor) {
+            return low(&c, i);
         }
-        c[i] = Some(cursor);
-        let [p, e] = [c[0].unwrap_or(0), c[1].unwrap_or(0)];
+        c[link][i] = Some(cursor);
+        let (p, e) = (low(&c, 0), low(&c, 1));
         if let Err(err) = layout::write_shipper_cursors(&self.dir, p, e) {
             tracing::warn!(error = %err, "cannot persist the shipper cursors");
         }
-        // Only once both streams have heard from the aggregator.
-        if let [Some(p), Some(e)] = *c {
+        // Only once every stream of every instance has heard from it: a
+        // segment may go once every instance has what it holds.
+        if c.iter().all(|l| l[0].is_some() && l[1].is_some()) {
             if let Err(err) = layout::write_shipped(&self.dir, p.min(e)) {
                 tracing::warn!(error = %err, "cannot write the shipped seq");
             }
         }
+        low(&c, i)
     }
 }
 
@@ -283,7 +341,13 @@ fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
-async fn run_stream(sh: Arc<Shipper>, state: Arc<ShardState>, shard: u16, kind: BatchKind) {
+async fn run_stream(
+    sh: Arc<Shipper>,
+    state: Arc<ShardState>,
+    shard: u16,
+    kind: BatchKind,
+    link: usize,
+) {
     let dir = state.dir.clone();
     let poll = Duration::from_millis(sh.cfg.poll_ms);
     let ki = kind_index(kind);
@@ -309,16 +373,21 @@ async fn run_stream(sh: Arc<Shipper>, state: Arc<ShardState>, shard: u16, kind: 
     };
     // Where to start: the aggregator's cursor.
     let hello = Batch::hello(&gw, shard).encode();
-    let Some(ack) = sh.send_until_answered(&hello, "hello", ki).await else {
+    let Some(ack) = sh.send_until_answered(link, &hello, "hello", ki).await else {
         return;
     };
-    let mut outbox = Outbox::new(kind, &gw, shard, policy, 0);
+    let route = sh.instances.as_ref().map(|ids| outbox::Route {
+        me: link,
+        instances: ids.clone(),
+    });
+    let mut outbox = Outbox::new(kind, &gw, shard, policy, 0).with_route(route);
     let mut after = match outbox.on_ack(0, &ack) {
         Next::Resend { after } => after,
         _ => outbox.acked,
     };
-    state.set(kind, after);
-    tracing::info!(shard, stream = ?kind, cursor = after, "starting from the aggregator's cursor");
+    state.set(link, kind, after);
+    let instance = sh.links[link].id.as_str();
+    tracing::info!(shard, stream = ?kind, instance, cursor = after, "starting from the aggregator's cursor");
     let mut tail: Option<Tail> = None;
     while !sh.stopping.load(Ordering::Relaxed) {
         let t = match tail.as_mut() {
@@ -390,10 +459,10 @@ async fn run_stream(sh: Arc<Shipper>, state: Arc<ShardState>, shard: u16, kind: 
         };
         let frame = batch.encode();
         let what = format!(
-            "{kind:?} shard {shard} ({}, {}]",
+            "{kind:?} shard {shard} ({}, {}] to {instance}",
             batch.after_seq, batch.last_seq
         );
-        let Some(ack) = sh.send_until_answered(&frame, &what, ki).await else {
+        let Some(ack) = sh.send_until_answered(link, &frame, &what, ki).await else {
             break;
         };
         wire::failpoint::hit("shipper_answered_before_cursor");
@@ -412,9 +481,9 @@ async fn run_stream(sh: Arc<Shipper>, state: Arc<ShardState>, shard: u16, kind: 
             }
             Next::Retry { .. } => unreachable!("send_until_answered returns only final answers"),
         }
-        state.set(kind, outbox.acked);
+        let shipped = state.set(link, kind, outbox.acked);
         if let Some(m) = sh.metrics.shards.lock().unwrap().get_mut(&shard) {
-            m[1 + ki] = outbox.acked;
+            m[1 + ki] = shipped;
         }
     }
 }
@@ -433,17 +502,20 @@ pub async fn run(sh: Arc<Shipper>) -> anyhow::Result<()> {
                     }
                     tracing::info!(shard, "shipping shard");
                     sh.metrics.shards.lock().unwrap().insert(shard, [0; 3]);
-                    let state = Arc::new(ShardState {
-                        dir: layout::shard_dir(&sh.cfg.data_dir, shard),
-                        cursors: Mutex::new([None; 2]),
-                    });
-                    for kind in [BatchKind::Partials, BatchKind::Events] {
-                        tasks.push(tokio::spawn(run_stream(
-                            sh.clone(),
-                            state.clone(),
-                            shard,
-                            kind,
-                        )));
+                    let state = Arc::new(ShardState::new(
+                        layout::shard_dir(&sh.cfg.data_dir, shard),
+                        sh.links.len(),
+                    ));
+                    for link in 0..sh.links.len() {
+                        for kind in [BatchKind::Partials, BatchKind::Events] {
+                            tasks.push(tokio::spawn(run_stream(
+                                sh.clone(),
+                                state.clone(),
+                                shard,
+                                kind,
+                                link,
+                            )));
+                        }
                     }
                 }
             }
@@ -456,8 +528,10 @@ pub async fn run(sh: Arc<Shipper>) -> anyhow::Result<()> {
     for t in tasks {
         let _ = t.await;
     }
-    if let Some(c) = sh.conn.lock().await.take() {
-        c.close(0u32.into(), b"shipper stopping");
+    for l in &sh.links {
+        if let Some(c) = l.conn.lock().await.take() {
+            c.close(0u32.into(), b"shipper stopping");
+        }
     }
     sh.endpoint.wait_idle().await;
     Ok(())

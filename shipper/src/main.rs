@@ -22,6 +22,10 @@ struct Common {
     config: Option<PathBuf>,
     #[arg(long)]
     aggregator: Option<SocketAddr>,
+    /// An aggregator instance of a cluster, ID=HOST:PORT (repeat; replaces
+    /// the config's [[cluster]] list).
+    #[arg(long = "instance")]
+    instances: Vec<String>,
     /// Directory holding ca.pem, pop.pem and pop.key (overrides the three
     /// file options).
     #[arg(long)]
@@ -60,6 +64,23 @@ fn build(c: Common) -> anyhow::Result<Config> {
     };
     if let Some(a) = c.aggregator {
         cfg.aggregator = a;
+    }
+    if !c.instances.is_empty() {
+        cfg.cluster = c
+            .instances
+            .iter()
+            .map(|s| {
+                let (id, addr) = s
+                    .split_once('=')
+                    .ok_or_else(|| anyhow::anyhow!("--instance {s:?}: ID=HOST:PORT"))?;
+                Ok(shipper::config::Instance {
+                    id: id.to_owned(),
+                    quic: addr
+                        .parse()
+                        .map_err(|e| anyhow::anyhow!("--instance {s:?}: {e}"))?,
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
     }
     if let Some(d) = c.certs {
         cfg.ca_file = d.join("ca.pem");
@@ -104,23 +125,28 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             rt.block_on(async move {
                 let sh = shipper::Shipper::new(cfg.clone())?;
-                match sh.hello(&gateway_id, shard).await {
-                    Ok(a) if a.status == wire::batch::Status::Cursors => {
-                        println!(
+                // Every instance of a cluster: a PoP must reach them all.
+                let mut failed = false;
+                for link in 0..sh.links() {
+                    match sh.hello(link, &gateway_id, shard).await {
+                        Ok(a) if a.status == wire::batch::Status::Cursors => println!(
                             "ok: {} answers for {gateway_id} shard {shard}: partials cursor {}, events cursor {}",
-                            cfg.aggregator, a.partials_cursor, a.events_cursor
-                        );
-                        Ok(())
-                    }
-                    Ok(a) => {
-                        println!("refused: {:?}: {}", a.status, a.reason);
-                        std::process::exit(1)
-                    }
-                    Err(e) => {
-                        println!("failed: {e:#}");
-                        std::process::exit(1)
+                            sh.link_name(link), a.partials_cursor, a.events_cursor
+                        ),
+                        Ok(a) => {
+                            println!("refused by {}: {:?}: {}", sh.link_name(link), a.status, a.reason);
+                            failed = true;
+                        }
+                        Err(e) => {
+                            println!("failed: {e:#}");
+                            failed = true;
+                        }
                     }
                 }
+                if failed {
+                    std::process::exit(1)
+                }
+                Ok(())
             })
         }
     }

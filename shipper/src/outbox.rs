@@ -2,9 +2,28 @@
 //! an answer means for it. No I/O: the shipper feeds records in and acts on
 //! the [`Next`] it gets back.
 
+use std::sync::Arc;
+
 use wire::batch::{push_item, Ack, Batch, BatchKind, Status};
-use wire::record::PartialRecord;
+use wire::record::{EventRef, PartialRecord};
 use wire::segment::RecordType;
+
+/// With several aggregator instances, a stream per instance carries only
+/// what that instance owns (`wire::partition`): partials keep their range
+/// and watermark with the other instances' rows taken out; events of other
+/// instances' advertisers are passed over (their seqs still extend the
+/// range, so every instance's cursor moves over the whole log).
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub me: usize,
+    pub instances: Arc<Vec<String>>,
+}
+
+impl Route {
+    fn owns(&self, advertiser: &str) -> bool {
+        wire::partition::owner(advertiser, &self.instances) == self.me
+    }
+}
 
 /// When a stream's pending records become a batch.
 #[derive(Debug, Clone)]
@@ -33,6 +52,9 @@ pub struct Outbox {
     raw: Vec<u8>,
     count: u32,
     oldest_ms: Option<i64>,
+    route: Option<Route>,
+    /// Scratch for a partial re-encoded without other instances' rows.
+    scratch: Vec<u8>,
 }
 
 /// What to do after an answer.
@@ -59,14 +81,23 @@ impl Outbox {
             raw: Vec::new(),
             count: 0,
             oldest_ms: None,
+            route: None,
+            scratch: Vec::new(),
         }
+    }
+
+    /// Keeps only what the instance `route.me` owns.
+    pub fn with_route(mut self, route: Option<Route>) -> Self {
+        self.route = route;
+        self
     }
 
     /// Takes one record read from the log. For partials, records of other
     /// types are passed over; for events, partials in between still extend
     /// the range the batch covers.
     pub fn offer(&mut self, seq: u64, ty: u8, bytes: &[u8], now_ms: i64) -> Result<(), String> {
-        let keep = match self.kind {
+        let mut bytes = bytes;
+        let mut keep = match self.kind {
             BatchKind::Partials => ty == RecordType::Partial as u8,
             BatchKind::Events => ty == RecordType::Event as u8,
             BatchKind::Hello => false,
@@ -75,7 +106,7 @@ impl Outbox {
             if !keep {
                 return Ok(());
             }
-            let p = PartialRecord::decode(bytes).map_err(|e| format!("partial {seq}: {e}"))?;
+            let mut p = PartialRecord::decode(bytes).map_err(|e| format!("partial {seq}: {e}"))?;
             if self.after.is_none() {
                 self.after = Some(p.from_seq);
             } else if p.from_seq != self.last {
@@ -84,8 +115,23 @@ impl Outbox {
                     p.from_seq, self.last
                 ));
             }
-        } else if self.after.is_none() {
-            self.after = Some(self.last);
+            if let Some(r) = &self.route {
+                let n = p.rows.len();
+                p.rows.retain(|(k, _)| r.owns(&k.advertiser_id));
+                if p.rows.len() != n {
+                    self.scratch.clear();
+                    p.encode(&mut self.scratch);
+                    bytes = &self.scratch;
+                }
+            }
+        } else {
+            if self.after.is_none() {
+                self.after = Some(self.last);
+            }
+            if let (true, Some(r)) = (keep, &self.route) {
+                let e = EventRef::decode(bytes).map_err(|e| format!("event {seq}: {e}"))?;
+                keep = r.owns(e.advertiser_id);
+            }
         }
         self.last = seq;
         if keep {
@@ -257,6 +303,95 @@ mod tests {
         assert!(o.ready(3000));
         let b = o.seal().unwrap();
         assert_eq!((b.after_seq, b.last_seq, b.count), (14, 15, 0));
+    }
+
+    #[test]
+    fn a_route_keeps_only_the_instances_rows_and_events_but_the_whole_range() {
+        use wire::record::{Counts, Device, RowKey};
+        let instances = Arc::new(vec!["agg-a".to_string(), "agg-b".to_string()]);
+        // Two advertisers with different owners.
+        let advs: Vec<String> = (0..50).map(|i| format!("adv-{i}")).collect();
+        let a = advs
+            .iter()
+            .find(|x| wire::partition::owner(x, &instances) == 0)
+            .unwrap();
+        let b = advs
+            .iter()
+            .find(|x| wire::partition::owner(x, &instances) == 1)
+            .unwrap();
+        let row = |adv: &str| {
+            (
+                RowKey {
+                    minute: 1,
+                    advertiser_id: adv.into(),
+                    campaign_id: "c".into(),
+                    ad_id: "x".into(),
+                    device: Device::Desktop,
+                    country: *b"ZZ",
+                },
+                Counts {
+                    clicks: 1,
+                    ..Counts::default()
+                },
+            )
+        };
+        let mut pb = Vec::new();
+        PartialRecord {
+            from_seq: 0,
+            to_seq: 3,
+            watermark_ms: 77,
+            rows: vec![row(a), row(b)],
+        }
+        .encode(&mut pb);
+        let event = |adv: &str| {
+            use wire::record::{EventKind, Source, Verdict};
+            let e = EventRef {
+                kind: EventKind::Click,
+                verdict: Verdict::Accepted,
+                source: Source::Get,
+                device: Device::Mobile,
+                country: *b"DE",
+                event_ms: 60_000,
+                receive_ms: 60_000,
+                signed_ts_s: 60,
+                cost_micros: 1,
+                client_ip: [0; 16],
+                kid: "k1",
+                advertiser_id: adv,
+                campaign_id: "c",
+                ad_id: "x",
+                click_id: "id",
+                user_id: "u",
+                redirect_url: "https://a.example/",
+            };
+            let mut out = vec![0u8; e.encoded_len()];
+            e.encode_into(&mut out);
+            out
+        };
+        for (me, mine) in [(0usize, a), (1, b)] {
+            let route = Some(Route {
+                me,
+                instances: instances.clone(),
+            });
+            let mut p =
+                Outbox::new(BatchKind::Partials, "gw", 0, policy(), 0).with_route(route.clone());
+            p.offer(4, PA, &pb, 0).unwrap();
+            let batch = p.seal().unwrap();
+            let raw = batch.decompress().unwrap();
+            let it = items(&raw, batch.count, batch.after_seq, batch.last_seq).unwrap();
+            let got = PartialRecord::decode(it[0].bytes).unwrap();
+            assert_eq!((got.from_seq, got.to_seq, got.watermark_ms), (0, 3, 77));
+            assert_eq!(got.rows, vec![row(mine)], "instance {me}");
+
+            let mut e = Outbox::new(BatchKind::Events, "gw", 0, policy(), 0).with_route(route);
+            e.offer(1, EV, &event(a), 0).unwrap();
+            e.offer(2, EV, &event(b), 0).unwrap();
+            let batch = e.seal().unwrap();
+            assert_eq!((batch.after_seq, batch.last_seq, batch.count), (0, 2, 1));
+            let raw = batch.decompress().unwrap();
+            let it = items(&raw, batch.count, batch.after_seq, batch.last_seq).unwrap();
+            assert_eq!(EventRef::decode(it[0].bytes).unwrap().advertiser_id, mine);
+        }
     }
 
     #[test]

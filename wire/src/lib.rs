@@ -14,6 +14,7 @@
 //!   and the aggregator's answer (status and cursors).
 //! - [`layout`]: file names in a gateway's data directory, shared by gateway and
 //!   shipper.
+//! - [`partition`]: which aggregator instance owns an advertiser.
 //! - [`failpoint`]: named crash points for tests (`CLICKGATE_CRASH_AT`).
 
 #![forbid(unsafe_code)]
@@ -22,6 +23,7 @@ pub mod batch;
 pub mod failpoint;
 pub mod fuzzing;
 pub mod layout;
+pub mod partition;
 pub mod record;
 pub mod segment;
 
