@@ -53,21 +53,23 @@ pub fn schema(table: &str) -> [String; 2] {
              minute DateTime, advertiser_id String, campaign_id String, ad_id String, \
              device String, country String, \
              clicks UInt64, impressions UInt64, spend_micros UInt64, duplicates UInt64, invalid UInt64, \
-             version UInt32, revision UInt64) \
+             version UInt32, revision UInt64, instance String) \
              ENGINE = ReplacingMergeTree(revision) PARTITION BY toYYYYMM(minute) \
-             ORDER BY (advertiser_id, minute, campaign_id, ad_id, device, country)"
+             ORDER BY (advertiser_id, minute, campaign_id, ad_id, device, country, instance)"
         ),
         // The aggregator's watermark, so readers of ClickHouse alone can tell
         // final minutes (end + lateness <= watermark) from provisional ones.
         format!(
-            "CREATE TABLE IF NOT EXISTS {table}_watermark (id UInt8, watermark_ms UInt64, lateness_ms UInt64) \
-             ENGINE = ReplacingMergeTree(watermark_ms) ORDER BY id"
+            "CREATE TABLE IF NOT EXISTS {table}_watermark (instance String, watermark_ms UInt64, lateness_ms UInt64) \
+             ENGINE = ReplacingMergeTree(watermark_ms) ORDER BY instance"
         ),
     ]
 }
 
-/// The rows as JSONEachRow lines.
-pub fn rows_json(rows: &[ExportRow]) -> String {
+/// The rows as JSONEachRow lines. `instance` (the writer's cluster id, ""
+/// alone) is part of the key: each instance's revisions only order its own
+/// rows, so instances never replace each other's; readers sum over them.
+pub fn rows_json(rows: &[ExportRow], instance: &str) -> String {
     let mut s = String::with_capacity(rows.len() * 220);
     for ExportRow {
         key: k,
@@ -81,7 +83,7 @@ pub fn rows_json(rows: &[ExportRow]) -> String {
             s,
             "{{\"minute\":{},\"advertiser_id\":{},\"campaign_id\":{},\"ad_id\":{},\"device\":{},\"country\":{},\
              \"clicks\":{},\"impressions\":{},\"spend_micros\":{},\"duplicates\":{},\"invalid\":{},\
-             \"version\":{},\"revision\":{}}}",
+             \"version\":{},\"revision\":{},\"instance\":{}}}",
             k.minute as u64 * 60,
             js(&k.advertiser_id),
             js(&k.campaign_id),
@@ -94,7 +96,8 @@ pub fn rows_json(rows: &[ExportRow]) -> String {
             c.duplicates,
             c.invalid,
             r.version,
-            rev
+            rev,
+            js(instance)
         );
     }
     s
@@ -102,6 +105,7 @@ pub fn rows_json(rows: &[ExportRow]) -> String {
 
 pub struct Client {
     cfg: ClickHouse,
+    instance: String,
     http: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
         http_body_util::Full<bytes::Bytes>,
@@ -110,7 +114,8 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(cfg: &ClickHouse) -> Client {
+    /// `instance`: this aggregator's cluster id ("" without a cluster).
+    pub fn new(cfg: &ClickHouse, instance: &str) -> Client {
         use base64::Engine;
         let http =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -124,6 +129,7 @@ impl Client {
         });
         Client {
             cfg: cfg.clone(),
+            instance: instance.to_owned(),
             http,
             auth,
         }
@@ -174,7 +180,7 @@ impl Client {
     pub async fn insert_rows(&self, rows: &[ExportRow]) -> anyhow::Result<()> {
         self.exec(
             &format!("INSERT INTO {} FORMAT JSONEachRow", self.cfg.table),
-            &rows_json(rows),
+            &rows_json(rows, &self.instance),
         )
         .await
         .map(|_| ())
@@ -187,7 +193,8 @@ impl Client {
                 self.cfg.table
             ),
             &format!(
-                "{{\"id\":0,\"watermark_ms\":{},\"lateness_ms\":{}}}\n",
+                "{{\"instance\":{},\"watermark_ms\":{},\"lateness_ms\":{}}}\n",
+                js(&self.instance),
                 watermark_ms.max(0),
                 lateness_ms.max(0)
             ),
@@ -203,7 +210,8 @@ impl Client {
         let wm = self
             .exec(
                 &format!(
-                    "SELECT watermark_ms, lateness_ms FROM {}_watermark FINAL FORMAT TSV",
+                    // The slowest instance's: final only where all agree.
+                    "SELECT min(watermark_ms), max(lateness_ms) FROM {}_watermark FINAL FORMAT TSV",
                     self.cfg.table
                 ),
                 "",
@@ -295,10 +303,11 @@ fn unescape_tsv(s: &str) -> String {
 pub async fn run_sink(
     store: Arc<Store>,
     cfg: ClickHouse,
+    instance: String,
     stats: Arc<crate::metrics::Metrics>,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) {
-    let client = Client::new(&cfg);
+    let client = Client::new(&cfg, &instance);
     let mut tables_ready = false;
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -387,12 +396,15 @@ mod tests {
             },
             version: 2,
         };
-        let j = rows_json(&[ExportRow {
-            key_bytes: vec![],
-            key: k,
-            row: r,
-            revision: 17,
-        }]);
+        let j = rows_json(
+            &[ExportRow {
+                key_bytes: vec![],
+                key: k,
+                row: r,
+                revision: 17,
+            }],
+            "agg-a",
+        );
         let v: serde_json::Value = serde_json::from_str(j.trim()).unwrap();
         assert_eq!(v["minute"], 29_925_180u64 * 60);
         assert_eq!(v["advertiser_id"], "adv-\"1\"");
@@ -404,6 +416,7 @@ mod tests {
             (Some(3), Some(17))
         );
         assert_eq!(v["version"], 2);
+        assert_eq!(v["instance"], "agg-a");
     }
 
     #[test]

@@ -291,6 +291,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             tokio::spawn(aggregator::clickhouse::run_sink(
                 st.clone(),
                 cfg.clickhouse.clone(),
+                cfg.cluster.self_id.clone(),
                 metrics.clone(),
                 sink_stop.clone(),
             ))
@@ -309,7 +310,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
                 http: cfg.cluster.instances.iter().map(|i| i.http).collect(),
             }),
             clickhouse: (cfg.clickhouse.enabled() && cfg.clickhouse.serve_queries)
-                .then(|| aggregator::clickhouse::Client::new(&cfg.clickhouse)),
+                .then(|| aggregator::clickhouse::Client::new(&cfg.clickhouse, &cfg.cluster.self_id)),
             forward: http::forwarder(),
         });
         let listener = tokio::net::TcpListener::bind(cfg.listen_http)

@@ -183,11 +183,48 @@ fn answer(status: Status, c: (u64, u64)) -> Ack {
 
 impl Store {
     pub fn open(path: &Path, settings: Settings) -> Result<Store> {
-        Ok(Store {
+        let s = Store {
             db: RwLock::new(Some(open_db(path)?)),
             path: path.to_owned(),
             settings,
-        })
+        };
+        s.track_exports()?;
+        Ok(s)
+    }
+
+    /// When the sink is turned on for a store that had it off, every row
+    /// is marked for export (changes made while it was off were not
+    /// tracked); when turned off, the store remembers, so that turning it on
+    /// again backfills again.
+    fn track_exports(&self) -> Result<()> {
+        let db = self.db()?;
+        let tx = db.begin_write().map_err(se)?;
+        {
+            let mut meta = tx.open_table(META).map_err(se)?;
+            let on = meta.get("exporting").map_err(se)?.map_or(0, |v| v.value()) == 1;
+            if self.settings.export && !on {
+                let rows = tx.open_table(ROWS).map_err(se)?;
+                let mut export = tx.open_table(EXPORT).map_err(se)?;
+                let revision = meta.get("revision").map_err(se)?.map_or(0, |v| v.value()) + 1;
+                let mut n = 0u64;
+                for r in rows.iter().map_err(se)? {
+                    let (k, _) = r.map_err(se)?;
+                    export.insert(k.value(), revision as u64).map_err(se)?;
+                    n += 1;
+                }
+                meta.insert("revision", revision).map_err(se)?;
+                meta.insert("exporting", 1).map_err(se)?;
+                if n > 0 {
+                    tracing::info!(
+                        rows = n,
+                        "ClickHouse sink turned on: every row marked for export"
+                    );
+                }
+            } else if !self.settings.export && on {
+                meta.insert("exporting", 0).map_err(se)?;
+            }
+        }
+        tx.commit().map_err(se)
     }
 
     /// The open database, reopening it first if an I/O error closed it.
@@ -996,6 +1033,32 @@ mod tests {
         assert_eq!(apply(&s, &b2, T0).status, Status::Duplicate);
         assert_eq!(s.export_pending(10).unwrap(), left);
         s.export_done(&ExportRow::done(&left)).unwrap();
+        assert_eq!(s.export_backlog().unwrap(), 0);
+    }
+
+    #[test]
+    fn turning_the_sink_on_backfills_every_row() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("s.redb");
+        let m = (T0 / 60_000) as u32;
+        let settings = |export| Settings {
+            export,
+            ..Settings::default()
+        };
+        {
+            let s = Store::open(&path, settings(false)).unwrap();
+            let b = partials("gw", 0, &[(2, 0, T0, vec![(key("a", "x", m), clicks(1))])]);
+            assert_eq!(apply(&s, &b, T0).status, Status::Applied);
+            assert_eq!(s.export_backlog().unwrap(), 0, "not tracked while off");
+        }
+        let s = Store::open(&path, settings(true)).unwrap();
+        let pending = s.export_pending(10).unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].row.counts.clicks, 1);
+        s.export_done(&ExportRow::done(&pending)).unwrap();
+        drop(s);
+        // Reopened with the sink still on: nothing to backfill.
+        let s = Store::open(&path, settings(true)).unwrap();
         assert_eq!(s.export_backlog().unwrap(), 0);
     }
 

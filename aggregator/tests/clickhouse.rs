@@ -136,7 +136,7 @@ fn rows_land_once_through_resends_and_corrections_and_queries_agree() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let c = Client::new(&cfg);
+        let c = Client::new(&cfg, "");
         c.create_tables().await.unwrap();
         c.create_tables().await.unwrap(); // idempotent
 
@@ -182,6 +182,35 @@ fn rows_land_once_through_resends_and_corrections_and_queries_agree() {
         let fix = store.export_pending(1000).unwrap();
         c.insert_rows(&fix).await.unwrap();
         assert_eq!(final_state(&c).await, "3\t9\t2250000\t1");
+
+        // Another instance's rows for the same key (late data after a move)
+        // stand beside this instance's, whatever their revisions: readers sum.
+        let other = Client::new(&cfg, "agg-b");
+        let mut theirs = store.export_pending(0).unwrap();
+        theirs.extend(fix.iter().cloned().map(|mut r| {
+            r.revision = 1;
+            r.row = aggregator::rows::Row {
+                counts: clicks(2),
+                version: 0,
+            };
+            r
+        }));
+        other.insert_rows(&theirs).await.unwrap();
+        assert_eq!(final_state(&c).await, "4\t11\t2750000\t1");
+        c.exec(
+            "ALTER TABLE clickgate_minutes DELETE WHERE instance = 'agg-b'",
+            "",
+        )
+        .await
+        .unwrap();
+        let t = std::time::Instant::now();
+        while final_state(&c).await != "3\t9\t2250000\t1" {
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(10),
+                "mutation not applied"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
 
         // The same question, answered by the store and by ClickHouse.
         c.write_watermark(store.watermark(now).unwrap(), store.settings.lateness_ms)
