@@ -19,6 +19,10 @@ use crate::rows::{format_time, parse_time};
 use crate::store::{self, Store};
 
 pub const OPENAPI: &str = include_str!("../../docs/openapi.yaml");
+/// The advertiser dashboard: one static page; its data comes from the query
+/// API with the advertiser's own token, so it can show nothing the API
+/// would not.
+pub const DASHBOARD: &str = include_str!("dashboard.html");
 
 pub struct Api {
     pub store: Arc<Store>,
@@ -61,6 +65,18 @@ pub fn router(api: Arc<Api>) -> Router {
         .route(
             "/api/v1/openapi.yaml",
             get(|| async { ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI) }),
+        )
+        .route(
+            "/dashboard",
+            get(|| async {
+                (
+                    [
+                        (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+                        (header::CACHE_CONTROL, "no-cache"),
+                    ],
+                    DASHBOARD,
+                )
+            }),
         )
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -330,6 +346,7 @@ struct Analytics<'a> {
 async fn late(
     State(api): State<Arc<Api>>,
     headers: HeaderMap,
+    uri: axum::http::Uri,
     Query(p): Query<HashMap<String, String>>,
 ) -> Response {
     let Some(adv) = p.get("advertiser_id").filter(|a| !a.is_empty()).cloned() else {
@@ -337,6 +354,13 @@ async fn late(
     };
     if let Err(r) = authorize(&api, &headers, &adv) {
         return *r;
+    }
+    // The late table is kept by the owner only.
+    if let Some(c) = &api.cluster {
+        let o = wire::partition::owner(&adv, &c.ids);
+        if o != c.me && !headers.contains_key(FORWARDED) {
+            return forward(&api, c.http[o], &uri, &headers).await;
+        }
     }
     let st = api.clone();
     let rows = match tokio::task::spawn_blocking(move || st.store.late_rows()).await {

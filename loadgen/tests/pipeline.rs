@@ -107,7 +107,10 @@ struct Pipeline {
     dir: tempfile::TempDir,
     gateway_addr: String,
     agg_http: String,
+    /// Reads every advertiser.
     token: String,
+    /// Reads adv-0 only.
+    adv0_token: String,
     /// AGG, GW, SHIP, and AGG2 with two aggregators.
     procs: Vec<Proc>,
     /// The second aggregator's query API, with two aggregators.
@@ -215,14 +218,32 @@ impl Pipeline {
             &agg_bin,
             &["dev-certs", "--out", &p("certs"), "--gateway", "e2e"],
         );
-        run(&agg_bin, &["dev-tokens", "--out", &p("tokens.toml")]);
+        run(
+            &agg_bin,
+            &[
+                "dev-tokens",
+                "--out",
+                &p("tokens.toml"),
+                "--advertiser",
+                "adv-0",
+            ],
+        );
         let tokens = std::fs::read_to_string(d.join("tokens.toml")).unwrap();
-        let token = tokens
-            .lines()
-            .find_map(|l| l.strip_prefix("token = \""))
-            .unwrap()
-            .trim_end_matches('"')
-            .to_owned();
+        // [[token]] advertiser_id = "..." then token = "...".
+        let token_of = |adv: &str| {
+            let mut lines = tokens.lines();
+            lines
+                .find(|l| *l == format!("advertiser_id = \"{adv}\""))
+                .unwrap();
+            lines
+                .next()
+                .and_then(|l| l.strip_prefix("token = \""))
+                .unwrap()
+                .trim_end_matches('"')
+                .to_owned()
+        };
+        let token = token_of("*");
+        let adv0_token = token_of("adv-0");
         let gateway_addr = format!("127.0.0.1:{}", free_port());
         let agg_http = format!("127.0.0.1:{}", free_port());
         let agg_quic = format!("127.0.0.1:{}", free_udp_port());
@@ -353,6 +374,7 @@ impl Pipeline {
             gateway_addr,
             agg_http,
             token,
+            adv0_token,
             procs,
             agg2_http: two_aggregators.then_some(agg2_http),
             clickhouse,
@@ -956,4 +978,119 @@ fn two_aggregators_split_the_advertisers_and_answer_for_each_other() {
             "nothing misrouted to {at}"
         );
     }
+}
+
+/// One GET with a bearer token; the JSON answer.
+fn get_json(addr: &str, path: &str, token: &str) -> serde_json::Value {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // axum answers with Content-Length here (not chunked).
+    serde_json::from_str(body).unwrap()
+}
+
+#[test]
+fn the_dashboard_in_a_browser_shows_what_was_counted() {
+    // Clicks through the whole pipeline, checked exact against the oracle;
+    // then headless Chromium signs in to the dashboard as adv-0 and its
+    // chart must show, point for point, the clicks per (ad, minute) the
+    // query API holds for the same window (which verify proved equal to the
+    // oracle). The screenshot is kept in target/test-artifacts/.
+    let pl = Pipeline::new();
+    let oracle = "oracle-dash.json";
+    let out = pl
+        .loadgen(oracle, &["--connections", "8", "--rate", "300"])
+        .args(["--duration", "4", "--pool", "1200", "--seed", "51"])
+        .args(["--advertisers", "3"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let (ok, text) = pl.verify(oracle);
+    assert!(ok, "{text}\n{}", pl.logs());
+    let ensure = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ensure-browser");
+    if !Command::new(ensure).status().unwrap().success() {
+        eprintln!("SKIPPED: no headless browser could be installed");
+        return;
+    }
+    let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let shot = artifacts.join("dashboard-adv-0.png");
+    let _ = std::fs::remove_file(&shot);
+    let out = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/tools/dashboard.py"
+        ))
+        .args(["--url", &format!("http://{}/dashboard", pl.agg_http)])
+        .args(["--advertiser", "adv-0", "--token", &pl.adv0_token])
+        .arg("--screenshot")
+        .arg(&shot)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let page: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(page["error"], "", "{page}");
+    let shown: std::collections::BTreeMap<(String, String), u64> = page["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                (
+                    p["ad"].as_str().unwrap().to_owned(),
+                    p["minute"].as_str().unwrap().to_owned(),
+                ),
+                p["clicks"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let path = format!(
+        "/api/v1/advertisers/analytics?advertiser_id=adv-0&start_time={}&end_time={}&granularity=1m",
+        page["start_ms"].as_i64().unwrap() / 1000,
+        page["end_ms"].as_i64().unwrap() / 1000
+    );
+    let api = get_json(&pl.agg_http, &path, &pl.token);
+    let counted: std::collections::BTreeMap<(String, String), u64> = api["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                (
+                    p["ad_id"].as_str().unwrap().to_owned(),
+                    p["timestamp"].as_str().unwrap().to_owned(),
+                ),
+                p["clicks"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let total: u64 = counted.values().sum();
+    assert!(
+        total > 50,
+        "too few clicks for adv-0 to show anything: {total}"
+    );
+    assert_eq!(shown, counted, "the chart differs from what was counted");
+    assert_eq!(page["clicks_card"], total.to_string());
+    assert!(
+        std::fs::metadata(&shot).unwrap().len() > 5000,
+        "screenshot kept"
+    );
+    eprintln!(
+        "DASHBOARD: {} points, {total} clicks for adv-0, screenshot {}",
+        shown.len(),
+        shot.display()
+    );
 }
