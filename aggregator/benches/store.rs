@@ -210,6 +210,7 @@ fn query_over_http(store: Store) {
         ready: true.into(),
         cluster: None,
         clickhouse: None,
+        clickhouse_for_all: false,
         forward: aggregator::http::forwarder(),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -66,9 +66,10 @@ pub fn schema(table: &str) -> [String; 2] {
     ]
 }
 
-/// The rows as JSONEachRow lines. `instance` (the writer's cluster id, ""
-/// alone) is part of the key: each instance's revisions only order its own
-/// rows, so instances never replace each other's; readers sum over them.
+/// The rows as JSONEachRow lines. `instance` (the writing store's id,
+/// `Store::store_id`) is part of the key: each store's revisions only order
+/// its own rows, so instances never replace each other's; readers sum over
+/// them.
 pub fn rows_json(rows: &[ExportRow], instance: &str) -> String {
     let mut s = String::with_capacity(rows.len() * 220);
     for ExportRow {
@@ -114,7 +115,7 @@ pub struct Client {
 }
 
 impl Client {
-    /// `instance`: this aggregator's cluster id ("" without a cluster).
+    /// `instance`: the writing store's id (`Store::store_id`).
     pub fn new(cfg: &ClickHouse, instance: &str) -> Client {
         use base64::Engine;
         let http =

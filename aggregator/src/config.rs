@@ -105,6 +105,11 @@ pub struct ClickHouse {
     /// Answer queries for advertisers this instance does not own from
     /// ClickHouse (see [cluster]). Default true.
     pub serve_queries: bool,
+    /// Answer every query from ClickHouse, own advertisers too: after a
+    /// cluster grew, a moved advertiser's history is in ClickHouse (written
+    /// by its old owner), not in its new owner's store. Answers lag by up
+    /// to `flush_interval_ms`. Default false.
+    pub serve_all_queries: bool,
 }
 
 impl Default for ClickHouse {
@@ -119,6 +124,7 @@ impl Default for ClickHouse {
             batch_rows_max: 50_000,
             timeout_ms: 10_000,
             serve_queries: true,
+            serve_all_queries: false,
         }
     }
 }

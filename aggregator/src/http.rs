@@ -36,6 +36,8 @@ pub struct Api {
     /// Answers for advertisers this instance does not own, when set;
     /// otherwise they are forwarded to their owner.
     pub clickhouse: Option<crate::clickhouse::Client>,
+    /// Every query from ClickHouse (`clickhouse.serve_all_queries`).
+    pub clickhouse_for_all: bool,
     pub forward: Forwarder,
 }
 
@@ -233,16 +235,18 @@ async fn analytics(
         .as_ref()
         .map(|c| wire::partition::owner(&q.advertiser_id, &c.ids))
         .filter(|o| Some(*o) != api.cluster.as_ref().map(|c| c.me));
+    let from_clickhouse = owner.is_some() || api.clickhouse_for_all;
     let answered = match (owner, &api.clickhouse) {
-        // Another instance's advertiser: ClickHouse holds every instance's
-        // rows; without it, the owner answers.
-        (Some(_), Some(ch)) => ch.query(&q).await.map_err(|e| {
+        // Another instance's advertiser (or every query, when so set):
+        // ClickHouse holds every instance's rows; without it, the owner
+        // answers.
+        (_, Some(ch)) if from_clickhouse => ch.query(&q).await.map_err(|e| {
             error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("ClickHouse: {e:#}"),
             )
         }),
-        (Some(o), None) => {
+        (Some(o), _) => {
             let c = api.cluster.as_ref().expect("an owner implies a cluster");
             if headers.contains_key(FORWARDED) {
                 return error(

@@ -43,6 +43,9 @@ enum Cmd {
         /// (overrides clickhouse.url).
         #[arg(long)]
         clickhouse: Option<String>,
+        /// Answer every query from ClickHouse (clickhouse.serve_all_queries).
+        #[arg(long)]
+        queries_from_clickhouse: bool,
         /// This instance's id in a cluster (overrides cluster.self_id).
         #[arg(long)]
         instance_id: Option<String>,
@@ -111,6 +114,7 @@ fn main() -> anyhow::Result<()> {
             tokens,
             lateness_ms,
             clickhouse,
+            queries_from_clickhouse,
             instance_id,
             instances,
         } => {
@@ -141,6 +145,9 @@ fn main() -> anyhow::Result<()> {
             }
             if let Some(u) = clickhouse {
                 cfg.clickhouse.url = u;
+            }
+            if queries_from_clickhouse {
+                cfg.clickhouse.serve_all_queries = true;
             }
             if let Some(id) = instance_id {
                 cfg.cluster.self_id = id;
@@ -278,6 +285,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         )
         .with_context(|| format!("opening the store {}", cfg.store_path.display()))?,
     );
+    let store_id = st.store_id()?;
     let metrics = Arc::new(aggregator::metrics::Metrics::default());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -291,7 +299,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             tokio::spawn(aggregator::clickhouse::run_sink(
                 st.clone(),
                 cfg.clickhouse.clone(),
-                cfg.cluster.self_id.clone(),
+                store_id.clone(),
                 metrics.clone(),
                 sink_stop.clone(),
             ))
@@ -309,8 +317,10 @@ fn run(cfg: Config) -> anyhow::Result<()> {
                 me,
                 http: cfg.cluster.instances.iter().map(|i| i.http).collect(),
             }),
-            clickhouse: (cfg.clickhouse.enabled() && cfg.clickhouse.serve_queries)
-                .then(|| aggregator::clickhouse::Client::new(&cfg.clickhouse, &cfg.cluster.self_id)),
+            clickhouse: (cfg.clickhouse.enabled()
+                && (cfg.clickhouse.serve_queries || cfg.clickhouse.serve_all_queries))
+                .then(|| aggregator::clickhouse::Client::new(&cfg.clickhouse, &store_id)),
+            clickhouse_for_all: cfg.clickhouse.enabled() && cfg.clickhouse.serve_all_queries,
             forward: http::forwarder(),
         });
         let listener = tokio::net::TcpListener::bind(cfg.listen_http)

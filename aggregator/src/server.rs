@@ -25,7 +25,7 @@ pub struct Job {
 
 fn kind_of(frame: &[u8]) -> usize {
     match frame.get(10).copied().and_then(BatchKind::from_u8) {
-        Some(BatchKind::Hello) => 0,
+        Some(BatchKind::Hello | BatchKind::Join) => 0,
         Some(BatchKind::Partials) => 1,
         Some(BatchKind::Events) => 2,
         None => 3,

@@ -192,6 +192,33 @@ impl Store {
         Ok(s)
     }
 
+    /// This store's identity, made once when the store is created: the name
+    /// its rows carry in ClickHouse. It follows the data, not the
+    /// configuration, so an instance renamed (or joining a cluster) keeps
+    /// replacing its own rows rather than adding a second copy.
+    pub fn store_id(&self) -> Result<String> {
+        let db = self.db()?;
+        let tx = db.begin_write().map_err(se)?;
+        let id = {
+            let mut meta = tx.open_table(META).map_err(se)?;
+            let existing = meta.get("store_id").map_err(se)?.map(|v| v.value());
+            match existing {
+                Some(id) => id,
+                None => {
+                    let mut b = [0u8; 8];
+                    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+                        .map_err(|_| StoreError::Redb("no randomness for the store id".into()))?;
+                    // Positive, so it reads the same as i64 and u64.
+                    let id = i64::from_le_bytes(b) & i64::MAX;
+                    meta.insert("store_id", id).map_err(se)?;
+                    id
+                }
+            }
+        };
+        tx.commit().map_err(se)?;
+        Ok(format!("{id:016x}"))
+    }
+
     /// When the sink is turned on for a store that had it off, every row
     /// is marked for export (changes made while it was off were not
     /// tracked); when turned off, the store remembers, so that turning it on
@@ -417,6 +444,16 @@ impl Store {
                     .unwrap_or((0, 0));
                 let (ack, effect) = match batch.kind {
                     BatchKind::Hello => (answer(Status::Cursors, cur), Effect::default()),
+                    // A shard this instance has never heard of starts where
+                    // the routing switched to it; one it knows keeps its
+                    // cursors (a repeated or late join changes nothing).
+                    BatchKind::Join if cur == (0, 0) => {
+                        let at = (batch.after_seq, batch.last_seq);
+                        cursors.insert(key, at).map_err(se)?;
+                        tracing::info!(gateway = %batch.gateway_id, shard = batch.shard, partials = at.0, events = at.1, "joined: counting from these cursors");
+                        (answer(Status::Cursors, at), Effect::default())
+                    }
+                    BatchKind::Join => (answer(Status::Cursors, cur), Effect::default()),
                     BatchKind::Partials => match plan_partials(&batch, cur.0).and_then(|p| match p
                         .rows
                         .iter()
@@ -1037,6 +1074,32 @@ mod tests {
     }
 
     #[test]
+    fn a_join_sets_the_cursors_of_an_unknown_shard_only() {
+        let (_d, s) = store();
+        let m = (T0 / 60_000) as u32;
+        let join = |p, e| Batch::join("gw", 0, p, e).encode();
+        let a = apply(&s, &join(40, 41), T0);
+        assert_eq!(
+            (a.status, a.partials_cursor, a.events_cursor),
+            (Status::Cursors, 40, 41)
+        );
+        // Counting goes on from there: the partial after 40 applies.
+        let b = partials(
+            "gw",
+            0,
+            &[(45, 40, T0, vec![(key("a", "x", m), clicks(2))])],
+        );
+        assert_eq!(apply(&s, &b, T0).status, Status::Applied);
+        assert_eq!(total(&s, "a").clicks, 2);
+        // A later join changes nothing.
+        let a = apply(&s, &join(1, 1), T0);
+        assert_eq!(
+            (a.status, a.partials_cursor, a.events_cursor),
+            (Status::Cursors, 45, 41)
+        );
+    }
+
+    #[test]
     fn turning_the_sink_on_backfills_every_row() {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("s.redb");
@@ -1060,6 +1123,25 @@ mod tests {
         // Reopened with the sink still on: nothing to backfill.
         let s = Store::open(&path, settings(true)).unwrap();
         assert_eq!(s.export_backlog().unwrap(), 0);
+        // Its ClickHouse identity is made once and kept.
+        let id = s.store_id().unwrap();
+        assert_eq!(id.len(), 16);
+        drop(s);
+        assert_eq!(
+            Store::open(&path, settings(true))
+                .unwrap()
+                .store_id()
+                .unwrap(),
+            id
+        );
+        let other = d.path().join("t.redb");
+        assert_ne!(
+            Store::open(&other, settings(true))
+                .unwrap()
+                .store_id()
+                .unwrap(),
+            id
+        );
     }
 
     #[test]

@@ -1094,3 +1094,130 @@ fn the_dashboard_in_a_browser_shows_what_was_counted() {
         shot.display()
     );
 }
+
+/// The value after `flag` in a process's arguments.
+fn arg_after(p: &Proc, flag: &str) -> String {
+    let i = p.args.iter().position(|a| a == flag).unwrap();
+    p.args[i + 1].to_str().unwrap().to_owned()
+}
+
+#[test]
+fn growing_from_one_aggregator_to_two_under_load_counts_every_click_once() {
+    // One aggregator (agg-a) writing to ClickHouse takes a steady load; in
+    // the middle of it the cluster grows: the shipper stops, agg-a restarts
+    // with the instance list [agg-a, agg-b], agg-b starts, and the shipper
+    // restarts routing by advertiser with agg-b joining (it starts where
+    // agg-a stood, not from the start of the log). ClickHouse, summed over
+    // the instances, must equal the log exactly, and so must both
+    // instances' answers (from ClickHouse: a moved advertiser's history was
+    // written by agg-a).
+    let Some(mut pl) = Pipeline::with_clickhouse(&[]) else {
+        eprintln!("SKIPPED: no ClickHouse server could be started");
+        return;
+    };
+    let oracle = "oracle-grow.json";
+    let lg = pl
+        .loadgen(oracle, &["--connections", "8", "--rate", "300"])
+        .args(["--duration", "10", "--pool", "3000", "--seed", "61"])
+        .args(["--advertisers", "12"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+
+    let (a_http, a_quic) = (
+        arg_after(&pl.procs[AGG], "--listen-http"),
+        arg_after(&pl.procs[AGG], "--listen-quic"),
+    );
+    let (b_http, b_quic) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_udp_port()),
+    );
+    let cluster = |id: &str| -> Vec<OsString> {
+        [
+            "--instance-id",
+            id,
+            "--instance",
+            &format!("agg-a={a_http}"),
+            "--instance",
+            &format!("agg-b={b_http}"),
+            "--queries-from-clickhouse",
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect()
+    };
+    pl.procs[SHIP].stop();
+    pl.procs[AGG].stop();
+    pl.procs[AGG].args.extend(cluster("agg-a"));
+    pl.procs[AGG].start();
+    let mut b_args = pl.procs[AGG].args.clone();
+    for (flag, value) in [
+        ("--listen-http", &b_http),
+        ("--listen-quic", &b_quic),
+        (
+            "--store",
+            &pl.path("agg-b/store.redb").to_str().unwrap().to_owned(),
+        ),
+        ("--instance-id", &"agg-b".to_owned()),
+    ] {
+        let i = b_args.iter().position(|a| a == flag).unwrap();
+        b_args[i + 1] = value.into();
+    }
+    pl.procs.push(Proc {
+        name: "aggregator-b",
+        bin: pl.procs[AGG].bin.clone(),
+        args: b_args,
+        log: pl.path("aggregator-b.log"),
+        ready: (b_http.clone(), "/readyz"),
+        child: None,
+        starts: 0,
+        ready_ms: Vec::new(),
+        env: Vec::new(),
+    });
+    pl.procs[AGG2].start();
+    let ship = &mut pl.procs[SHIP];
+    let i = ship.args.iter().position(|a| a == "--aggregator").unwrap();
+    ship.args.drain(i..i + 2);
+    ship.args.extend(
+        [
+            "--instance",
+            &format!("agg-a={a_quic}"),
+            "--instance",
+            &format!("agg-b={b_quic}"),
+            "--joining",
+            "agg-b",
+        ]
+        .iter()
+        .map(OsString::from),
+    );
+    ship.start();
+
+    let out = lg.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    for at in [a_http.clone(), b_http.clone()] {
+        let (ok, text) = pl.verify_at(oracle, &at);
+        assert!(ok, "asking {at}:\n{text}\n{}", pl.logs());
+        let line = |p: &str| {
+            text.lines()
+                .find(|l| l.starts_with(p))
+                .unwrap_or("")
+                .to_owned()
+        };
+        eprintln!(
+            "GROW asking {at}: {} | {}",
+            line("aggregator:"),
+            line("clickhouse:")
+        );
+    }
+    assert!(
+        metric_of(&b_http, "clickgate_aggregator_rows_merged_total") > 0,
+        "agg-b took over some advertisers"
+    );
+    assert!(
+        pl.procs[AGG2].log_text().contains("joined"),
+        "{}",
+        pl.logs()
+    );
+}

@@ -51,6 +51,13 @@ pub struct Config {
 pub struct Instance {
     pub id: String,
     pub quic: SocketAddr,
+    /// A new instance joining the cluster: for a shard it has never heard
+    /// of, it starts where the other instances stood when this shipper
+    /// started (its routing switched), instead of from the start of the log
+    /// (whose rows the old owners already counted). Set while growing, then
+    /// remove (docs/DESIGN.md, "Several aggregators"). Default false.
+    #[serde(default)]
+    pub joining: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -134,6 +141,9 @@ impl Config {
         ids.dedup();
         if ids.len() != self.cluster.len() || ids.iter().any(|i| i.is_empty()) {
             return Err("cluster: every instance needs its own non-empty id".into());
+        }
+        if !self.cluster.is_empty() && self.cluster.iter().all(|i| i.joining) {
+            return Err("cluster: a joining instance needs one that is not joining".into());
         }
         Ok(())
     }

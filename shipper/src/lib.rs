@@ -127,6 +127,8 @@ pub struct Shipper {
 struct Link {
     id: String,
     addr: std::net::SocketAddr,
+    /// Joins at the other instances' cursors (see `config::Instance`).
+    joining: bool,
     conn: tokio::sync::Mutex<Option<quinn::Connection>>,
 }
 
@@ -165,16 +167,20 @@ impl Shipper {
     pub fn new(cfg: Config) -> anyhow::Result<Arc<Shipper>> {
         let mut endpoint = quinn::Endpoint::client("0.0.0.0:0".parse()?)?;
         endpoint.set_default_client_config(client_config(&cfg)?);
-        let link = |id: &str, addr| Link {
+        let link = |id: &str, addr, joining| Link {
             id: id.to_owned(),
             addr,
+            joining,
             conn: tokio::sync::Mutex::new(None),
         };
         let (links, instances) = if cfg.cluster.is_empty() {
-            (vec![link("aggregator", cfg.aggregator)], None)
+            (vec![link("aggregator", cfg.aggregator, false)], None)
         } else {
             (
-                cfg.cluster.iter().map(|i| link(&i.id, i.quic)).collect(),
+                cfg.cluster
+                    .iter()
+                    .map(|i| link(&i.id, i.quic, i.joining))
+                    .collect(),
                 Some(Arc::new(cfg.cluster.iter().map(|i| i.id.clone()).collect())),
             )
         };
@@ -286,6 +292,10 @@ struct ShardState {
     /// Per instance, per stream (partials, events): the cursor, once that
     /// instance gave one.
     cursors: Mutex<Vec<[Option<u64>; 2]>>,
+    /// Per instance: its (partials, events) cursors as its first hello
+    /// answered, where this shipper's routing took over: where a joining
+    /// instance starts.
+    initial: Mutex<Vec<Option<(u64, u64)>>>,
 }
 
 impl ShardState {
@@ -293,7 +303,29 @@ impl ShardState {
         ShardState {
             dir,
             cursors: Mutex::new(vec![[None; 2]; links]),
+            initial: Mutex::new(vec![None; links]),
         }
+    }
+
+    fn record_initial(&self, link: usize, ack: &Ack) {
+        self.initial.lock().unwrap()[link].get_or_insert((ack.partials_cursor, ack.events_cursor));
+    }
+
+    /// Once every non-joining instance has answered its first hello: the
+    /// lowest of their cursors, and whether they differed.
+    fn join_point(&self, links: &[Link]) -> Option<((u64, u64), bool)> {
+        let init = self.initial.lock().unwrap();
+        let known: Vec<(u64, u64)> = links
+            .iter()
+            .zip(init.iter())
+            .filter(|(l, _)| !l.joining)
+            .map(|(_, c)| *c)
+            .collect::<Option<_>>()?;
+        let low = (
+            known.iter().map(|c| c.0).min()?,
+            known.iter().map(|c| c.1).min()?,
+        );
+        Some((low, known.iter().any(|c| *c != low)))
     }
 
     /// Records one instance's cursor; returns the lowest cursor of that
@@ -373,9 +405,32 @@ async fn run_stream(
     };
     // Where to start: the aggregator's cursor.
     let hello = Batch::hello(&gw, shard).encode();
-    let Some(ack) = sh.send_until_answered(link, &hello, "hello", ki).await else {
+    let Some(mut ack) = sh.send_until_answered(link, &hello, "hello", ki).await else {
         return;
     };
+    state.record_initial(link, &ack);
+    if sh.links[link].joining && (ack.partials_cursor, ack.events_cursor) == (0, 0) {
+        // A new instance that has never heard of this shard: it counts
+        // from where the other instances stood when this routing began.
+        let ((p, e), differed) = loop {
+            if let Some(j) = state.join_point(&sh.links) {
+                break j;
+            }
+            if sh.stopping.load(Ordering::Relaxed) {
+                return;
+            }
+            tokio::time::sleep(poll).await;
+        };
+        if differed {
+            tracing::warn!(shard, instance = %sh.links[link].id, "the other instances' cursors differ; joining at the lowest: advertisers moving from an instance that was ahead may count the difference twice (stop shippers gracefully before growing)");
+        }
+        let join = Batch::join(&gw, shard, p, e).encode();
+        let Some(a) = sh.send_until_answered(link, &join, "join", ki).await else {
+            return;
+        };
+        tracing::info!(shard, instance = %sh.links[link].id, partials = a.partials_cursor, events = a.events_cursor, "joined the cluster");
+        ack = a;
+    }
     let route = sh.instances.as_ref().map(|ids| outbox::Route {
         me: link,
         instances: ids.clone(),

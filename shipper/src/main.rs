@@ -26,6 +26,10 @@ struct Common {
     /// the config's [[cluster]] list).
     #[arg(long = "instance")]
     instances: Vec<String>,
+    /// An instance (by id) that joins the cluster now (see [[cluster]]
+    /// joining in deploy/shipper.toml; repeat).
+    #[arg(long = "joining")]
+    joining: Vec<String>,
     /// Directory holding ca.pem, pop.pem and pop.key (overrides the three
     /// file options).
     #[arg(long)]
@@ -78,6 +82,7 @@ fn build(c: Common) -> anyhow::Result<Config> {
                     quic: addr
                         .parse()
                         .map_err(|e| anyhow::anyhow!("--instance {s:?}: {e}"))?,
+                    joining: c.joining.iter().any(|j| j == id),
                 })
             })
             .collect::<anyhow::Result<_>>()?;

@@ -100,7 +100,7 @@ impl Outbox {
         let mut keep = match self.kind {
             BatchKind::Partials => ty == RecordType::Partial as u8,
             BatchKind::Events => ty == RecordType::Event as u8,
-            BatchKind::Hello => false,
+            BatchKind::Hello | BatchKind::Join => false,
         };
         if self.kind == BatchKind::Partials {
             if !keep {

@@ -42,12 +42,18 @@ pub enum BatchKind {
     Partials = 1,
     /// Event (click and impression) records, for the audit trail.
     Events = 2,
+    /// No payload: a new aggregator instance joining a cluster takes these
+    /// cursors (`after_seq` = partials, `last_seq` = events) for a shard it
+    /// has never heard of, so it counts from where the routing switched to
+    /// it (docs/DESIGN.md, "Several aggregators"). Answered like a hello.
+    Join = 3,
 }
 
 impl BatchKind {
     pub fn from_u8(v: u8) -> Option<Self> {
         match v {
             0 => Some(Self::Hello),
+            3 => Some(Self::Join),
             1 => Some(Self::Partials),
             2 => Some(Self::Events),
             _ => None,
@@ -104,7 +110,7 @@ pub enum BatchError {
     Payload(String),
     #[error("reserved bytes are not zero")]
     Reserved,
-    #[error("a hello carries no range and no payload")]
+    #[error("a hello carries no range and no payload (a join only its cursors)")]
     Hello,
 }
 
@@ -193,6 +199,16 @@ impl Batch {
         }
     }
 
+    /// A join at (partials cursor, events cursor).
+    pub fn join(gateway_id: &str, shard: u16, partials: u64, events: u64) -> Batch {
+        Batch {
+            kind: BatchKind::Join,
+            after_seq: partials,
+            last_seq: events,
+            ..Batch::hello(gateway_id, shard)
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let id = self.gateway_id.as_bytes();
         assert!(id.len() <= u8::MAX as usize, "gateway id too long");
@@ -256,6 +272,10 @@ impl Batch {
         let (after_seq, last_seq) = (u64_at(16), u64_at(24));
         if kind == BatchKind::Hello {
             if after_seq != 0 || last_seq != 0 || u32_at(32) != 0 || raw_len != 0 || zlen != 0 {
+                return Err(BatchError::Hello);
+            }
+        } else if kind == BatchKind::Join {
+            if u32_at(32) != 0 || raw_len != 0 || zlen != 0 {
                 return Err(BatchError::Hello);
             }
         } else if last_seq <= after_seq {
@@ -433,6 +453,24 @@ mod tests {
         assert_eq!(
             Batch::decode(&enc, 10).unwrap_err(),
             BatchError::TooLarge(sample().raw_len as u64)
+        );
+    }
+
+    #[test]
+    fn a_join_carries_only_its_cursors() {
+        let j = Batch::join("gw", 3, 40, 41);
+        let d = Batch::decode(&j.encode(), 1 << 20).unwrap();
+        assert_eq!(
+            (d.kind, d.shard, d.after_seq, d.last_seq, d.count),
+            (BatchKind::Join, 3, 40, 41, 0)
+        );
+        // Cursors in any order (the partials cursor may be ahead).
+        assert!(Batch::decode(&Batch::join("gw", 0, 9, 2).encode(), 1 << 20).is_ok());
+        let mut with_payload = sample();
+        with_payload.kind = BatchKind::Join;
+        assert_eq!(
+            Batch::decode(&with_payload.encode(), 1 << 20).unwrap_err(),
+            BatchError::Hello
         );
     }
 
