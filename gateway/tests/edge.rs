@@ -498,45 +498,14 @@ fn rolling_restart_with_takeover_drops_no_click() {
     );
 }
 
-/// Installs a Debian package when `probe` is missing (the test command runs
-/// as root on a fresh box); false when it cannot be had.
-fn ensure_debian(probe: &str, packages: &[&str]) -> bool {
-    let have = || Path::new(probe).exists();
-    for update in [false, true] {
-        if have() {
-            return true;
-        }
-        if update {
-            let _ = Command::new("apt-get").args(["update", "-qq"]).status();
-        }
-        let _ = Command::new("apt-get")
-            .args(["install", "-y", "-qq"])
-            .args(packages)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdout(std::process::Stdio::null())
-            .status();
-    }
-    have()
-}
-
 /// A real browser: headless Chromium opens a publisher page, clicks the
 /// signed ad link (HTTPS), follows the gateway's 302 and lands on the advertiser's
 /// page; the click is in the gateway's log once. The screenshot of the
 /// landing is kept in target/test-artifacts/.
 #[test]
 fn a_browser_clicks_a_signed_ad_and_lands_with_the_click_counted() {
-    let selenium = || {
-        Command::new("python3")
-            .args(["-c", "import selenium"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !selenium() {
-        let _ = Command::new("python3")
-            .args(["-m", "pip", "install", "-q", "selenium"])
-            .status();
-    }
-    if !ensure_debian("/usr/bin/chromedriver", &["chromium", "chromium-driver"]) || !selenium() {
+    let ensure = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ensure-browser");
+    if !Command::new(ensure).status().unwrap().success() {
         eprintln!("SKIPPED: chromium, chromium-driver or selenium could not be installed");
         return;
     }
