@@ -91,14 +91,6 @@ fn tls_get(s: &mut Tls, target: &str) -> Response {
     read_response(s).unwrap()
 }
 
-fn click(id: &str) -> String {
-    Click {
-        click_id: id,
-        ..Click::default()
-    }
-    .target()
-}
-
 #[test]
 fn https_clicks_with_curl_and_resumed_sessions_on_tls_13_and_12() {
     let t = start_tls("");

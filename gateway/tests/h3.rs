@@ -122,14 +122,6 @@ fn start_h3(env: &[(&str, &str)]) -> (Gateway, u16, tempfile::TempDir) {
     (g, port, certs)
 }
 
-fn click(id: &str) -> String {
-    Click {
-        click_id: id,
-        ..Click::default()
-    }
-    .target()
-}
-
 #[test]
 fn http3_clicks_batches_and_errors_answer_as_http1_does() {
     if !ensure_aioquic() {

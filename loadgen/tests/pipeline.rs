@@ -997,6 +997,24 @@ fn get_json(addr: &str, path: &str, token: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap()
 }
 
+/// (ad, minute) -> clicks of a JSON list of points, whose ad and minute
+/// fields are named `ad` and `minute`.
+fn clicks_by(
+    points: &serde_json::Value,
+    ad: &str,
+    minute: &str,
+) -> std::collections::BTreeMap<(String, String), u64> {
+    points
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let s = |k: &str| p[k].as_str().unwrap().to_owned();
+            ((s(ad), s(minute)), p["clicks"].as_u64().unwrap())
+        })
+        .collect()
+}
+
 #[test]
 fn the_dashboard_in_a_browser_shows_what_was_counted() {
     // Clicks through the whole pipeline, checked exact against the oracle;
@@ -1043,40 +1061,14 @@ fn the_dashboard_in_a_browser_shows_what_was_counted() {
     );
     let page: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(page["error"], "", "{page}");
-    let shown: std::collections::BTreeMap<(String, String), u64> = page["points"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            (
-                (
-                    p["ad"].as_str().unwrap().to_owned(),
-                    p["minute"].as_str().unwrap().to_owned(),
-                ),
-                p["clicks"].as_u64().unwrap(),
-            )
-        })
-        .collect();
+    let shown = clicks_by(&page["points"], "ad", "minute");
     let path = format!(
         "/api/v1/advertisers/analytics?advertiser_id=adv-0&start_time={}&end_time={}&granularity=1m",
         page["start_ms"].as_i64().unwrap() / 1000,
         page["end_ms"].as_i64().unwrap() / 1000
     );
     let api = get_json(&pl.agg_http, &path, &pl.token);
-    let counted: std::collections::BTreeMap<(String, String), u64> = api["series"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            (
-                (
-                    p["ad_id"].as_str().unwrap().to_owned(),
-                    p["timestamp"].as_str().unwrap().to_owned(),
-                ),
-                p["clicks"].as_u64().unwrap(),
-            )
-        })
-        .collect();
+    let counted = clicks_by(&api["series"], "ad_id", "timestamp");
     let total: u64 = counted.values().sum();
     assert!(
         total > 50,

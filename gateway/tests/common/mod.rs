@@ -337,6 +337,15 @@ impl Default for Click<'_> {
     }
 }
 
+/// The target of a default click with this click id.
+pub fn click(id: &str) -> String {
+    Click {
+        click_id: id,
+        ..Click::default()
+    }
+    .target()
+}
+
 impl Click<'_> {
     /// `/api/v1/<kind>?<signed query>`
     pub fn target(&self) -> String {
