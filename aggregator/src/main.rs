@@ -156,15 +156,9 @@ fn main() -> anyhow::Result<()> {
                 cfg.cluster.instances = instances
                     .iter()
                     .map(|s| {
-                        let (id, addr) = s
-                            .split_once('=')
-                            .ok_or_else(|| anyhow::anyhow!("--instance {s:?}: ID=HOST:PORT"))?;
-                        Ok(aggregator::config::ClusterInstance {
-                            id: id.to_owned(),
-                            http: addr
-                                .parse()
-                                .map_err(|e| anyhow::anyhow!("--instance {s:?}: {e}"))?,
-                        })
+                        let (id, http) = wire::partition::parse_instance(s)
+                            .map_err(|e| anyhow::anyhow!("--instance {e}"))?;
+                        Ok(aggregator::config::ClusterInstance { id, http })
                     })
                     .collect::<anyhow::Result<_>>()?;
             }

@@ -69,21 +69,22 @@ fn build(c: Common) -> anyhow::Result<Config> {
     if let Some(a) = c.aggregator {
         cfg.aggregator = a;
     }
+    if let Some(j) = c
+        .joining
+        .iter()
+        .find(|j| !c.instances.iter().any(|i| i.starts_with(&format!("{j}="))))
+    {
+        anyhow::bail!("--joining {j:?}: not one of the --instance ids");
+    }
     if !c.instances.is_empty() {
         cfg.cluster = c
             .instances
             .iter()
             .map(|s| {
-                let (id, addr) = s
-                    .split_once('=')
-                    .ok_or_else(|| anyhow::anyhow!("--instance {s:?}: ID=HOST:PORT"))?;
-                Ok(shipper::config::Instance {
-                    id: id.to_owned(),
-                    quic: addr
-                        .parse()
-                        .map_err(|e| anyhow::anyhow!("--instance {s:?}: {e}"))?,
-                    joining: c.joining.iter().any(|j| j == id),
-                })
+                let (id, quic) = wire::partition::parse_instance(s)
+                    .map_err(|e| anyhow::anyhow!("--instance {e}"))?;
+                let joining = c.joining.contains(&id);
+                Ok(shipper::config::Instance { id, quic, joining })
             })
             .collect::<anyhow::Result<_>>()?;
     }

@@ -43,6 +43,16 @@ pub fn owner<S: AsRef<str>>(advertiser: &str, instances: &[S]) -> usize {
     best.0
 }
 
+/// Parses an instance given on a command line as `ID=HOST:PORT`.
+pub fn parse_instance(s: &str) -> Result<(String, std::net::SocketAddr), String> {
+    let (id, addr) = s
+        .split_once('=')
+        .filter(|(id, _)| !id.is_empty())
+        .ok_or_else(|| format!("{s:?}: expected ID=HOST:PORT"))?;
+    let addr = addr.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    Ok((id.to_owned(), addr))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,6 +73,17 @@ mod tests {
         assert_eq!(got, FIXED);
     }
     const FIXED: [usize; 6] = [1, 1, 0, 2, 0, 1];
+
+    #[test]
+    fn instances_parse_from_the_command_line() {
+        assert_eq!(
+            parse_instance("agg-a=127.0.0.1:7400").unwrap(),
+            ("agg-a".to_owned(), "127.0.0.1:7400".parse().unwrap())
+        );
+        assert!(parse_instance("127.0.0.1:7400").is_err());
+        assert!(parse_instance("=127.0.0.1:7400").is_err());
+        assert!(parse_instance("a=nowhere").is_err());
+    }
 
     #[test]
     fn order_of_the_list_does_not_matter() {
