@@ -273,6 +273,27 @@ fn proxy_protocol_addresses_feed_the_velocity_filter() {
 }
 
 #[test]
+fn proxy_protocol_addresses_feed_the_rate_limiter() {
+    // One request per second per client, burst one: the same client behind
+    // the balancer is limited, another client is not.
+    let g = Gateway::start_listen(
+        "[traffic]\nrate_per_s = 1\nrate_burst = 1\n",
+        "http_proxy_protocol = true\n",
+    );
+    let status = |client: [u8; 4], id: &str| {
+        let mut s = TcpStream::connect(g.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(&proxy_v2(client)).unwrap();
+        s.write_all(format!("GET {} HTTP/1.1\r\nHost: t\r\n\r\n", click(id)).as_bytes())
+            .unwrap();
+        read_response(&mut s).unwrap().status
+    };
+    assert_eq!(status([192, 0, 2, 1], "rl-1"), 302);
+    assert_eq!(status([192, 0, 2, 1], "rl-2"), 429);
+    assert_eq!(status([192, 0, 2, 2], "rl-3"), 302);
+}
+
+#[test]
 fn forwarded_for_is_believed_from_trusted_proxies_only() {
     let trusted = Gateway::start_listen("", "trusted_proxies = [\"127.0.0.0/8\"]\n");
     let untrusted = Gateway::start_listen("", "trusted_proxies = [\"10.0.0.0/8\"]\n");

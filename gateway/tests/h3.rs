@@ -136,6 +136,20 @@ fn http3_clicks_batches_and_errors_answer_as_http1_does() {
         r.header("alt-svc"),
         Some(format!("h3=\":{port}\"; ma=86400").as_str())
     );
+    // And on HTTPS (curl, trusting the test certificate).
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-D", "-", "--cacert"])
+        .arg(certs.path().join("gw.pem"))
+        .arg("--resolve")
+        .arg(format!("localhost:{port}:127.0.0.1"))
+        .arg(format!("https://localhost:{port}/healthz"))
+        .output()
+        .unwrap();
+    let head = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    assert!(
+        head.contains(&format!("alt-svc: h3=\":{port}\"; ma=86400")),
+        "{head}"
+    );
 
     let bad = Click {
         click_id: "h3-bad",
