@@ -751,6 +751,11 @@ impl ShardLog {
         }
     }
 
+    /// Bytes appended but not yet handed to a write.
+    pub fn staged_bytes(&self) -> usize {
+        self.stage.len()
+    }
+
     /// Hands the staged bytes to the shell to write, if there are any.
     pub fn take_write(&mut self) -> Option<PendingWrite> {
         if self.stage.is_empty() {

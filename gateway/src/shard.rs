@@ -32,6 +32,7 @@ const OP_SYNC: u64 = 4;
 const OP_TIMER: u64 = 5;
 const OP_CANCEL: u64 = 6;
 const OP_H3_WAKE: u64 = 7;
+const OP_COMMIT_TIMER: u64 = 8;
 
 const TICK_MS: u64 = 50;
 const RBUF_INITIAL: usize = 4096;
@@ -212,6 +213,13 @@ pub struct ShardLoop {
     waiters: Vec<(usize, u32)>,
     dirty: Vec<usize>,
     timespec: Box<types::Timespec>,
+    /// Group commit pacing (`durability.commit_interval_us`): when the last
+    /// durable write started, and the timer that starts the next one.
+    commit_interval: Duration,
+    commit_batch_bytes: usize,
+    last_write_start: Option<Instant>,
+    commit_timer: Box<types::Timespec>,
+    commit_timer_armed: bool,
     date: DateCache,
     cqes: Vec<(u64, i32, u32)>,
     /// Timers (`last_second_ms`, connection activity, drain deadline) are on
@@ -311,6 +319,11 @@ impl ShardLoop {
             waiters: Vec::new(),
             dirty: Vec::new(),
             timespec: Box::new(types::Timespec::from(Duration::from_millis(TICK_MS))),
+            commit_interval: Duration::from_micros(cfg.durability.commit_interval_us),
+            commit_batch_bytes: cfg.durability.commit_batch_bytes,
+            last_write_start: None,
+            commit_timer: Box::new(types::Timespec::new()),
+            commit_timer_armed: false,
             date: DateCache {
                 second: -1,
                 line: Vec::with_capacity(48),
@@ -512,6 +525,8 @@ impl ShardLoop {
                 self.arm_timer();
             }
             OP_CANCEL => {}
+            // after_turn starts the paced write.
+            OP_COMMIT_TIMER => self.commit_timer_armed = false,
             OP_H3_WAKE => {
                 self.on_h3(now);
                 self.arm_h3_wake();
@@ -795,8 +810,9 @@ impl ShardLoop {
                 // of everything appended since the previous write, up to
                 // `syncs_max` in flight; durability advances over the
                 // completed prefix (ShardLog::write_done).
-                if self.syncs.len() < self.syncs_max && !self.app.failed {
+                if self.syncs.len() < self.syncs_max && !self.app.failed && self.commit_due() {
                     if let Some(w) = self.app.log.take_write() {
+                        self.last_write_start = Some(Instant::now());
                         let e = opcode::Write::new(types::Fd(w.fd), w.ptr, w.len as u32)
                             .offset(w.offset)
                             .rw_flags(libc::RWF_DSYNC)
@@ -823,6 +839,30 @@ impl ShardLoop {
         }
         dirty.clear();
         self.dirty = dirty;
+    }
+
+    /// Whether the staged bytes may become a durable write now; if not, arms
+    /// the timer for when they may (`durability.commit_interval_us`).
+    fn commit_due(&mut self) -> bool {
+        let staged = self.app.log.staged_bytes();
+        if staged == 0 || self.commit_interval.is_zero() || staged >= self.commit_batch_bytes {
+            return true;
+        }
+        let since = self.last_write_start.map_or(Duration::MAX, |t| t.elapsed());
+        if since >= self.commit_interval {
+            return true;
+        }
+        if !self.commit_timer_armed {
+            *self.commit_timer = types::Timespec::from(self.commit_interval - since);
+            let e = opcode::Timeout::new(&*self.commit_timer)
+                .build()
+                .user_data(ud(OP_COMMIT_TIMER, 0, 0));
+            // SAFETY: the timespec is boxed in self and is not changed while
+            // this timeout is armed (re-armed only after it fired).
+            unsafe { self.push(e) };
+            self.commit_timer_armed = true;
+        }
+        false
     }
 
     /// Sends what may be sent, reads if it should, closes if it is done.

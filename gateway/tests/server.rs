@@ -399,6 +399,13 @@ fn kill9_loses_no_acknowledged_click() {
 }
 
 #[test]
+fn kill9_loses_no_acknowledged_click_with_paced_group_commit() {
+    // Durable writes at most every 2 ms: the clicks held for the next write
+    // are still never answered before it.
+    kill9_run("[durability]\ncommit_interval_us = 2000\n");
+}
+
+#[test]
 fn kill9_loses_no_acknowledged_click_in_process_mode() {
     kill9_run("[durability]\nmode = \"process\"\n");
 }
