@@ -374,18 +374,9 @@ fn haproxy_sends_proxy_v2_and_clicks_pass_through() {
 
 fn ensure_haproxy() -> bool {
     let have = || Command::new("haproxy").arg("-v").output().is_ok();
-    if have() {
-        return true;
-    }
-    let _ = Command::new("apt-get")
-        .args(["install", "-y", "-qq", "haproxy"])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status();
     if !have() {
-        let _ = Command::new("apt-get").args(["update", "-qq"]).status();
-        let _ = Command::new("apt-get")
-            .args(["install", "-y", "-qq", "haproxy"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
+        let _ = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/apt-install"))
+            .arg("haproxy")
             .status();
     }
     have()

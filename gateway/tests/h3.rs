@@ -18,8 +18,17 @@ fn ensure_aioquic() -> bool {
             .is_ok_and(|s| s.success())
     };
     if !have() {
-        let _ = Command::new("python3")
-            .args(["-m", "pip", "install", "-q", "aioquic"])
+        // One pip at a time (tests run in parallel).
+        let _ = Command::new("flock")
+            .args([
+                "/tmp/clickgate-pip.lock",
+                "python3",
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "aioquic",
+            ])
             .status();
     }
     have()
