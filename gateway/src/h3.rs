@@ -149,6 +149,10 @@ pub fn from_http1(raw: &[u8]) -> Option<(http::Response<()>, Bytes)> {
 #[derive(Clone)]
 struct Limits {
     body_bytes_max: usize,
+    /// QPACK-decoded header bytes h3 accepts: twice the shard's
+    /// `header_bytes_max`, so the shard, not the QUIC layer, answers 431
+    /// for heads between the two (the HTTP/1.1 form is a little larger).
+    field_section_max: u64,
     header_timeout: Duration,
     connections_max: usize,
     drain_timeout: Duration,
@@ -203,6 +207,7 @@ pub fn spawn(
     let server = server_config(cfg, &shared)?;
     let limits = Limits {
         body_bytes_max: cfg.limits.body_bytes_max,
+        field_section_max: 2 * cfg.limits.header_bytes_max as u64,
         header_timeout: Duration::from_millis(cfg.limits.header_timeout_ms),
         connections_max: cfg.limits.connections_max,
         drain_timeout: Duration::from_millis(cfg.drain.timeout_ms),
@@ -331,7 +336,7 @@ async fn connection(
     };
     let quic = conn.clone();
     let mut h3: H3Conn = h3::server::builder()
-        .max_field_section_size(16 * 1024)
+        .max_field_section_size(limits.field_section_max)
         .build(h3_quinn::Connection::new(conn))
         .await?;
     let mut draining = *drain.borrow();
