@@ -58,8 +58,18 @@ fn h3(port: u16, ca: &std::path::Path, reqs: &[(&str, String, String)]) -> Vec<A
     {
         let mut stdin = child.stdin.take().unwrap();
         for (m, t, b) in reqs {
+            // A target of "PAD:<n> <path>" adds an x-pad header of n bytes.
+            let (pad, t) = match t.strip_prefix("PAD:").and_then(|r| r.split_once(' ')) {
+                Some((n, path)) => (n.parse::<usize>().unwrap(), path.to_string()),
+                None => (0, t.clone()),
+            };
+            let headers = if pad > 0 {
+                format!("{{\"x-pad\": \"{}\"}}", "a".repeat(pad))
+            } else {
+                "{}".into()
+            };
             let line = format!(
-                "{{\"method\": {:?}, \"target\": {:?}, \"body\": {:?}}}\n",
+                "{{\"method\": {:?}, \"target\": {:?}, \"body\": {:?}, \"headers\": {headers}}}\n",
                 m, t, b
             );
             stdin.write_all(line.as_bytes()).unwrap();
@@ -178,10 +188,12 @@ fn http3_clicks_batches_and_errors_answer_as_http1_does() {
             get("/nope".into()),
             ("POST", "/api/v1/events".into(), batch),
             get("/healthz".into()),
+            // Over limits.header_bytes_max (8 KiB): the shard's 431.
+            get("PAD:9000 /healthz".into()),
         ],
     );
     let statuses: Vec<u16> = answers.iter().map(|a| a.status).collect();
-    assert_eq!(statuses, vec![302, 302, 403, 404, 200, 200]);
+    assert_eq!(statuses, vec![302, 302, 403, 404, 200, 200, 431]);
     assert_eq!(
         answers[0].location.as_deref(),
         Some("https://shop.example/landing?item=7&ref=ad")

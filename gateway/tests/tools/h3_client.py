@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """An independent HTTP/3 client (aioquic, from PyPI) for the gateway's tests.
 
-Reads requests as JSON lines on stdin ({"method", "target", "body"}), sends
+Reads requests as JSON lines on stdin ({"method", "target", "body",
+"headers"}), sends
 them on one QUIC connection, one stream each, and prints one JSON line per
 answer: {"status", "headers", "body"}. Exits non-zero when the connection
 fails.
@@ -38,7 +39,7 @@ class Client(QuicConnectionProtocol):
             if ev.stream_ended and ev.stream_id in self.waiters:
                 self.waiters.pop(ev.stream_id).set_result(a)
 
-    async def request(self, authority, method, target, body):
+    async def request(self, authority, method, target, body, extra):
         sid = self._quic.get_next_available_stream_id()
         headers = [
             (b":method", method.encode()),
@@ -46,7 +47,7 @@ class Client(QuicConnectionProtocol):
             (b":authority", authority.encode()),
             (b":path", target.encode()),
             (b"user-agent", b"aioquic-test (Linux)"),
-        ]
+        ] + [(k.encode(), v.encode()) for k, v in extra.items()]
         self.h3.send_headers(sid, headers, end_stream=not body)
         if body:
             self.h3.send_data(sid, body.encode(), end_stream=True)
@@ -72,7 +73,7 @@ async def main():
     reqs = [json.loads(line) for line in sys.stdin if line.strip()]
     async with connect("127.0.0.1", args.port, configuration=config, create_protocol=Client) as c:
         for r in reqs:
-            a = await c.request(f"localhost:{args.port}", r["method"], r["target"], r.get("body", ""))
+            a = await c.request(f"localhost:{args.port}", r["method"], r["target"], r.get("body", ""), r.get("headers", {}))
             print(json.dumps(a), flush=True)
 
 
