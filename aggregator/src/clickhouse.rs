@@ -218,13 +218,8 @@ impl Client {
                 "",
             )
             .await?;
-        let (wm, lateness): (i64, i64) = wm
-            .split_whitespace()
-            .map(|x| x.parse().unwrap_or(0))
-            .collect::<Vec<_>>()
-            .chunks(2)
-            .next()
-            .map_or((0, 0), |c| (c[0], *c.get(1).unwrap_or(&0)));
+        let mut fields = wm.split_whitespace().map(|x| x.parse::<i64>().unwrap_or(0));
+        let (wm, lateness) = (fields.next().unwrap_or(0), fields.next().unwrap_or(0));
         let mut filter = format!(
             "advertiser_id = {} AND minute >= toDateTime({}) AND minute < toDateTime({})",
             quote(&q.advertiser_id),
@@ -241,7 +236,7 @@ impl Client {
         let text = self.exec(
             &format!(
                 "SELECT intDiv(toUInt32(minute), {b}) * {b} AS bucket, ad_id, sum(clicks), sum(impressions), \
-                 sum(spend_micros), sum(duplicates), sum(invalid), max(version), max(toUInt32(minute)) \
+                 sum(spend_micros), sum(duplicates), sum(invalid), max(version) \
                  FROM {} FINAL WHERE {filter} GROUP BY bucket, ad_id ORDER BY bucket, ad_id FORMAT TSV",
                 self.cfg.table
             ),
@@ -250,14 +245,11 @@ impl Client {
         let mut out = Series::new();
         for line in text.lines().filter(|l| !l.is_empty()) {
             let f: Vec<&str> = line.split('\t').collect();
-            anyhow::ensure!(f.len() == 9, "unexpected ClickHouse row: {line}");
+            anyhow::ensure!(f.len() == 8, "unexpected ClickHouse row: {line}");
             let n = |i: usize| f[i].parse::<u64>().unwrap_or(0);
             let bucket: i64 = f[0].parse()?;
-            // Final when every minute of the bucket (up to the last one with
-            // data, or the bucket's end) is past the watermark.
-            let last_minute_end_ms = (bucket + b).min(n(8) as i64 + 60) * 1000;
-            let is_final =
-                last_minute_end_ms + lateness <= wm && (bucket + b) * 1000 + lateness <= wm;
+            // Final when the bucket's last minute is (as the store answers).
+            let is_final = (bucket + b) * 1000 + lateness <= wm;
             out.insert(
                 (bucket, unescape_tsv(f[1])),
                 (

@@ -47,6 +47,15 @@ pub struct ClusterRoute {
     pub http: Vec<std::net::SocketAddr>,
 }
 
+impl Api {
+    /// The instance that owns `advertiser`, when that is not this one.
+    fn owner_elsewhere(&self, advertiser: &str) -> Option<usize> {
+        let c = self.cluster.as_ref()?;
+        let o = wire::partition::owner(advertiser, &c.ids);
+        (o != c.me).then_some(o)
+    }
+}
+
 pub type Forwarder = hyper_util::client::legacy::Client<
     hyper_util::client::legacy::connect::HttpConnector,
     http_body_util::Empty<bytes::Bytes>,
@@ -230,11 +239,7 @@ async fn analytics(
         api.metrics.query_errors.fetch_add(1, Relaxed);
         return *r;
     }
-    let owner = api
-        .cluster
-        .as_ref()
-        .map(|c| wire::partition::owner(&q.advertiser_id, &c.ids))
-        .filter(|o| Some(*o) != api.cluster.as_ref().map(|c| c.me));
+    let owner = api.owner_elsewhere(&q.advertiser_id);
     let from_clickhouse = owner.is_some() || api.clickhouse_for_all;
     let answered = match (owner, &api.clickhouse) {
         // Another instance's advertiser (or every query, when so set):
@@ -360,9 +365,8 @@ async fn late(
         return *r;
     }
     // The late table is kept by the owner only.
-    if let Some(c) = &api.cluster {
-        let o = wire::partition::owner(&adv, &c.ids);
-        if o != c.me && !headers.contains_key(FORWARDED) {
+    if let (Some(o), Some(c)) = (api.owner_elsewhere(&adv), &api.cluster) {
+        if !headers.contains_key(FORWARDED) {
             return forward(&api, c.http[o], &uri, &headers).await;
         }
     }

@@ -216,6 +216,31 @@ fn proxy_v2(client: [u8; 4]) -> Vec<u8> {
     h
 }
 
+/// A click on a new connection that first sends `header` (a PROXY header).
+fn click_after(g: &Gateway, header: &[u8], id: &str) -> std::io::Result<Response> {
+    let mut s = TcpStream::connect(g.addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(header)?;
+    s.write_all(format!("GET {} HTTP/1.1\r\nHost: t\r\n\r\n", click(id)).as_bytes())?;
+    read_response(&mut s)
+}
+
+/// Waits until the file at `path` holds `text`.
+fn wait_for_line(path: &Path, text: &str, within: Duration) {
+    let t = std::time::Instant::now();
+    while !std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .contains(text)
+    {
+        assert!(
+            t.elapsed() < within,
+            "no {text:?} in {} within {within:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn events_by_client(g: &Gateway) -> Vec<(String, String)> {
     g.inspect(true)
         .lines()
@@ -238,14 +263,7 @@ fn proxy_protocol_addresses_feed_the_velocity_filter() {
         "[traffic]\nvelocity_per_minute_max = 1\n",
         "http_proxy_protocol = true\n",
     );
-    let send = |header: &[u8], id: &str| {
-        let mut s = TcpStream::connect(g.addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(header).unwrap();
-        s.write_all(format!("GET {} HTTP/1.1\r\nHost: t\r\n\r\n", click(id)).as_bytes())
-            .unwrap();
-        read_response(&mut s)
-    };
+    let send = |header: &[u8], id: &str| click_after(&g, header, id);
     assert_eq!(send(&proxy_v2([192, 0, 2, 9]), "pp-1").unwrap().status, 302);
     assert_eq!(send(&proxy_v2([192, 0, 2, 9]), "pp-2").unwrap().status, 302);
     let v1 = b"PROXY TCP4 198.51.100.4 127.0.0.1 40000 8080\r\n";
@@ -280,14 +298,7 @@ fn proxy_protocol_addresses_feed_the_rate_limiter() {
         "[traffic]\nrate_per_s = 1\nrate_burst = 1\n",
         "http_proxy_protocol = true\n",
     );
-    let status = |client: [u8; 4], id: &str| {
-        let mut s = TcpStream::connect(g.addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(&proxy_v2(client)).unwrap();
-        s.write_all(format!("GET {} HTTP/1.1\r\nHost: t\r\n\r\n", click(id)).as_bytes())
-            .unwrap();
-        read_response(&mut s).unwrap().status
-    };
+    let status = |client: [u8; 4], id: &str| click_after(&g, &proxy_v2(client), id).unwrap().status;
     assert_eq!(status([192, 0, 2, 1], "rl-1"), 302);
     assert_eq!(status([192, 0, 2, 1], "rl-2"), 429);
     assert_eq!(status([192, 0, 2, 2], "rl-3"), 302);
@@ -439,17 +450,11 @@ fn rolling_restart_with_takeover_drops_no_click() {
         .stderr(std::fs::File::create(&new_log).unwrap())
         .spawn()
         .unwrap();
-    let waited = std::time::Instant::now();
-    while !std::fs::read_to_string(&new_log)
-        .unwrap_or_default()
-        .contains("waiting for the data directory")
-    {
-        assert!(
-            waited.elapsed() < Duration::from_secs(20),
-            "new process not listening"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_line(
+        &new_log,
+        "waiting for the data directory",
+        Duration::from_secs(20),
+    );
     std::thread::sleep(Duration::from_millis(300));
     old.signal(libc::SIGTERM);
     assert_eq!(
@@ -459,16 +464,7 @@ fn rolling_restart_with_takeover_drops_no_click() {
         old.log()
     );
     let at_old_exit = answered.load(std::sync::atomic::Ordering::Relaxed);
-    while !std::fs::read_to_string(&new_log)
-        .unwrap_or_default()
-        .contains("ready")
-    {
-        assert!(
-            waited.elapsed() < Duration::from_secs(40),
-            "new process not ready"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_line(&new_log, "ready", Duration::from_secs(40));
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (mut acked, mut failed) = (Vec::new(), Vec::new());

@@ -927,9 +927,7 @@ fn metric_of(addr: &str, name: &str) -> u64 {
         .unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
-        .unwrap_or(0.0) as u64
+    common::metric(&text, name)
 }
 
 #[test]

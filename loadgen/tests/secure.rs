@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{bin, free_port, free_udp_port};
+use common::{bin, free_port, free_udp_port, metric};
 
 fn gateway_bin() -> PathBuf {
     bin("clickgate-gateway", "clickgate-gateway")
@@ -119,12 +119,6 @@ fn run_through_gateway(d: &Path, load: &[&str]) -> String {
         .stdout(Stdio::piped()));
     assert!(v.contains("verify: OK"), "{v}");
     m
-}
-
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 #[test]

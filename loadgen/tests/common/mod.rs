@@ -40,3 +40,10 @@ pub fn free_udp_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// One metric's value in a Prometheus text page (0 when absent).
+pub fn metric(text: &str, name_and_labels: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}
