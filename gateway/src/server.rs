@@ -200,7 +200,10 @@ pub fn run(cfg: Config, takeover: bool) -> anyhow::Result<()> {
     let clock_file = std::env::var_os("CLICKGATE_INJECT_CLOCK_FILE").map(std::path::PathBuf::from);
     let mut keys_mtime = mtime(&cfg.keys_file);
     let mut last_poll = Instant::now();
-    let mut last_dedup_count = Instant::now() - Duration::from_secs(60);
+    // A pass over the dedup table every ~10 s (500 loop turns of 20 ms), a
+    // slice per turn, so that counting never stalls the shard on this core.
+    let mut live_scan = crate::dedup::LiveScan::default();
+    let scan_slice = shared.dedup.capacity().div_ceil(500);
     let mut drain_started: Option<Instant> = None;
     loop {
         if let Some(f) = &clock_file {
@@ -234,9 +237,8 @@ pub fn run(cfg: Config, takeover: bool) -> anyhow::Result<()> {
                 reload_keys(&cfg, &shared, grace_ms, "file changed");
             }
         }
-        if last_dedup_count.elapsed() >= Duration::from_secs(10) {
-            last_dedup_count = Instant::now();
-            let live = shared.dedup.live_entries(wire::minute_of(now_ms()));
+        let now_min = wire::minute_of(now_ms());
+        if let Some(live) = live_scan.step(&shared.dedup, scan_slice, now_min) {
             shared
                 .registry
                 .dedup_entries
