@@ -232,6 +232,12 @@ pub struct Limits {
     /// A request must arrive whole within this long of its first byte, ms;
     /// else the connection is closed. Default 10000.
     pub header_timeout_ms: u64,
+    /// A connection whose request has been arriving for longer than this is
+    /// read once a second (at the timeout sweep, only what is already there)
+    /// instead of at every byte, ms: a trickle (slowloris) then costs the
+    /// shard one read a second instead of a wakeup per byte. 0 turns it off.
+    /// Default 1000.
+    pub slow_read_after_ms: u64,
     /// A keep-alive connection with nothing in flight is closed after this, ms.
     /// Default 60000.
     pub idle_timeout_ms: u64,
@@ -382,6 +388,7 @@ impl Default for Limits {
             url_bytes_max: 2048,
             cost_micros_max: 1_000_000_000,
             header_timeout_ms: 10_000,
+            slow_read_after_ms: 1000,
             idle_timeout_ms: 60_000,
             pending_output_bytes_max: 256 * 1024,
             h3_streams_per_connection_max: 100,

@@ -70,6 +70,7 @@ pub struct Counters {
     pub connections_accepted: u64,
     pub connections_refused: u64,
     pub connections_idle_closed: u64,
+    pub slow_reads: u64,
     pub tls_handshakes: u64,
     pub tls_resumed: u64,
     pub dedup_evictions: u64,
@@ -157,6 +158,7 @@ impl Counters {
         self.connections_accepted += o.connections_accepted;
         self.connections_refused += o.connections_refused;
         self.connections_idle_closed += o.connections_idle_closed;
+        self.slow_reads += o.slow_reads;
         self.tls_handshakes += o.tls_handshakes;
         self.tls_resumed += o.tls_resumed;
         self.dedup_evictions += o.dedup_evictions;
@@ -318,6 +320,11 @@ impl Registry {
                 "connections_idle_closed_total",
                 "Connections closed by the idle timeout.",
                 t.connections_idle_closed,
+            ),
+            (
+                "slow_reads_total",
+                "Reads of trickling connections done by the once-a-second sweep (limits.slow_read_after_ms).",
+                t.slow_reads,
             ),
             (
                 "tls_handshakes_total",

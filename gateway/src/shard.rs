@@ -35,6 +35,9 @@ const OP_H3_WAKE: u64 = 7;
 const OP_COMMIT_TIMER: u64 = 8;
 
 const TICK_MS: u64 = 50;
+/// Slow connections are read once a second, a twentieth of them per tick
+/// (by slot), so the reads never come as one burst.
+const SLOW_READ_PHASES: usize = (1000 / TICK_MS) as usize;
 const RBUF_INITIAL: usize = 4096;
 const WBUF_INITIAL: usize = 4096;
 /// Receive buffer of a TLS or PROXY-protocol connection: a TLS record is at
@@ -100,6 +103,11 @@ struct Conn {
     closing: bool,
     /// When the bytes of an incomplete request started arriving.
     partial_since_ms: Option<i64>,
+    /// The request has been arriving for longer than `slow_read_after_ms`:
+    /// read only by the sweep, never armed to wait for the next byte.
+    slow: bool,
+    /// The sweep asked for one read of what the socket holds.
+    slow_read_due: bool,
     last_active_ms: i64,
 }
 
@@ -199,6 +207,9 @@ pub struct ShardLoop {
     rbuf_max: usize,
     pending_output_max: usize,
     header_timeout_ms: i64,
+    slow_read_after_ms: i64,
+    /// Which twentieth of the slots the next tick reads (slow connections).
+    slow_read_phase: usize,
     idle_timeout_ms: i64,
     drain_timeout_ms: i64,
     mode: DurabilityMode,
@@ -308,6 +319,8 @@ impl ShardLoop {
             rbuf_max: l.header_bytes_max + l.body_bytes_max + 8192,
             pending_output_max: l.pending_output_bytes_max,
             header_timeout_ms: l.header_timeout_ms as i64,
+            slow_read_after_ms: l.slow_read_after_ms as i64,
+            slow_read_phase: 0,
             idle_timeout_ms: l.idle_timeout_ms as i64,
             drain_timeout_ms: cfg.drain.timeout_ms as i64,
             mode: cfg.durability.mode,
@@ -630,6 +643,8 @@ impl ShardLoop {
         c.read_done = false;
         c.closing = false;
         c.partial_since_ms = None;
+        c.slow = false;
+        c.slow_read_due = false;
         c.last_active_ms = self.mono;
         self.open += 1;
         self.dirty.push(slot);
@@ -645,10 +660,15 @@ impl ShardLoop {
             rbuf_max,
             trusted_proxies,
             proxy_header_max,
+            slow_read_after_ms,
             ..
         } = self;
         let c = &mut conns[slot];
         if c.closing {
+            return;
+        }
+        if res == -libc::EAGAIN && c.slow {
+            // The sweep's read found nothing new.
             return;
         }
         if res <= 0 {
@@ -716,11 +736,18 @@ impl ShardLoop {
         if peer_closed {
             c.read_done = true;
         }
+        if start > 0 {
+            // A request was answered: the next one's clock starts now.
+            c.partial_since_ms = None;
+        }
         c.partial_since_ms = if c.rlen > 0 || c.handshaking() {
             Some(c.partial_since_ms.unwrap_or(self.mono))
         } else {
             None
         };
+        c.slow = *slow_read_after_ms > 0
+            && c.partial_since_ms
+                .is_some_and(|t| self.mono - t >= *slow_read_after_ms);
         // A request larger than the buffer: grow it (never while a receive is
         // in flight; none is now). The parser refuses anything over the limits
         // before the buffer reaches `rbuf_max`.
@@ -924,13 +951,26 @@ impl ShardLoop {
         } else {
             c.rlen < c.rbuf.len()
         };
-        if !c.recv_inflight && !c.read_done && !c.closing && queued < pending_max && room {
+        let may_read = !c.slow || c.slow_read_due;
+        if !c.recv_inflight
+            && !c.read_done
+            && !c.closing
+            && queued < pending_max
+            && room
+            && may_read
+        {
             let buf = if c.layered() {
                 &mut c.nbuf[c.nlen..]
             } else {
                 &mut c.rbuf[c.rlen..]
             };
+            // A slow connection's read takes what is there and never waits
+            // (MSG_DONTWAIT: io_uring completes it with EAGAIN instead of
+            // polling), so its next byte wakes nobody until the next sweep.
+            let flags = if c.slow { libc::MSG_DONTWAIT } else { 0 };
+            c.slow_read_due = false;
             let e = opcode::Recv::new(types::Fd(c.fd), buf.as_mut_ptr(), buf.len() as u32)
+                .flags(flags)
                 .build()
                 .user_data(ud(OP_RECV, slot, c.gen));
             c.recv_inflight = true;
@@ -990,6 +1030,7 @@ impl ShardLoop {
                 self.tls_config = Some(c);
             }
         }
+        self.read_slow_conns();
         if self.mono - self.last_second_ms >= 1000 || draining {
             self.last_second_ms = self.mono;
             self.sweep_timeouts(self.mono, draining);
@@ -1014,6 +1055,20 @@ impl ShardLoop {
             match f.write_at(&seq.to_le_bytes(), 0) {
                 Ok(8) => self.durable_published = seq,
                 Ok(_) | Err(_) => self.app.counters.drop("durable_publish_failed"),
+            }
+        }
+    }
+
+    /// Reads what a twentieth of the slow connections hold (see
+    /// [`SLOW_READ_PHASES`]).
+    fn read_slow_conns(&mut self) {
+        self.slow_read_phase = (self.slow_read_phase + 1) % SLOW_READ_PHASES;
+        for slot in (self.slow_read_phase..self.conns.len()).step_by(SLOW_READ_PHASES) {
+            let c = &mut self.conns[slot];
+            if c.in_use && c.slow && !c.recv_inflight && !c.closing {
+                c.slow_read_due = true;
+                self.app.counters.slow_reads += 1;
+                self.dirty.push(slot);
             }
         }
     }

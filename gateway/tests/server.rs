@@ -259,6 +259,29 @@ fn keep_alive_and_pipelining_answer_in_order() {
 }
 
 #[test]
+fn a_trickling_request_is_read_once_a_second_and_still_answered() {
+    let g = Gateway::start("[limits]\nslow_read_after_ms = 200\n");
+    let mut s = g.connect();
+    // A byte every 80 ms: past 200 ms the connection counts as slow, and
+    // from then on only the shard's once-a-second reads take its bytes.
+    let req = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n";
+    for b in req {
+        s.write_all(&[*b]).unwrap();
+        std::thread::sleep(Duration::from_millis(80));
+    }
+    let r = read_response(&mut s).unwrap();
+    assert_eq!((r.status, r.body_str().as_str()), (200, "ok\n"));
+    // Still a keep-alive connection that answers at once.
+    s.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut s).unwrap().status, 200);
+    let m = g.metrics();
+    // About 2.5 s of trickle past the first 200 ms: two or three sweep
+    // reads, not one read per byte (34), and not none.
+    let reads = metric(&m, "clickgate_slow_reads_total");
+    assert!((1..=5).contains(&reads), "{reads} slow reads\n{m}");
+}
+
+#[test]
 fn header_timeout_and_connection_limit_close_connections() {
     let g = Gateway::start("[limits]\nheader_timeout_ms = 300\nconnections_max = 3\n");
     let mut slow = g.connect();
