@@ -213,9 +213,14 @@ fn push1(ring: &mut IoUring, e: &io_uring::squeue::Entry) {
 
 pub fn run_worker(plan: &Plan, requests: &[Vec<u8>]) -> anyhow::Result<WorkerResult> {
     assert!(!requests.is_empty() && plan.connections > 0);
+    // Completions are run only when the loop enters the kernel to reap them
+    // (DEFER_TASKRUN), not by interrupting it mid-turn; the TASKRUN flag lets
+    // a plain submit see that some are pending and reap them too.
     let mut ring = IoUring::builder()
         .setup_single_issuer()
         .setup_coop_taskrun()
+        .setup_defer_taskrun()
+        .setup_taskrun_flag()
         .build((plan.connections * 2).next_power_of_two().max(64) as u32)?;
     let (sa, salen) = sockaddr(&plan.addr);
     let family = if plan.addr.is_ipv4() {
