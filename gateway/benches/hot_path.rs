@@ -141,6 +141,20 @@ fn main() {
         black_box(token::verify(q, &ring, &policy, now, &mut scratch).unwrap());
     });
 
+    let hkey = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &SECRET);
+    bench("verify: hmac-sha256 alone", n, |i| {
+        let q = &queries[(i % 4096) as usize];
+        black_box(ring::hmac::sign(&hkey, &q[..q.len() - 48]));
+    });
+    let uas: [&[u8]; 3] = [
+        b"Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) Mobile/15E148",
+        b"Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36",
+        b"Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Mobile Safari/537.36",
+    ];
+    bench("user-agent class", n, |i| {
+        black_box(gateway::limiter::device_of(uas[(i % 3) as usize]));
+    });
+
     let dedup = DedupTable::new(4 << 20, 15);
     bench("dedup", n, |i| {
         let id = format!("{i:016}");
