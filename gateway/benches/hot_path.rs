@@ -77,11 +77,7 @@ fn bench(name: &str, n: u64, f: impl FnMut(u64)) {
 fn bench_scaled(name: &str, n: u64, per_call: u64, mut f: impl FnMut(u64)) {
     // `cargo bench ... -- <filter>` runs only the benchmarks whose name
     // contains the filter (for profiling one of them).
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
+    if !wanted(name) {
         return;
     }
     // Warm up, then the best of five runs (least disturbed by the machine).
@@ -97,6 +93,69 @@ fn bench_scaled(name: &str, n: u64, per_call: u64, mut f: impl FnMut(u64)) {
         best = best.min(t.elapsed().as_nanos() as f64 / (n * per_call) as f64);
     }
     println!("{name:<28} {best:>8.0} ns_per_click");
+}
+
+/// Whether `cargo bench ... -- <filter>` asks for the benchmark `name` (all
+/// of them without a filter).
+fn wanted(name: &str) -> bool {
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()))
+}
+
+/// `App::handle` of the request `next(i)` returns, with a turn's write every
+/// 32 clicks and a partial every 10 000, in a fresh app and dedup table.
+fn whole_click<'r>(
+    name: &str,
+    n: u64,
+    limits: &Limits,
+    dir: &std::path::Path,
+    shard: u16,
+    mut next: impl FnMut(u64) -> &'r Vec<u8>,
+) {
+    let now = now_ms();
+    let mut cfg = Config::default();
+    cfg.traffic.velocity_per_minute_max = 0;
+    let shared = Arc::new(Shared {
+        dedup: DedupTable::new(cfg.dedup.entries_max, 15),
+        registry: Registry::new(1),
+        state: AtomicU8::new(READY),
+        keys: KeysHandle {
+            version: AtomicU64::new(1),
+            ring: Mutex::new(Arc::new(keys())),
+        },
+        tls: None,
+        shards_failed: AtomicU64::new(0),
+    });
+    let (log, _) = ShardLog::open(&log_config(dir, shard), now).unwrap();
+    let mut app = App::new(0, &cfg, log, PreAgg::new(100_000, 0), shared);
+    let mut out = Vec::with_capacity(1 << 20);
+    bench(name, n, |i| {
+        let mut b = next(i).clone();
+        let Parse::Request(req) = http::parse(&mut b, limits, "x-country") else {
+            panic!()
+        };
+        if out.len() > 1 << 19 {
+            out.clear();
+        }
+        let mut w = ResponseWriter {
+            out: &mut out,
+            common: b"Date: Mon, 23 Nov 2026 00:00:00 GMT\r\n",
+        };
+        let o = app.handle(&b, &req, [1; 16], now, &mut w);
+        assert!(o.wait_seq > 0);
+        if i % 1024 == 0 {
+            app.log.prefault(); // what the shard's tick does
+        }
+        if i % 32 == 31 {
+            app.log.write_now().unwrap(); // a turn's write, into the page cache
+        }
+        if i % 10_000 == 0 {
+            app.append_partial(now).unwrap();
+        }
+    });
 }
 
 fn main() {
@@ -200,53 +259,38 @@ fn main() {
         black_box(());
     });
 
-    // The whole request through App::handle (not the socket work).
-    let mut cfg = Config::default();
-    cfg.traffic.velocity_per_minute_max = 0;
-    let shared = Arc::new(Shared {
-        dedup: DedupTable::new(cfg.dedup.entries_max, 15),
-        registry: Registry::new(1),
-        state: AtomicU8::new(READY),
-        keys: KeysHandle {
-            version: AtomicU64::new(1),
-            ring: Mutex::new(Arc::new(keys())),
-        },
-        tls: None,
-        shards_failed: AtomicU64::new(0),
-    });
-    let (log2, _) = ShardLog::open(&log_config(dir.path(), 1), now).unwrap();
-    let mut app = App::new(0, &cfg, log2, PreAgg::new(100_000, 0), shared);
-    let mut out = Vec::with_capacity(1 << 20);
-    // 64 Ki distinct clicks, cycled: after the first pass they are duplicates,
-    // which take the same path (verify, dedup probe, append, aggregate).
+    // The whole request through App::handle (not the socket work), twice:
+    // 64 Ki distinct clicks, cycled (after the first pass they are duplicates,
+    // which take the same path: verify, dedup probe, append, aggregate; their
+    // dedup slots stay in cache), and clicks whose ids are all new, as in
+    // production, so that every dedup probe goes to memory.
     let unique: Vec<Vec<u8>> = (0..65_536).map(|i| request(1_000_000 + i)).collect();
-    let mut flushes = 0;
-    bench("whole click (App::handle)", n, |i| {
-        let mut b = unique[(i % 65_536) as usize].clone();
-        let Parse::Request(req) = http::parse(&mut b, &limits, "x-country") else {
-            panic!()
-        };
-        if out.len() > 1 << 19 {
-            out.clear();
-        }
-        let mut w = ResponseWriter {
-            out: &mut out,
-            common: b"Date: Mon, 23 Nov 2026 00:00:00 GMT\r\n",
-        };
-        let o = app.handle(&b, &req, [1; 16], now, &mut w);
-        assert!(o.wait_seq > 0);
-        if i % 1024 == 0 {
-            app.log.prefault(); // what the shard's tick does
-        }
-        if i % 32 == 31 {
-            app.log.write_now().unwrap(); // a turn's write, into the page cache
-        }
-        if i % 10_000 == 0 {
-            app.append_partial(now).unwrap();
-            flushes += 1;
-        }
-    });
-    black_box(flushes);
+    whole_click(
+        "whole click (App::handle)",
+        n,
+        &limits,
+        dir.path(),
+        1,
+        |i| &unique[(i % 65_536) as usize],
+    );
+    drop(unique);
+    if wanted("whole click, every id new") {
+        let fresh: Vec<Vec<u8>> = (0..n * 6 + n / 10)
+            .map(|i| request(10_000_000 + i))
+            .collect();
+        let mut next = 0usize;
+        whole_click(
+            "whole click, every id new",
+            n,
+            &limits,
+            dir.path(),
+            2,
+            |_| {
+                next += 1;
+                &fresh[next - 1]
+            },
+        );
+    }
 
     // zstd of a batch, as the shipper will send them: 4096 raw event records
     // (level 3), and one second of partials for the same clicks.

@@ -43,6 +43,28 @@ fn duplicate_is_redirected_but_not_counted_across_shards() {
 }
 
 #[test]
+fn a_click_id_is_the_same_click_escaped_or_not() {
+    // The shard fingerprints a plain click id before the MAC (to prefetch its
+    // dedup slot) and an escaped one after decoding: both must agree.
+    use gateway::token::{encode_component as enc, sign};
+    let g = Gateway::start("");
+    let target = |id: &str| {
+        let q = format!(
+            "ad_id=ad-1&advertiser_id=adv-1&campaign_id=camp-1&click_id={id}&user_id=u-1&cost_per_click=0.25&timestamp={}&redirect_url={}&kid=k1",
+            now_s(),
+            enc("https://shop.example/landing")
+        );
+        format!("/api/v1/clicks?{}", sign(&q, &SECRET1))
+    };
+    for id in ["c-9", "c%2D9", "%63-9", "c-9"] {
+        let r = g.get(&target(id));
+        assert_eq!(r.status, 302, "{id}: {}", r.body_str());
+    }
+    let ins = g.inspect(false);
+    assert_eq!(totals(&ins), (1, 0, 3, 0), "{ins}");
+}
+
+#[test]
 fn impression_is_204_and_counted_as_impression() {
     let g = Gateway::start("");
     let c = Click {
