@@ -88,7 +88,9 @@ impl RateLimiter {
 
 /// Counts clicks per (address, ad) per minute.
 pub struct Velocity {
-    counts: HashMap<u64, u32>,
+    /// (keyed hash of (address, ad), count): the key is already a SipHash
+    /// under a per-process key, so the table does not hash it again.
+    counts: hashbrown::HashTable<(u64, u32)>,
     minute: u32,
     per_minute_max: u32,
     entries_max: usize,
@@ -106,7 +108,7 @@ impl Velocity {
     /// `per_minute_max == 0` disables the filter.
     pub fn new(per_minute_max: u32, entries_max: usize) -> Self {
         Self {
-            counts: HashMap::with_capacity(entries_max.min(1 << 16)),
+            counts: hashbrown::HashTable::with_capacity(entries_max.min(1 << 16)),
             minute: 0,
             per_minute_max,
             entries_max,
@@ -124,10 +126,16 @@ impl Velocity {
         }
         let key = self.hasher.hash_one((addr, ad_id));
         let len = self.counts.len();
-        let n = match self.counts.get_mut(&key) {
-            Some(n) => n,
+        let n = match self.counts.find_mut(key, |&(k, _)| k == key) {
+            Some((_, n)) => n,
             None if len >= self.entries_max => return Pace::Untracked,
-            None => self.counts.entry(key).or_insert(0),
+            None => {
+                &mut self
+                    .counts
+                    .insert_unique(key, (key, 0), |&(k, _)| k)
+                    .into_mut()
+                    .1
+            }
         };
         *n += 1;
         if *n > self.per_minute_max {
