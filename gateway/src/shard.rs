@@ -35,9 +35,12 @@ const OP_H3_WAKE: u64 = 7;
 const OP_COMMIT_TIMER: u64 = 8;
 
 const TICK_MS: u64 = 50;
-/// Slow connections are read once a second, a twentieth of them per tick
-/// (by slot), so the reads never come as one burst.
-const SLOW_READ_PHASES: usize = (1000 / TICK_MS) as usize;
+/// Once-a-second connection work is done a twentieth of the slots per tick,
+/// so that it never comes as one burst: reading slow connections, and
+/// checking timeouts (a slowloris's connections, opened together, time out
+/// together: closing 1 500 of them in one turn held every other answer for
+/// 10-15 ms).
+const TICK_PHASES: usize = (1000 / TICK_MS) as usize;
 const RBUF_INITIAL: usize = 4096;
 const WBUF_INITIAL: usize = 4096;
 /// Receive buffer of a TLS or PROXY-protocol connection: a TLS record is at
@@ -209,7 +212,7 @@ pub struct ShardLoop {
     header_timeout_ms: i64,
     slow_read_after_ms: i64,
     /// Which twentieth of the slots the next tick reads (slow connections).
-    slow_read_phase: usize,
+    tick_phase: usize,
     idle_timeout_ms: i64,
     drain_timeout_ms: i64,
     mode: DurabilityMode,
@@ -320,7 +323,7 @@ impl ShardLoop {
             pending_output_max: l.pending_output_bytes_max,
             header_timeout_ms: l.header_timeout_ms as i64,
             slow_read_after_ms: l.slow_read_after_ms as i64,
-            slow_read_phase: 0,
+            tick_phase: 0,
             idle_timeout_ms: l.idle_timeout_ms as i64,
             drain_timeout_ms: cfg.drain.timeout_ms as i64,
             mode: cfg.durability.mode,
@@ -1030,10 +1033,11 @@ impl ShardLoop {
                 self.tls_config = Some(c);
             }
         }
+        self.tick_phase = (self.tick_phase + 1) % TICK_PHASES;
         self.read_slow_conns();
+        self.sweep_timeouts(self.mono, draining);
         if self.mono - self.last_second_ms >= 1000 || draining {
             self.last_second_ms = self.mono;
-            self.sweep_timeouts(self.mono, draining);
             if let Some(seq) = wire::layout::read_shipped(&self.shard_dir) {
                 self.app.recycle(seq, now);
             }
@@ -1060,10 +1064,9 @@ impl ShardLoop {
     }
 
     /// Reads what a twentieth of the slow connections hold (see
-    /// [`SLOW_READ_PHASES`]).
+    /// [`TICK_PHASES`]).
     fn read_slow_conns(&mut self) {
-        self.slow_read_phase = (self.slow_read_phase + 1) % SLOW_READ_PHASES;
-        for slot in (self.slow_read_phase..self.conns.len()).step_by(SLOW_READ_PHASES) {
+        for slot in (self.tick_phase..self.conns.len()).step_by(TICK_PHASES) {
             let c = &mut self.conns[slot];
             if c.in_use && c.slow && !c.recv_inflight && !c.closing {
                 c.slow_read_due = true;
@@ -1073,8 +1076,15 @@ impl ShardLoop {
         }
     }
 
+    /// Closes the connections past a timeout among this tick's twentieth of
+    /// the slots (all of them when draining): each is checked once a second.
     fn sweep_timeouts(&mut self, now: i64, draining: bool) {
-        for slot in 0..self.conns.len() {
+        let (first, step) = if draining {
+            (0, 1)
+        } else {
+            (self.tick_phase, TICK_PHASES)
+        };
+        for slot in (first..self.conns.len()).step_by(step) {
             let c = &mut self.conns[slot];
             if !c.in_use || c.closing {
                 continue;

@@ -304,6 +304,56 @@ fn a_trickling_request_is_read_once_a_second_and_still_answered() {
 }
 
 #[test]
+fn connections_that_time_out_together_are_closed_over_a_second_not_in_one_burst() {
+    // A slowloris opens its connections together, so they time out together;
+    // closing them all in one turn held every other answer for 10-15 ms.
+    let g = Gateway::start("[limits]\nheader_timeout_ms = 1000\n");
+    let conns: Vec<_> = (0..200)
+        .map(|_| {
+            let mut s = g.connect();
+            s.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
+            s
+        })
+        .collect();
+    let opened = Instant::now();
+    let readers: Vec<_> = conns
+        .into_iter()
+        .map(|mut s| {
+            std::thread::spawn(move || {
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut answer = Vec::new();
+                let _ = std::io::Read::read_to_end(&mut s, &mut answer);
+                (Instant::now(), answer)
+            })
+        })
+        .collect();
+    let mut closed: Vec<Duration> = Vec::new();
+    for r in readers {
+        let (at, answer) = r.join().unwrap();
+        assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+        closed.push(at - opened);
+    }
+    closed.sort();
+    // Within the limit: the timeout, then at most a second until its check.
+    assert!(
+        *closed.last().unwrap() < Duration::from_millis(3000),
+        "{closed:?}"
+    );
+    // Spread: no 60 ms window holds more than a few ticks' share (200 / 20
+    // per 50 ms tick); all at once would put 100 or more in one window.
+    let most = (0..closed.len())
+        .map(|i| {
+            closed[i..]
+                .iter()
+                .take_while(|&&t| t - closed[i] < Duration::from_millis(60))
+                .count()
+        })
+        .max()
+        .unwrap();
+    assert!(most <= 60, "{most} closed within 60 ms: {closed:?}");
+}
+
+#[test]
 fn header_timeout_and_connection_limit_close_connections() {
     let g = Gateway::start("[limits]\nheader_timeout_ms = 300\nconnections_max = 3\n");
     let mut slow = g.connect();
