@@ -26,6 +26,8 @@ pub struct Plan {
     pub warmup: Duration,
     pub duration: Duration,
     pub keepalive: bool,
+    /// Poll for completions without ever sleeping (see `--busy-poll`).
+    pub busy_poll: bool,
     pub timeout: Duration,
     /// Stop after this many requests (this worker), warm-up included.
     pub requests_max: Option<u64>,
@@ -344,7 +346,9 @@ pub fn run_worker(plan: &Plan, requests: &[Vec<u8>]) -> anyhow::Result<WorkerRes
             let due = t0 + iv.mul_f64(next_k as f64);
             wait = wait.min(due.saturating_duration_since(now));
         }
-        if wait.is_zero() && !idle.is_empty() {
+        if (wait.is_zero() && !idle.is_empty()) || plan.busy_poll {
+            // (With TASKRUN_FLAG, a submit runs completions' deferred work
+            // when there is any, and never sleeps.)
             let _ = ring.submit();
         } else {
             let ts = types::Timespec::from(wait.max(Duration::from_micros(20)));

@@ -91,6 +91,14 @@ struct RunArgs {
     /// A new connection per request instead of keep-alive.
     #[arg(long)]
     no_keepalive: bool,
+    /// Spin between completions instead of sleeping (plain HTTP engine):
+    /// the worker's core is always busy, and the server never pays to wake
+    /// it. On loopback, an answer to a sleeping client costs the server's
+    /// core the wakeup of another core (an IPI, a VM exit on a VM), which a
+    /// remote client never costs it: `bench/hostile` runs its attacking
+    /// loadgens this way.
+    #[arg(long)]
+    busy_poll: bool,
     /// A request with no answer after this long counts as a timeout, ms.
     #[arg(long, default_value_t = 5000)]
     timeout_ms: u64,
@@ -356,6 +364,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
                         warmup: Duration::from_secs_f64(a.warmup),
                         duration: Duration::from_secs_f64(a.duration),
                         keepalive: !a.no_keepalive,
+                        busy_poll: a.busy_poll,
                         timeout: Duration::from_millis(a.timeout_ms),
                         requests_max: a.requests.map(|r| {
                             r / workers as u64 + u64::from((w as u64) < r % workers as u64)

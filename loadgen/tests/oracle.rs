@@ -15,10 +15,8 @@ fn gateway_bin() -> PathBuf {
     bin("clickgate-gateway", "clickgate-gateway")
 }
 
-#[test]
-fn verify_is_exact_against_the_gateway_log_and_fails_on_any_difference() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+/// A gateway on two shards with a fresh key in `d`: (process, address, keys).
+fn start_gateway(d: &std::path::Path) -> (std::process::Child, String, PathBuf) {
     let keys = d.join("keys.toml");
     let st = Command::new(gateway_bin())
         .args(["keygen", "--kid", "k1", "--out"])
@@ -28,7 +26,7 @@ fn verify_is_exact_against_the_gateway_log_and_fails_on_any_difference() {
         .unwrap();
     assert!(st.success());
     let addr = format!("127.0.0.1:{}", free_port());
-    let mut gw = Command::new(gateway_bin())
+    let gw = Command::new(gateway_bin())
         .args(["run", "--cpus", "0,1", "--listen", &addr, "--keys"])
         .arg(&keys)
         .arg("--data-dir")
@@ -44,6 +42,14 @@ fn verify_is_exact_against_the_gateway_log_and_fails_on_any_difference() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    (gw, addr, keys)
+}
+
+#[test]
+fn verify_is_exact_against_the_gateway_log_and_fails_on_any_difference() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (mut gw, addr, keys) = start_gateway(d);
     let oracle = d.join("oracle.json");
     let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
         .args([
@@ -132,4 +138,52 @@ fn verify_is_exact_against_the_gateway_log_and_fails_on_any_difference() {
     let v = verify(&extra);
     assert_eq!(v.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&v.stdout).contains(&format!("unexpected: {first_id}")));
+}
+
+#[test]
+fn busy_polling_gets_every_answer_in_closed_and_open_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut gw, addr, keys) = start_gateway(dir.path());
+    for load in [
+        &["--requests", "3000", "--duration", "30"][..],
+        &["--rate", "2000", "--duration", "2"][..],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+            .args([
+                "run",
+                "--target",
+                &addr,
+                "--cpus",
+                "0",
+                "--connections",
+                "8",
+            ])
+            .args(["--warmup", "0", "--pool", "5000", "--busy-poll", "--keys"])
+            .arg(&keys)
+            .args(load)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}");
+        // Every request answered 302, none lost to a wait that never ended.
+        let line = stdout.lines().find(|l| l.starts_with("statuses:")).unwrap();
+        assert!(line.contains("timeout=0 reset=0"), "{line}");
+        let (done, of) = line
+            .split("measured ")
+            .nth(1)
+            .and_then(|r| r.split_once(" of "))
+            .map(|(a, b)| {
+                (
+                    a.to_string(),
+                    b.split_whitespace().next().unwrap().to_string(),
+                )
+            })
+            .unwrap();
+        assert_eq!(done, of, "{line}");
+        assert!(done.parse::<u64>().unwrap() >= 3000, "{line}");
+        assert!(line.contains("302="), "{line}");
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(gw.id() as i32, libc::SIGTERM) };
+    assert!(gw.wait().unwrap().success());
 }
