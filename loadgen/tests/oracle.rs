@@ -45,24 +45,21 @@ fn start_gateway(d: &std::path::Path) -> (std::process::Child, String, PathBuf) 
     (gw, addr, keys)
 }
 
+/// `loadgen run` against `addr` from CPU 0 over 8 connections.
+fn loadgen_run(addr: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_loadgen"));
+    c.args(["run", "--target", addr, "--cpus", "0", "--connections", "8"]);
+    c
+}
+
 #[test]
 fn verify_is_exact_against_the_gateway_log_and_fails_on_any_difference() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (mut gw, addr, keys) = start_gateway(d);
     let oracle = d.join("oracle.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
-        .args([
-            "run",
-            "--target",
-            &addr,
-            "--cpus",
-            "0",
-            "--connections",
-            "8",
-            "--requests",
-            "4000",
-        ])
+    let out = loadgen_run(&addr)
+        .args(["--requests", "4000"])
         .args(["--duration", "30", "--warmup", "0", "--pool", "4000"])
         .args([
             "--dup-rate",
@@ -148,16 +145,7 @@ fn busy_polling_gets_every_answer_in_closed_and_open_loop() {
         &["--requests", "3000", "--duration", "30"][..],
         &["--rate", "2000", "--duration", "2"][..],
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
-            .args([
-                "run",
-                "--target",
-                &addr,
-                "--cpus",
-                "0",
-                "--connections",
-                "8",
-            ])
+        let out = loadgen_run(&addr)
             .args(["--warmup", "0", "--pool", "5000", "--busy-poll", "--keys"])
             .arg(&keys)
             .args(load)
