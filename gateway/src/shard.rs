@@ -211,7 +211,8 @@ pub struct ShardLoop {
     pending_output_max: usize,
     header_timeout_ms: i64,
     slow_read_after_ms: i64,
-    /// Which twentieth of the slots the next tick reads (slow connections).
+    /// Which twentieth of the slots this tick reads (slow connections) and
+    /// checks for timeouts.
     tick_phase: usize,
     idle_timeout_ms: i64,
     drain_timeout_ms: i64,
