@@ -494,6 +494,30 @@ pub fn run_worker(plan: &Plan, requests: &[Vec<u8>]) -> anyhow::Result<WorkerRes
             }
         }
     }
+    // Open loop: requests the timetable made due inside the measured window
+    // but that never went out (every connection was busy until the end).
+    // They count as measured and not completed, and their latency as at
+    // least the wait until now, so an overloaded server's tail is not
+    // understated by leaving them out.
+    if let Some(iv) = interval {
+        let stopped = Instant::now();
+        let cap = requests_max.saturating_sub(sent_total);
+        let mut k = next_k;
+        let mut left = 0u64;
+        loop {
+            let due = t0 + iv.mul_f64(k as f64);
+            if due >= end || left == cap {
+                break;
+            }
+            if due >= measure_from {
+                measured_requests += 1;
+                let ns = stopped.duration_since(due).as_nanos() as u64;
+                hist.saturating_record(ns.max(1_000));
+            }
+            left += 1;
+            k += 1;
+        }
+    }
     for c in &conns {
         if c.fd >= 0 {
             // SAFETY: our socket; the run is over.
