@@ -56,6 +56,17 @@ fn request(i: u64) -> Vec<u8> {
     .into_bytes()
 }
 
+/// An IPv4-mapped address, one of 100 000, spread like a real client mix.
+fn client_addr(i: u64) -> [u8; 16] {
+    let n = (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) % 100_000;
+    let mut a = [0u8; 16];
+    a[10] = 0xff;
+    a[11] = 0xff;
+    a[12] = 10;
+    a[13..16].copy_from_slice(&(n as u32).to_be_bytes()[1..]);
+    a
+}
+
 /// A log in `dir` for the benchmark (large segments, no rotation mid-run).
 fn log_config(dir: &std::path::Path, shard: u16) -> LogConfig {
     LogConfig {
@@ -116,8 +127,10 @@ fn whole_click<'r>(
     mut next: impl FnMut(u64) -> &'r Vec<u8>,
 ) {
     let now = now_ms();
-    let mut cfg = Config::default();
-    cfg.traffic.velocity_per_minute_max = 0;
+    // The default config, velocity filter included: each click comes from
+    // one of 100 000 client addresses, so that (address, ad) pairs are about
+    // as spread as real traffic's and none is over the per-minute limit.
+    let cfg = Config::default();
     let shared = Arc::new(Shared {
         dedup: DedupTable::new(cfg.dedup.entries_max, 15),
         registry: Registry::new(1),
@@ -144,7 +157,7 @@ fn whole_click<'r>(
             out: &mut out,
             common: b"Date: Mon, 23 Nov 2026 00:00:00 GMT\r\n",
         };
-        let o = app.handle(&b, &req, [1; 16], now, &mut w);
+        let o = app.handle(&b, &req, client_addr(i), now, &mut w);
         assert!(o.wait_seq > 0);
         if i % 1024 == 0 {
             app.log.prefault(); // what the shard's tick does
@@ -212,6 +225,13 @@ fn main() {
     ];
     bench("user-agent class", n, |i| {
         black_box(gateway::limiter::device_of(uas[(i % 3) as usize]));
+    });
+
+    let mut velocity = gateway::limiter::Velocity::new(30, 200_000);
+    let ad_ids: Vec<String> = (0..100).map(|i| format!("ad-{i}")).collect();
+    bench("velocity (100 000 addresses x 100 ads)", n, |i| {
+        let addr = client_addr(i);
+        black_box(velocity.check(&addr, &ad_ids[(i % 100) as usize], 29_000_000));
     });
 
     let dedup = DedupTable::new(4 << 20, 15);
