@@ -824,6 +824,9 @@ impl ShardLoop {
                     match self.app.log.write_now() {
                         Ok(seq) => {
                             self.app.durable_seq = seq;
+                            // In the page cache, which is this mode's
+                            // "durable"; nobody answered yet.
+                            wire::failpoint::hit("gateway_durable_before_answer");
                             for w in std::mem::take(&mut self.waiters) {
                                 self.dirty.push(w.0);
                             }
