@@ -538,21 +538,23 @@ fn aggregator_counts_exactly_what_was_acknowledged_through_kills() {
         rng ^= rng << 17;
         rng % n
     };
+    // The long profile asks for at least this many kills of each process.
+    let kills_min = env("E2E_KILLS_MIN", 1) as u32;
     let t = Instant::now();
     let mut killed = [0u32; 3];
     let mut order = [AGG, GW, SHIP];
-    // Every process at least once, in a random order, then at random.
-    for i in (1..3).rev() {
-        order.swap(i, next(i as u64 + 1) as usize);
-    }
     let mut round = 0;
     while t.elapsed() < Duration::from_secs(kill_secs) {
         std::thread::sleep(Duration::from_millis(300 + next(1200)));
-        let victim = if round < 3 {
-            order[round]
-        } else {
-            next(3) as usize
-        };
+        // The victims come three at a time in a fresh random order (every
+        // process equally often, whatever the run's length); the moments
+        // stay random.
+        if round % 3 == 0 {
+            for i in (1..3).rev() {
+                order.swap(i, next(i as u64 + 1) as usize);
+            }
+        }
+        let victim = order[round % 3];
         round += 1;
         pl.procs[victim].kill9();
         killed[victim] += 1;
@@ -561,7 +563,10 @@ fn aggregator_counts_exactly_what_was_acknowledged_through_kills() {
     }
     let out = lg.wait_with_output().unwrap();
     assert!(out.status.success(), "{out:?}");
-    assert!(killed.iter().all(|&k| k > 0), "{killed:?}");
+    assert!(
+        killed.iter().all(|&k| k >= kills_min.max(1)),
+        "kills {killed:?}, at least {kills_min} of each asked for: raise E2E_KILL_SECS"
+    );
     let (ok, text) = pl.verify("oracle2.json");
     assert!(
         ok,
