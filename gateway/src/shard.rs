@@ -810,7 +810,14 @@ impl ShardLoop {
         self.app
             .counters
             .flush(started.elapsed().as_micros() as u64);
-        self.app.durable_seq = self.app.log.write_done(id);
+        let seq = self.app.log.write_done(id);
+        self.made_durable(seq);
+    }
+
+    /// The log is durable through `seq` (in `process` mode: in the page
+    /// cache); the connections waiting on it may now be answered.
+    fn made_durable(&mut self, seq: u64) {
+        self.app.durable_seq = seq;
         wire::failpoint::hit("gateway_durable_before_answer");
         for w in std::mem::take(&mut self.waiters) {
             self.dirty.push(w.0);
@@ -822,15 +829,7 @@ impl ShardLoop {
             DurabilityMode::Process => {
                 if self.app.log.last_seq() > self.app.durable_seq && !self.app.failed {
                     match self.app.log.write_now() {
-                        Ok(seq) => {
-                            self.app.durable_seq = seq;
-                            // In the page cache, which is this mode's
-                            // "durable"; nobody answered yet.
-                            wire::failpoint::hit("gateway_durable_before_answer");
-                            for w in std::mem::take(&mut self.waiters) {
-                                self.dirty.push(w.0);
-                            }
-                        }
+                        Ok(seq) => self.made_durable(seq),
                         Err(e) => {
                             tracing::error!(shard = self.app.shard, error = %e, "log write failed; shard stops acknowledging");
                             self.app.fail();
