@@ -390,14 +390,20 @@ impl App {
             self.counters.drop("log_error");
             return Item::Unavailable(AppendError::Io(std::io::Error::other("log failed")));
         }
-        // The dedup slot's miss to memory overlaps the MAC. (A click id with
-        // escapes, unusual, is fingerprinted once decoded instead.)
-        let mut early_fp = None;
+        // The dedup and velocity slots' misses to memory overlap the MAC. (An
+        // id with escapes, unusual, is hashed once decoded instead.)
+        let paced = kind == EventKind::Click && source == Source::Get && self.velocity.enabled();
+        let (mut early_fp, mut early_pace) = (None, None);
         let s = match token::split(query).and_then(|split| {
             if let Some(id) = split.plain_click_id() {
                 let fp = self.shared.dedup.fingerprint(kind as u8, id);
                 self.shared.dedup.prefetch(fp);
                 early_fp = Some(fp);
+            }
+            if let Some(ad) = split.plain_ad_id().filter(|_| paced) {
+                let key = self.velocity.key(&peer, ad);
+                self.velocity.prefetch(key);
+                early_pace = Some(key);
             }
             split.verify(&self.keys, policy, now_ms, scratch)
         }) {
@@ -461,9 +467,11 @@ impl App {
         if seen == Seen::NewEvicted {
             self.counters.dedup_evictions += 1;
         }
-        let too_fast = kind == EventKind::Click
-            && source == Source::Get
-            && match self.velocity.check(&peer, s.ad_id, minute) {
+        let too_fast = paced
+            && match self.velocity.check_key(
+                early_pace.unwrap_or_else(|| self.velocity.key(&peer, s.ad_id.as_bytes())),
+                minute,
+            ) {
                 Pace::Ok => false,
                 Pace::TooFast => true,
                 Pace::Untracked => {

@@ -201,7 +201,9 @@ pub struct Traffic {
     /// Clicks per minute from one address on one ad above which clicks are
     /// flagged invalid (redirected, logged, not billed). 0 disables. Default 30.
     pub velocity_per_minute_max: u32,
-    /// (address, ad) pairs tracked per shard per minute. Default 200000.
+    /// (address, ad) pairs tracked per shard per minute (memory: 32 bytes
+    /// each per shard, allocated at start). Beyond it, new pairs pass
+    /// untracked and are counted. Default 200000.
     pub velocity_entries_max: usize,
     /// A trusted header carrying the client's ISO country code, set by the
     /// PoP's edge (for example "cf-ipcountry"). Empty: every click is "ZZ".
@@ -487,6 +489,10 @@ impl Config {
         if self.dedup.entries_max == 0 || self.dedup.entries_max > 1 << 30 {
             return Err("dedup.entries_max: 1 to 1073741824".into());
         }
+        let v = self.traffic.velocity_entries_max;
+        if self.traffic.velocity_per_minute_max > 0 && !(1..=1 << 26).contains(&v) {
+            return Err("traffic.velocity_entries_max: 1 to 67108864".into());
+        }
         if self.dedup.horizon_s == 0 {
             return Err("dedup.horizon_s: at least 1".into());
         }
@@ -526,6 +532,15 @@ mod tests {
         let c: Config = toml::from_str(s).map_err(|e| e.to_string())?;
         c.validate()?;
         Ok(c)
+    }
+
+    #[test]
+    fn velocity_table_size_is_bounded() {
+        let e = parse("[traffic]\nvelocity_entries_max = 0\n").unwrap_err();
+        assert!(e.contains("traffic.velocity_entries_max"), "{e}");
+        assert!(parse("[traffic]\nvelocity_entries_max = 100000000\n").is_err());
+        // Off needs no table.
+        parse("[traffic]\nvelocity_per_minute_max = 0\nvelocity_entries_max = 0\n").unwrap();
     }
 
     #[test]
