@@ -221,6 +221,10 @@ pub struct ShardLoop {
     /// the bytes until the write is done.
     syncs: Vec<(u32, usize, Instant)>,
     syncs_max: usize,
+    /// `sync` mode: this thread's id and the nice value its ring's io_uring
+    /// workers get (`durability.writer_nice`); None when off, or once the
+    /// kernel refused it (warned once).
+    writer_nice: Option<(i32, i32)>,
     /// Fault injection for tests (`CLICKGATE_INJECT_WRITE_ERROR_AFTER=N`, unset
     /// in production): durable writes left to succeed before one is reported
     /// failed (EIO), as a failing disk would.
@@ -330,6 +334,9 @@ impl ShardLoop {
             mode: cfg.durability.mode,
             syncs: Vec::with_capacity(8),
             syncs_max: cfg.durability.syncs_in_flight_max,
+            writer_nice: (cfg.durability.mode == DurabilityMode::Sync
+                && cfg.durability.writer_nice != 0)
+                .then(|| (crate::sys::gettid(), cfg.durability.writer_nice)),
             inject_write_error_after: std::env::var("CLICKGATE_INJECT_WRITE_ERROR_AFTER")
                 .ok()
                 .and_then(|v| v.parse().ok()),
@@ -1010,6 +1017,25 @@ impl ShardLoop {
         }
     }
 
+    /// Keeps the io_uring workers that run this shard's durable writes at
+    /// `durability.writer_nice` (they come and go with the load).
+    fn renice_writers(&mut self) {
+        let Some((owner, nice)) = self.writer_nice else {
+            return;
+        };
+        if let Err(e) = crate::sys::renice_io_workers(owner, nice) {
+            tracing::warn!(
+                shard = self.app.shard,
+                nice,
+                error = %e,
+                "could not set the nice value of the durable writes' io_uring workers \
+                 (durability.writer_nice; a negative value needs CAP_SYS_NICE or LimitNICE); \
+                 they keep the shard's"
+            );
+            self.writer_nice = None;
+        }
+    }
+
     fn on_tick(&mut self, now: i64) {
         self.date.refresh(now);
         self.app.tick(now);
@@ -1041,6 +1067,7 @@ impl ShardLoop {
         self.sweep_timeouts(self.mono, draining);
         if self.mono - self.last_second_ms >= 1000 || draining {
             self.last_second_ms = self.mono;
+            self.renice_writers();
             if let Some(seq) = wire::layout::read_shipped(&self.shard_dir) {
                 self.app.recycle(seq, now);
             }

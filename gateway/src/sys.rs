@@ -136,6 +136,59 @@ pub fn lower_thread_priority(nice: i32) {
     }
 }
 
+/// The calling thread's id.
+pub fn gettid() -> i32 {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+}
+
+/// Sets the nice value of the io_uring worker threads that the thread
+/// `owner` (a thread of this process) created: the kernel names them
+/// `iou-wrk-<owner>`, and they run what its ring could not do inline (the
+/// shard's durable writes). Returns how many were changed. A worker inherits
+/// its creator's nice when it is created; workers come and go, so callers
+/// repeat this. Raising priority (a negative value) needs CAP_SYS_NICE or an
+/// `RLIMIT_NICE` that allows it: the error is EACCES or EPERM then.
+pub fn renice_io_workers(owner: i32, nice: i32) -> io::Result<usize> {
+    let name = format!("iou-wrk-{owner}");
+    let mut changed = 0;
+    for entry in std::fs::read_dir("/proc/self/task")? {
+        let Ok(entry) = entry else { continue };
+        let Some(tid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // A thread that exits between the listing and these reads is skipped.
+        let Ok(comm) = std::fs::read_to_string(entry.path().join("comm")) else {
+            continue;
+        };
+        if comm.trim_end() != name {
+            continue;
+        }
+        // SAFETY: get/setpriority take no pointers; `tid` is a thread of
+        // this process (or gone, which only makes the calls fail).
+        unsafe {
+            *libc::__errno_location() = 0;
+            let now = libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t);
+            if now == nice && *libc::__errno_location() == 0 {
+                continue;
+            }
+            if libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) != 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::ESRCH) {
+                    continue;
+                }
+                return Err(e);
+            }
+        }
+        changed += 1;
+    }
+    Ok(changed)
+}
+
 /// Turns Nagle's algorithm off on a TCP socket: answers and requests are
 /// whole messages, and waiting to coalesce them only adds latency.
 pub fn set_nodelay(fd: std::os::fd::RawFd) {
@@ -151,4 +204,56 @@ pub fn set_nodelay(fd: std::os::fd::RawFd) {
             std::mem::size_of::<libc::c_int>() as u32,
         )
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The nice values of the threads named `iou-wrk-<owner>`.
+    fn worker_nices(owner: i32) -> Vec<i32> {
+        let name = format!("iou-wrk-{owner}");
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+            if comm.trim_end() == name {
+                let stat = std::fs::read_to_string(e.path().join("stat")).unwrap();
+                // Field 19 is the nice value; fields after the ")" of comm.
+                let after = &stat[stat.rfind(')').unwrap() + 2..];
+                out.push(after.split(' ').nth(16).unwrap().parse().unwrap());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_threads_io_uring_workers_get_the_nice_value() {
+        // Raising the nice value (lower priority) needs no privilege, so
+        // this runs anywhere; the gateway lowers it, which needs CAP_SYS_NICE.
+        let (before, changed, after) = std::thread::spawn(|| {
+            let me = gettid();
+            let mut ring = io_uring::IoUring::new(8).unwrap();
+            let f = tempfile::tempfile().unwrap();
+            let buf = [7u8; 512];
+            // IOSQE_ASYNC: the write runs on an io-wq worker whatever the
+            // file system, as a durable write does on ext4.
+            let e =
+                io_uring::opcode::Write::new(io_uring::types::Fd(f.as_raw_fd()), buf.as_ptr(), 512)
+                    .build()
+                    .flags(io_uring::squeue::Flags::ASYNC);
+            // SAFETY: `buf` outlives the write, which completes below.
+            unsafe { ring.submission().push(&e).unwrap() };
+            ring.submit_and_wait(1).unwrap();
+            assert_eq!(ring.completion().next().unwrap().result(), 512);
+            let before = worker_nices(me);
+            let changed = renice_io_workers(me, 7).unwrap();
+            (before, changed, worker_nices(me))
+        })
+        .join()
+        .unwrap();
+        assert!(!before.is_empty(), "no io-wq worker was seen");
+        assert!(before.iter().all(|&n| n != 7));
+        assert!(changed >= 1);
+        assert!(after.iter().all(|&n| n == 7), "{after:?}");
+    }
 }

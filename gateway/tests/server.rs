@@ -879,3 +879,45 @@ fn a_failed_durable_write_is_never_acknowledged_nor_retried_into_a_302() {
         );
     }
 }
+
+/// The nice values of the gateway's io_uring worker threads.
+fn io_worker_nices(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        if comm.starts_with("iou-wrk-") {
+            if let Some(at) = stat.rfind(')') {
+                // Field 19, the nice value, is the 17th after the comm.
+                if let Some(n) = stat[at + 2..].split(' ').nth(16) {
+                    out.push(n.parse().unwrap());
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn the_durable_writes_io_uring_workers_get_writer_nice() {
+    // A positive value needs no privilege, so this runs anywhere; the
+    // default (-10) is the same path with CAP_SYS_NICE or LimitNICE.
+    let g = Gateway::start("[durability]\nwriter_nice = 3\n");
+    let t = Instant::now();
+    let mut seen = Vec::new();
+    let mut i = 0;
+    while t.elapsed() < Duration::from_secs(5) {
+        // Durable writes keep a worker alive; the shard renices once a second.
+        assert_eq!(g.get(&click(&format!("nice-{i}"))).status, 302);
+        i += 1;
+        seen = io_worker_nices(g.pid());
+        if !seen.is_empty() && seen.iter().all(|&n| n == 3) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("io_uring workers' nice values: {seen:?}\n{}", g.log());
+}
