@@ -87,16 +87,7 @@ impl DedupTable {
     /// hundred ns that the caller can spend verifying the signature instead.
     #[inline]
     pub fn prefetch(&self, fp: u64) {
-        let slot = &self.slots[fp as usize & self.mask];
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: a prefetch is a hint; it never faults and reads nothing
-        // into the program's state, whatever the address (this one is valid).
-        unsafe {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            _mm_prefetch::<_MM_HINT_T0>((slot as *const Slot).cast());
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = slot;
+        crate::sys::prefetch(&self.slots[fp as usize & self.mask]);
     }
 
     fn live(&self, m: u32, now_min: u32) -> bool {

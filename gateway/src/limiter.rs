@@ -164,16 +164,7 @@ impl Velocity {
 
     /// Starts loading the slot of `key`, so the miss overlaps other work.
     pub fn prefetch(&self, key: u64) {
-        let slot = &self.slots[key as usize & self.mask];
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: a prefetch is a hint; it never faults and reads nothing
-        // into the program's state, whatever the address (this one is valid).
-        unsafe {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            _mm_prefetch::<_MM_HINT_T0>((slot as *const VelocitySlot).cast());
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = slot;
+        crate::sys::prefetch(&self.slots[key as usize & self.mask]);
     }
 
     pub fn check(&mut self, addr: &[u8; 16], ad_id: &str, minute: u32) -> Pace {

@@ -111,6 +111,21 @@ pub(crate) fn zeroed_huge_slice<T>(n: usize) -> Box<[T]> {
     unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, n)) }
 }
 
+/// Starts loading the cache line of `v` (a hash table slot about to be
+/// probed), so that its miss to memory overlaps other work.
+#[inline]
+pub(crate) fn prefetch<T>(v: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint; it never faults and reads nothing into
+    // the program's state, whatever the address (this one is a reference).
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>((v as *const T).cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = v;
+}
+
 /// Takes an exclusive, non-blocking flock on `path` (created if missing) and
 /// returns the open file that holds it; the lock lasts as long as the file.
 pub fn lock_exclusive(path: &std::path::Path) -> io::Result<std::fs::File> {

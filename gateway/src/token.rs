@@ -713,20 +713,25 @@ mod tests {
         Some(out)
     }
 
+    /// `len` bytes drawn from `alphabet` (xorshift64, reproducible).
+    fn random_bytes(seed: &mut u64, alphabet: &[u8], len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                *seed ^= *seed << 13;
+                *seed ^= *seed >> 7;
+                *seed ^= *seed << 17;
+                alphabet[(*seed % alphabet.len() as u64) as usize]
+            })
+            .collect()
+    }
+
     #[test]
     fn specials_are_found_in_order_at_every_offset() {
         let alphabet: &[u8] = b"&=%ab";
         let mut seed = 0x2545_F491_4F6C_DD1Du64;
         for len in 0..70 {
             for _ in 0..300 {
-                let s: Vec<u8> = (0..len)
-                    .map(|_| {
-                        seed ^= seed << 13;
-                        seed ^= seed >> 7;
-                        seed ^= seed << 17;
-                        alphabet[(seed % alphabet.len() as u64) as usize]
-                    })
-                    .collect();
+                let s = random_bytes(&mut seed, alphabet, len);
                 let mut got = Vec::new();
                 for_each_special(&s, |at, b| got.push((at, b)));
                 let want: Vec<(usize, u8)> = s
@@ -749,14 +754,7 @@ mod tests {
         let mut dst = [0u8; 64];
         for len in 0..40 {
             for _ in 0..2000 {
-                let src: Vec<u8> = (0..len)
-                    .map(|_| {
-                        seed ^= seed << 13;
-                        seed ^= seed >> 7;
-                        seed ^= seed << 17;
-                        alphabet[(seed % alphabet.len() as u64) as usize]
-                    })
-                    .collect();
+                let src = random_bytes(&mut seed, alphabet, len);
                 let got = percent_decode(&src, &mut dst[..len]).map(|n| dst[..n].to_vec());
                 assert_eq!(
                     got,
