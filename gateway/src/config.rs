@@ -211,9 +211,10 @@ pub struct Traffic {
     /// Clicks per minute from one address on one ad above which clicks are
     /// flagged invalid (redirected, logged, not billed). 0 disables. Default 30.
     pub velocity_per_minute_max: u32,
-    /// (address, ad) pairs tracked per shard per minute (memory: 32 bytes
-    /// each per shard, allocated at start). Beyond it, new pairs pass
-    /// untracked and are counted. Default 200000.
+    /// (address, ad) pairs tracked per shard per minute. Memory, per shard,
+    /// allocated at start: two 16-byte slots per pair, rounded up to a power
+    /// of two (8 MiB at the default). Beyond it, new pairs pass untracked
+    /// and are counted. Default 200000.
     pub velocity_entries_max: usize,
     /// A trusted header carrying the client's ISO country code, set by the
     /// PoP's edge (for example "cf-ipcountry"). Empty: every click is "ZZ".
