@@ -26,8 +26,8 @@ struct Row {
     country: [u8; 2],
     /// Where the advertiser, campaign and ad ids start in the arena, and
     /// their lengths (the ids follow each other).
-    ids_at: u32,
-    ids_len: [u32; 3],
+    ids_at: usize,
+    ids_len: [u16; 3],
     counts: Counts,
 }
 
@@ -96,7 +96,7 @@ impl PreAgg {
         if self.rows.len() >= self.rows_max {
             return Err(Full);
         }
-        let ids_at = u32::try_from(self.ids.len()).expect("rows_max bounds the arena");
+        let ids_at = self.ids.len();
         let parts = [e.advertiser_id, e.campaign_id, e.ad_id];
         for p in parts {
             self.ids.extend_from_slice(p.as_bytes());
@@ -109,7 +109,9 @@ impl PreAgg {
             device: e.device,
             country: e.country,
             ids_at,
-            ids_len: parts.map(|p| p.len() as u32),
+            // Ids are at most wire::record::ID_MAX (255) bytes: the policy
+            // caps them, and records carry one-byte lengths.
+            ids_len: parts.map(|p| u16::try_from(p.len()).expect("an id over 64 KiB")),
             counts,
         };
         self.rows.insert_unique(h, row, |r| r.hash);
@@ -176,7 +178,7 @@ impl PreAgg {
 /// A row's advertiser, campaign and ad ids, from the arena.
 fn ids_of<'a>(r: &Row, arena: &'a [u8]) -> [&'a [u8]; 3] {
     let [a, c, d] = r.ids_len.map(|l| l as usize);
-    let s = &arena[r.ids_at as usize..][..a + c + d];
+    let s = &arena[r.ids_at..][..a + c + d];
     [&s[..a], &s[a..a + c], &s[a + c..]]
 }
 
@@ -185,7 +187,7 @@ fn is_row_of(r: &Row, arena: &[u8], minute: u32, e: &EventRef<'_>) -> bool {
     r.minute == minute
         && r.device == e.device
         && r.country == e.country
-        && r.ids_len == parts.map(|p| p.len() as u32)
+        && r.ids_len.map(usize::from) == parts.map(str::len)
         && ids_of(r, arena)
             .iter()
             .zip(parts)
