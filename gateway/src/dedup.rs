@@ -54,15 +54,8 @@ impl DedupTable {
     /// dedup horizon in whole minutes (an entry lives for at least that long).
     pub fn new(entries_max: usize, horizon_min: u32) -> Self {
         let n = (entries_max.max(PROBE) * 2).next_power_of_two();
-        let slots = crate::sys::zeroed_huge_slice::<Slot>(n);
-        // Touch every page now, at start-up: faulting the table in on the
-        // request path costs a huge-page allocation (and possibly compaction)
-        // inside some unlucky request's latency.
-        for s in slots.iter().step_by(4096 / std::mem::size_of::<Slot>()) {
-            s.fp.store(0, Ordering::Relaxed);
-        }
         Self {
-            slots,
+            slots: crate::sys::zeroed_huge_slice::<Slot>(n),
             mask: n - 1,
             hasher: Default::default(),
             horizon_min: horizon_min.max(1),

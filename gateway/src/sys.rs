@@ -84,8 +84,9 @@ pub fn allowed_cpus() -> Vec<usize> {
 }
 
 /// A boxed slice of `n` zero-initialised `T`, whose memory is advised to use
-/// transparent huge pages before it is first touched: a large hash table
-/// probed at random otherwise pays a TLB miss on nearly every lookup.
+/// transparent huge pages before it is first touched (a large hash table
+/// probed at random otherwise pays a TLB miss on nearly every lookup), then
+/// faulted in.
 ///
 /// Only for types whose all-zero bit pattern is a valid value (atomics and
 /// integers); the dedup table's `Slot` is one.
@@ -104,6 +105,14 @@ pub(crate) fn zeroed_huge_slice<T>(n: usize) -> Box<[T]> {
         // SAFETY: [start, end) lies within the allocation we own; MADV_HUGEPAGE
         // changes no contents, only how later faults are served.
         unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+    }
+    // Touch every page now, at start-up: faulting the table in on the request
+    // path costs a huge-page allocation (and possibly compaction) inside some
+    // unlucky request's latency.
+    for off in (0..layout.size()).step_by(page) {
+        // SAFETY: `off` is inside the allocation; writing the zero it already
+        // holds changes nothing but makes the kernel back the page.
+        unsafe { std::ptr::write_volatile((ptr as *mut u8).add(off), 0) };
     }
     // SAFETY: `ptr` came from the global allocator with the layout of `[T; n]`,
     // is zero-initialised, and zero is a valid `T` (the caller's contract), so
@@ -144,10 +153,29 @@ pub fn lock_exclusive(path: &std::path::Path) -> io::Result<std::fs::File> {
 /// Lowers the calling thread's scheduling priority (Linux nice values are per
 /// thread). Failure is harmless.
 pub fn lower_thread_priority(nice: i32) {
-    // SAFETY: gettid and setpriority take no pointers.
+    let _ = set_thread_nice(gettid(), nice);
+}
+
+/// Sets the nice value of thread `tid` of this process.
+pub fn set_thread_nice(tid: i32, nice: i32) -> io::Result<()> {
+    // SAFETY: setpriority takes no pointers.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The nice value of thread `tid` (of any process).
+pub fn thread_nice(tid: i32) -> io::Result<i32> {
+    // SAFETY: getpriority takes no pointers; -1 is a valid nice value, so
+    // errno, cleared first, tells it from an error.
     unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, nice);
+        *libc::__errno_location() = 0;
+        let n = libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t);
+        if n == -1 && *libc::__errno_location() != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n)
     }
 }
 
@@ -157,51 +185,46 @@ pub fn gettid() -> i32 {
     unsafe { libc::syscall(libc::SYS_gettid) as i32 }
 }
 
-/// Sets the nice value of the io_uring worker threads that the thread
-/// `owner` (a thread of this process) created: the kernel names them
-/// `iou-wrk-<owner>`, and they run what its ring could not do inline (the
-/// shard's durable writes). Returns how many were changed. A worker inherits
-/// its creator's nice when it is created; workers come and go, so callers
-/// repeat this. Raising priority (a negative value) needs CAP_SYS_NICE or an
-/// `RLIMIT_NICE` that allows it: the error is EACCES or EPERM then.
-pub fn renice_io_workers(owner: i32, nice: i32) -> io::Result<usize> {
-    let name = format!("iou-wrk-{owner}");
-    let mut changed = 0;
-    for entry in std::fs::read_dir("/proc/self/task")? {
-        let Ok(entry) = entry else { continue };
-        let Some(tid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|t| t.parse::<i32>().ok())
-        else {
+/// The io_uring worker threads of process `pid`: those created by thread
+/// `owner` (the kernel names them `iou-wrk-<owner>`), or all of them.
+pub fn io_workers(pid: u32, owner: Option<i32>) -> io::Result<Vec<i32>> {
+    let name = owner.map(|o| format!("iou-wrk-{o}"));
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
+        let Some(tid) = entry.file_name().to_str().and_then(|t| t.parse().ok()) else {
             continue;
         };
-        // A thread that exits between the listing and these reads is skipped.
+        // A thread that exits between the listing and this read is skipped.
         let Ok(comm) = std::fs::read_to_string(entry.path().join("comm")) else {
             continue;
         };
-        if comm.trim_end() != name {
-            continue;
+        let comm = comm.trim_end();
+        if name
+            .as_deref()
+            .map_or(comm.starts_with("iou-wrk-"), |n| comm == n)
+        {
+            out.push(tid);
         }
-        // SAFETY: get/setpriority take no pointers; `tid` is a thread of
-        // this process (or gone, which only makes the calls fail).
-        unsafe {
-            *libc::__errno_location() = 0;
-            let now = libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t);
-            if now == nice && *libc::__errno_location() == 0 {
-                continue;
-            }
-            if libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) != 0 {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::ESRCH) {
-                    continue;
-                }
-                return Err(e);
-            }
-        }
-        changed += 1;
     }
-    Ok(changed)
+    Ok(out)
+}
+
+/// Sets the nice value of the io_uring worker threads that the thread
+/// `owner` of this process created; they run what its ring could not do
+/// inline (the shard's durable writes). Returns how many were set. A worker
+/// inherits its creator's nice when it is created, and workers come and go,
+/// so callers repeat this. Raising priority (a negative value) needs
+/// CAP_SYS_NICE or an `RLIMIT_NICE` that allows it: EACCES or EPERM then.
+pub fn renice_io_workers(owner: i32, nice: i32) -> io::Result<usize> {
+    let workers = io_workers(std::process::id(), Some(owner))?;
+    for &tid in &workers {
+        match set_thread_nice(tid, nice) {
+            // Exited since the listing.
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+            r => r?,
+        }
+    }
+    Ok(workers.len())
 }
 
 /// Turns Nagle's algorithm off on a TCP socket: answers and requests are
@@ -227,18 +250,11 @@ mod tests {
 
     /// The nice values of the threads named `iou-wrk-<owner>`.
     fn worker_nices(owner: i32) -> Vec<i32> {
-        let name = format!("iou-wrk-{owner}");
-        let mut out = Vec::new();
-        for e in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-            let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
-            if comm.trim_end() == name {
-                let stat = std::fs::read_to_string(e.path().join("stat")).unwrap();
-                // Field 19 is the nice value; fields after the ")" of comm.
-                let after = &stat[stat.rfind(')').unwrap() + 2..];
-                out.push(after.split(' ').nth(16).unwrap().parse().unwrap());
-            }
-        }
-        out
+        io_workers(std::process::id(), Some(owner))
+            .unwrap()
+            .into_iter()
+            .filter_map(|t| thread_nice(t).ok())
+            .collect()
     }
 
     #[test]

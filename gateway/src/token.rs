@@ -701,9 +701,7 @@ mod tests {
         let mut i = 0;
         while i < src.len() {
             if src[i] == b'%' {
-                let h = hex(*src.get(i + 1)?)?;
-                let l = hex(*src.get(i + 2)?)?;
-                out.push(h << 4 | l);
+                out.push(unescape(src, i)?);
                 i += 3;
             } else {
                 out.push(src[i]);

@@ -882,23 +882,11 @@ fn a_failed_durable_write_is_never_acknowledged_nor_retried_into_a_302() {
 
 /// The nice values of the gateway's io_uring worker threads.
 fn io_worker_nices(pid: i32) -> Vec<i32> {
-    let mut out = Vec::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return out;
-    };
-    for t in tasks.flatten() {
-        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-        if comm.starts_with("iou-wrk-") {
-            if let Some(at) = stat.rfind(')') {
-                // Field 19, the nice value, is the 17th after the comm.
-                if let Some(n) = stat[at + 2..].split(' ').nth(16) {
-                    out.push(n.parse().unwrap());
-                }
-            }
-        }
-    }
-    out
+    gateway::sys::io_workers(pid as u32, None)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|t| gateway::sys::thread_nice(t).ok())
+        .collect()
 }
 
 #[test]
