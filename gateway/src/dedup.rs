@@ -74,13 +74,19 @@ impl DedupTable {
         h.finish().max(1)
     }
 
-    /// Starts loading the first cache line of `fp`'s probe window, so that a
-    /// later `check_and_insert` finds it in cache: the table is far larger
-    /// than the caches, and a miss to memory (with its TLB miss) costs a few
-    /// hundred ns that the caller can spend verifying the signature instead.
+    /// Starts loading `fp`'s probe window, so that a later
+    /// `check_and_insert` finds it in cache: the table is far larger than the
+    /// caches, and a miss to memory costs a few hundred ns that the caller
+    /// can spend verifying the signature instead. A new id's check reads the
+    /// whole window (16 slots, four or five cache lines), so every line is
+    /// asked for, not only the first.
     #[inline]
     pub fn prefetch(&self, fp: u64) {
-        crate::sys::prefetch(&self.slots[fp as usize & self.mask]);
+        const PER_LINE: usize = 64 / std::mem::size_of::<Slot>();
+        let start = fp as usize;
+        for i in (0..PROBE).step_by(PER_LINE).chain([PROBE - 1]) {
+            crate::sys::prefetch(&self.slots[(start + i) & self.mask]);
+        }
     }
 
     fn live(&self, m: u32, now_min: u32) -> bool {
