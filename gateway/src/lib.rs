@@ -29,3 +29,12 @@ pub mod shard;
 pub mod sys;
 pub mod tls;
 pub mod token;
+
+/// Reproducible pseudo-random numbers for tests (xorshift64).
+#[cfg(test)]
+pub(crate) fn xorshift64(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}

@@ -334,9 +334,7 @@ mod tests {
         for minute in [100u32, 101] {
             model.clear();
             for _ in 0..20_000 {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
+                crate::xorshift64(&mut seed);
                 let (a, ad) = ((seed % 30) as u8, ((seed >> 8) % 100) as u16);
                 let addr = [a; 16];
                 let got = v.check(&addr, &ad.to_string(), minute);

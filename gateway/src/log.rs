@@ -1282,12 +1282,7 @@ mod tests {
             .and_then(|s| s.parse().ok())
             .unwrap_or(150);
         let mut rng = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move |n: u64| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % n
-        };
+        let mut next = move |n: u64| crate::xorshift64(&mut rng) % n;
         for seed in 0..seeds {
             let d = tempfile::tempdir().unwrap();
             let mut c = cfg(d.path());

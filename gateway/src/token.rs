@@ -714,12 +714,7 @@ mod tests {
     /// `len` bytes drawn from `alphabet` (xorshift64, reproducible).
     fn random_bytes(seed: &mut u64, alphabet: &[u8], len: usize) -> Vec<u8> {
         (0..len)
-            .map(|_| {
-                *seed ^= *seed << 13;
-                *seed ^= *seed >> 7;
-                *seed ^= *seed << 17;
-                alphabet[(*seed % alphabet.len() as u64) as usize]
-            })
+            .map(|_| alphabet[(crate::xorshift64(seed) % alphabet.len() as u64) as usize])
             .collect()
     }
 
