@@ -212,6 +212,7 @@ fn query_over_http(store: Store) {
         clickhouse: None,
         clickhouse_for_all: false,
         forward: aggregator::http::forwarder(),
+        reconcile: aggregator::reconcile::Settings::default(),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -249,7 +249,13 @@ impl Client {
             let n = |i: usize| f[i].parse::<u64>().unwrap_or(0);
             let bucket: i64 = f[0].parse()?;
             // Final when the bucket's last minute is (as the store answers).
-            let is_final = (bucket + b) * 1000 + lateness <= wm;
+            // Reconciled corrections are in the rows; which minutes are
+            // reconciled is the owning store's knowledge, not ClickHouse's.
+            let state = if (bucket + b) * 1000 + lateness <= wm {
+                crate::merge::PointState::Final
+            } else {
+                crate::merge::PointState::Provisional
+            };
             out.insert(
                 (bucket, unescape_tsv(f[1])),
                 (
@@ -260,7 +266,7 @@ impl Client {
                         duplicates: n(5),
                         invalid: n(6),
                     },
-                    is_final,
+                    state,
                     n(7) as u32,
                 ),
             );
@@ -325,7 +331,7 @@ pub async fn run_sink(
             }
             let wm = store.watermark(crate::now_ms())?;
             client
-                .write_watermark(wm, store.settings.lateness_ms)
+                .write_watermark(wm, store.rules().lateness_ms)
                 .await?;
             stats
                 .ch_backlog

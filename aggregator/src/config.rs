@@ -51,6 +51,8 @@ pub struct Config {
     /// Several instances, advertisers partitioned among them; off unless
     /// `cluster.instances` is set.
     pub cluster: Cluster,
+    /// Continuous reconciliation across PoPs (docs/DESIGN.md, "Across PoPs").
+    pub reconcile: crate::reconcile::Settings,
 }
 
 /// `[cluster]`: this instance's id and every instance (the same list, in any
@@ -156,6 +158,7 @@ impl Default for Config {
             query_max_points: 100_000,
             clickhouse: ClickHouse::default(),
             cluster: Cluster::default(),
+            reconcile: crate::reconcile::Settings::default(),
         }
     }
 }
@@ -209,6 +212,7 @@ impl Config {
                 return Err("cluster.self_id: must be one of cluster.instances' ids".into());
             }
         }
+        self.reconcile.validate()?;
         if self.max_streams_per_connection == 0
             || self.group_commit_max == 0
             || self.query_max_points == 0
@@ -274,11 +278,28 @@ impl Pops {
 
 /// `tokens.toml`: `[[token]] advertiser_id = "adv-1", token = "..."`. An
 /// `advertiser_id` of `"*"` is an operator token that reads every advertiser.
+/// `[[admin]] token = "..."`: an administrator, who may start reconcile jobs
+/// (`/api/v1/admin/...`) and reads no advertiser's data by it.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Tokens {
     #[serde(default)]
     pub token: Vec<Token>,
+    #[serde(default)]
+    pub admin: Vec<AdminToken>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminToken {
+    pub token: String,
+}
+
+/// Who a bearer token is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bearer<'a> {
+    Advertiser(&'a str),
+    Admin,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -299,18 +320,52 @@ impl Tokens {
                 short.advertiser_id
             ));
         }
+        if t.admin.iter().any(|a| a.token.len() < 16) {
+            return Err(format!(
+                "{}: an admin token is shorter than 16 characters",
+                path.display()
+            ));
+        }
+        let mut all: Vec<&str> = t
+            .token
+            .iter()
+            .map(|x| x.token.as_str())
+            .chain(t.admin.iter().map(|a| a.token.as_str()))
+            .collect();
+        all.sort_unstable();
+        if all.windows(2).any(|w| w[0] == w[1]) {
+            return Err(format!(
+                "{}: the same token is listed twice",
+                path.display()
+            ));
+        }
         Ok(t)
     }
 
-    /// The advertiser a bearer token reads. Digests are compared, not the
-    /// tokens, so the time a comparison takes says nothing about a token.
-    pub fn advertiser_of(&self, presented: &str) -> Option<&str> {
+    /// Who a bearer token is. Digests are compared, not the tokens, so the
+    /// time a comparison takes says nothing about a token.
+    pub fn bearer(&self, presented: &str) -> Option<Bearer<'_>> {
         let sha = |b: &[u8]| ring::digest::digest(&ring::digest::SHA256, b);
         let p = sha(presented.as_bytes());
-        self.token
+        if let Some(t) = self
+            .token
             .iter()
             .find(|t| sha(t.token.as_bytes()).as_ref() == p.as_ref())
-            .map(|t| t.advertiser_id.as_str())
+        {
+            return Some(Bearer::Advertiser(t.advertiser_id.as_str()));
+        }
+        self.admin
+            .iter()
+            .any(|a| sha(a.token.as_bytes()).as_ref() == p.as_ref())
+            .then_some(Bearer::Admin)
+    }
+
+    /// The advertiser a bearer token reads (none for an admin token).
+    pub fn advertiser_of(&self, presented: &str) -> Option<&str> {
+        match self.bearer(presented)? {
+            Bearer::Advertiser(a) => Some(a),
+            Bearer::Admin => None,
+        }
     }
 }
 
@@ -339,5 +394,17 @@ mod tests {
         assert_eq!(t.advertiser_of("fedcba9876543210"), Some("*"));
         assert_eq!(t.advertiser_of("0123456789abcdeX"), None);
         assert_eq!(t.advertiser_of(""), None);
+    }
+
+    #[test]
+    fn admin_tokens_are_not_advertiser_tokens() {
+        let t: Tokens = toml::from_str(
+            "[[token]]\nadvertiser_id = \"*\"\ntoken = \"fedcba9876543210\"\n\
+             [[admin]]\ntoken = \"aaaabbbbccccdddd\"\n",
+        )
+        .unwrap();
+        assert_eq!(t.bearer("aaaabbbbccccdddd"), Some(Bearer::Admin));
+        assert_eq!(t.advertiser_of("aaaabbbbccccdddd"), None);
+        assert_eq!(t.bearer("fedcba9876543210"), Some(Bearer::Advertiser("*")));
     }
 }

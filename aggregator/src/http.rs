@@ -6,14 +6,14 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::config::Tokens;
+use crate::config::{Bearer, Tokens};
 use crate::metrics::Metrics;
 use crate::rows::{format_time, parse_time};
 use crate::store::{self, Store};
@@ -39,6 +39,8 @@ pub struct Api {
     /// Every query from ClickHouse (`clickhouse.serve_all_queries`).
     pub clickhouse_for_all: bool,
     pub forward: Forwarder,
+    /// Limits of reconcile jobs.
+    pub reconcile: crate::reconcile::Settings,
 }
 
 pub struct ClusterRoute {
@@ -74,6 +76,12 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/api/v1/advertisers/analytics", get(analytics))
         .route("/api/v1/advertisers/late", get(late))
         .route(
+            "/api/v1/admin/reconcile",
+            post(reconcile_start).get(reconcile_list),
+        )
+        .route("/api/v1/admin/reconcile/{id}", get(reconcile_job))
+        .route("/api/v1/admin/reconciled", get(reconciled))
+        .route(
             "/api/v1/openapi.yaml",
             get(|| async { ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI) }),
         )
@@ -99,9 +107,8 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(json!({ "error": msg.into() }))).into_response()
 }
 
-/// The advertiser the request may read: 401 without a known bearer token,
-/// 403 when the token belongs to another advertiser.
-fn authorize(api: &Api, headers: &HeaderMap, advertiser: &str) -> Result<(), Box<Response>> {
+/// Who presents the request's bearer token: 401 without a known one.
+fn bearer<'a>(api: &'a Api, headers: &HeaderMap) -> Result<Bearer<'a>, Box<Response>> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -113,15 +120,34 @@ fn authorize(api: &Api, headers: &HeaderMap, advertiser: &str) -> Result<(), Box
             "missing bearer token (Authorization: Bearer <token>)",
         )));
     };
-    match api.tokens.advertiser_of(token) {
-        None => Err(Box::new(error(
-            StatusCode::UNAUTHORIZED,
-            "unknown bearer token",
-        ))),
-        Some(a) if a == advertiser || a == "*" => Ok(()),
-        Some(_) => Err(Box::new(error(
+    api.tokens
+        .bearer(token)
+        .ok_or_else(|| Box::new(error(StatusCode::UNAUTHORIZED, "unknown bearer token")))
+}
+
+/// The advertiser the request may read: 401 without a known bearer token,
+/// 403 when the token belongs to another advertiser (or is an admin's).
+fn authorize(api: &Api, headers: &HeaderMap, advertiser: &str) -> Result<(), Box<Response>> {
+    match bearer(api, headers)? {
+        Bearer::Advertiser(a) if a == advertiser || a == "*" => Ok(()),
+        Bearer::Advertiser(_) => Err(Box::new(error(
             StatusCode::FORBIDDEN,
             "this token may not read that advertiser",
+        ))),
+        Bearer::Admin => Err(Box::new(error(
+            StatusCode::FORBIDDEN,
+            "an admin token reads no advertiser's data",
+        ))),
+    }
+}
+
+/// An administrator: 401 without a known token, 403 for an advertiser's.
+fn authorize_admin(api: &Api, headers: &HeaderMap) -> Result<(), Box<Response>> {
+    match bearer(api, headers)? {
+        Bearer::Admin => Ok(()),
+        Bearer::Advertiser(_) => Err(Box::new(error(
+            StatusCode::FORBIDDEN,
+            "this endpoint needs an admin token ([[admin]] in the tokens file)",
         ))),
     }
 }
@@ -295,7 +321,7 @@ async fn analytics(
     let points: Vec<Point<'_>> = series
         .iter()
         .filter(|((t, _), _)| *t + q.bucket_s > q.start_s && *t < q.end_s)
-        .map(|((t, ad), (c, fin, ver))| Point {
+        .map(|((t, ad), (c, state, ver))| Point {
             timestamp: &stamps[t],
             ad_id: ad,
             clicks: c.clicks,
@@ -305,7 +331,8 @@ async fn analytics(
             ctr: (c.impressions > 0).then(|| c.clicks as f64 / c.impressions as f64),
             duplicates: c.duplicates,
             invalid: c.invalid,
-            is_final: *fin,
+            is_final: *state != crate::merge::PointState::Provisional,
+            state: state.as_str(),
             version: *ver,
         })
         .collect();
@@ -339,6 +366,8 @@ struct Point<'a> {
     invalid: u64,
     #[serde(rename = "final")]
     is_final: bool,
+    /// provisional, final or reconciled.
+    state: &'static str,
     version: u32,
 }
 
@@ -391,6 +420,199 @@ async fn late(
         })
         .collect();
     Json(json!({ "advertiser_id": adv, "late": out })).into_response()
+}
+
+/// Runs `f` on the blocking pool; a store error is a 503.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, store::StoreError> + Send + 'static,
+) -> Result<T, Response> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+        Err(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
+}
+
+/// `POST /api/v1/admin/reconcile` with `{"start_time": T, "end_time": T}`
+/// (Unix seconds or YYYY-MM-DDTHH:MM:SSZ): starts a job, answers 202 with
+/// its id at once.
+async fn reconcile_start(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(r) = authorize_admin(&api, &headers) {
+        api.metrics.admin_errors.fetch_add(1, Relaxed);
+        return *r;
+    }
+    let bad = |api: &Api, m: String| {
+        api.metrics.admin_errors.fetch_add(1, Relaxed);
+        error(StatusCode::BAD_REQUEST, m)
+    };
+    let v: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return bad(
+                &api,
+                format!("the body must be JSON {{\"start_time\": .., \"end_time\": ..}}: {e}"),
+            )
+        }
+    };
+    let time = |k: &str| -> Result<i64, String> {
+        match v.get(k) {
+            Some(serde_json::Value::String(s)) => parse_time(s).map_err(|e| format!("{k}: {e}")),
+            Some(serde_json::Value::Number(n)) => {
+                n.as_i64().ok_or_else(|| format!("{k}: not an integer"))
+            }
+            Some(_) => Err(format!("{k}: a string or Unix seconds")),
+            None => Err(format!("{k} is required")),
+        }
+    };
+    if let Some(obj) = v.as_object() {
+        if let Some(k) = obj
+            .keys()
+            .find(|k| !["start_time", "end_time"].contains(&k.as_str()))
+        {
+            return bad(&api, format!("unknown field {k:?}"));
+        }
+    }
+    let range = time("start_time").and_then(|s| {
+        let e = time("end_time")?;
+        crate::reconcile::job_range(&api.reconcile, s, e)
+    });
+    let (m0, m1) = match range {
+        Ok(r) => r,
+        Err(e) => return bad(&api, e),
+    };
+    let st = api.clone();
+    let created = blocking(move || {
+        crate::reconcile::create_job(&st.store, &st.reconcile, m0, m1, crate::now_ms())
+    })
+    .await;
+    match created {
+        Err(r) => r,
+        Ok(Err(why)) => {
+            api.metrics.admin_errors.fetch_add(1, Relaxed);
+            error(StatusCode::TOO_MANY_REQUESTS, why)
+        }
+        Ok(Ok(id)) => {
+            tracing::info!(job = id, start = %format_time(m0 as i64 * 60), end = %format_time(m1 as i64 * 60), "reconcile job started");
+            (
+                StatusCode::ACCEPTED,
+                [(header::LOCATION, format!("/api/v1/admin/reconcile/{id}"))],
+                Json(json!({
+                    "job_id": id,
+                    "start_time": format_time(m0 as i64 * 60),
+                    "end_time": format_time(m1 as i64 * 60),
+                })),
+            )
+                .into_response()
+        }
+    }
+}
+
+fn job_json(j: &crate::reconcile::Job) -> serde_json::Value {
+    let mut v = serde_json::to_value(j).unwrap_or_default();
+    v["start_time"] = json!(format_time(j.start_minute as i64 * 60));
+    v["end_time"] = json!(format_time(j.end_minute as i64 * 60));
+    v["minutes_done"] = json!((j.next_minute - j.start_minute) as u64);
+    v
+}
+
+async fn reconcile_job(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(r) = authorize_admin(&api, &headers) {
+        api.metrics.admin_errors.fetch_add(1, Relaxed);
+        return *r;
+    }
+    let Ok(id) = id.parse::<u64>() else {
+        return error(StatusCode::BAD_REQUEST, "a job id is a number");
+    };
+    let st = api.clone();
+    match blocking(move || crate::reconcile::job(&st.store, id)).await {
+        Err(r) => r,
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no reconcile job {id}")),
+        Ok(Some(j)) => Json(job_json(&j)).into_response(),
+    }
+}
+
+async fn reconcile_list(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize_admin(&api, &headers) {
+        api.metrics.admin_errors.fetch_add(1, Relaxed);
+        return *r;
+    }
+    let st = api.clone();
+    match blocking(move || st.store.jobs()).await {
+        Err(r) => r,
+        Ok(jobs) => {
+            let list: Vec<_> = jobs
+                .iter()
+                .filter_map(|(_, j)| serde_json::from_str::<crate::reconcile::Job>(j).ok())
+                .map(|j| job_json(&j))
+                .collect();
+            Json(json!({ "jobs": list })).into_response()
+        }
+    }
+}
+
+/// `GET /api/v1/admin/reconciled?start_time=..&end_time=..`: each minute's
+/// last reconcile (when, events read, rows corrected), the minutes that
+/// failed with why, and where the frontier stands.
+async fn reconciled(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Query(p): Query<HashMap<String, String>>,
+) -> Response {
+    if let Err(r) = authorize_admin(&api, &headers) {
+        api.metrics.admin_errors.fetch_add(1, Relaxed);
+        return *r;
+    }
+    let range = (|| {
+        let t = |k: &str| {
+            parse_time(p.get(k).ok_or_else(|| format!("{k} is required"))?)
+                .map_err(|e| format!("{k}: {e}"))
+        };
+        crate::reconcile::job_range(&api.reconcile, t("start_time")?, t("end_time")?)
+    })();
+    let (m0, m1) = match range {
+        Ok(r) => r,
+        Err(e) => {
+            api.metrics.admin_errors.fetch_add(1, Relaxed);
+            return error(StatusCode::BAD_REQUEST, e);
+        }
+    };
+    let st = api.clone();
+    let got = blocking(move || {
+        Ok((
+            st.store.reconciled_minutes(m0, m1)?,
+            st.store.failed_minutes(m0, m1)?,
+            st.store.reconcile_view(crate::now_ms())?.frontier,
+            st.store.dirty_minutes(10_000)?,
+        ))
+    })
+    .await;
+    match got {
+        Err(r) => r,
+        Ok((marks, failed, frontier, dirty)) => Json(json!({
+            "frontier": format_time(frontier as i64 * 60),
+            "minutes": marks.iter().map(|(m, k)| json!({
+                "minute": format_time(*m as i64 * 60),
+                "reconciled_at_ms": k.at_ms,
+                "events": k.events,
+                "rows_corrected": k.rows_corrected,
+                "skipped_sources": k.skipped_sources,
+                "dirty": dirty.iter().any(|(d, _)| d == m),
+            })).collect::<Vec<_>>(),
+            "failed": failed.iter().map(|(m, why)| json!({
+                "minute": format_time(*m as i64 * 60),
+                "reason": why,
+            })).collect::<Vec<_>>(),
+        }))
+        .into_response(),
+    }
 }
 
 async fn metrics(State(api): State<Arc<Api>>) -> Response {

@@ -4,15 +4,20 @@
 //! as the audit trail, tracks event-time watermarks (final minutes, versioned
 //! corrections, the late table), and serves advertiser metrics over HTTP.
 //!
-//! [`store`] and [`rows`] hold every decision and are driven by tests without
-//! sockets; [`server`] (quinn) and [`http`] (axum) are the edges.
+//! [`merge`] (what a batch changes) and [`recount`] (which copy of a click
+//! counts) hold the decisions and touch no store, socket or clock; [`store`]
+//! applies them in redb; [`reconcile`] recounts final minutes from the raw
+//! audit trail while the aggregator serves; [`server`] (quinn) and [`http`]
+//! (axum) are the edges.
 
 pub mod certs;
 pub mod clickhouse;
 pub mod config;
 pub mod http;
+pub mod merge;
 pub mod metrics;
 pub mod reconcile;
+pub mod recount;
 pub mod rows;
 pub mod server;
 pub mod store;

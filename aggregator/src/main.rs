@@ -67,8 +67,8 @@ enum Cmd {
         #[arg(long = "name")]
         names: Vec<String>,
     },
-    /// Write a tokens file with a random token per advertiser (and one
-    /// operator token, advertiser "*", that reads all).
+    /// Write a tokens file with a random token per advertiser, one operator
+    /// token (advertiser "*") that reads all, and one admin token.
     DevTokens {
         #[arg(long)]
         out: PathBuf,
@@ -80,9 +80,11 @@ enum Cmd {
         #[arg(long)]
         cert: PathBuf,
     },
-    /// Recount minutes from the raw audit trail (aggregator stopped: the
-    /// store file is locked while it runs; use POST /api/v1/admin/reconcile
-    /// then) and report, or with --write correct, the rows that differ.
+    /// Recount minutes of a stopped aggregator's store from the raw audit
+    /// trail, with the cross-PoP rule, and report the rows that differ (or
+    /// with --write correct them). A running aggregator reconciles by itself
+    /// and holds the store file locked; to recount a range there, an admin
+    /// POSTs /api/v1/admin/reconcile.
     Reconcile {
         #[arg(long)]
         store: PathBuf,
@@ -94,6 +96,10 @@ enum Cmd {
         end: String,
         #[arg(long)]
         write: bool,
+        /// TOML config: its [reconcile] (dedup horizon, velocity rule) and
+        /// time rules apply.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -190,16 +196,24 @@ fn main() -> anyhow::Result<()> {
             let mut text = String::from(
                 "# Query API bearer tokens; advertiser \"*\" reads every advertiser.\n",
             );
-            for a in advertisers.iter().map(String::as_str).chain(["*"]) {
+            let token = || -> anyhow::Result<String> {
                 let bytes: [u8; 16] = ring::rand::generate(&rng)
                     .map_err(|_| anyhow::anyhow!("no randomness"))?
                     .expose();
-                let tok: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+            };
+            for a in advertisers.iter().map(String::as_str).chain(["*"]) {
                 let _ = write!(
                     text,
-                    "[[token]]\nadvertiser_id = {a:?}\ntoken = \"{tok}\"\n"
+                    "[[token]]\nadvertiser_id = {a:?}\ntoken = \"{}\"\n",
+                    token()?
                 );
             }
+            let _ = write!(
+                text,
+                "# Admin: reconcile jobs (/api/v1/admin/...); reads no advertiser.\n[[admin]]\ntoken = \"{}\"\n",
+                token()?
+            );
             std::fs::write(&out, text).with_context(|| format!("writing {}", out.display()))?;
             println!("wrote {}", out.display());
             Ok(())
@@ -216,38 +230,67 @@ fn main() -> anyhow::Result<()> {
             start,
             end,
             write,
+            config,
         } => {
+            let cfg = match config {
+                Some(p) => Config::load(&p).map_err(anyhow::Error::msg)?,
+                None => Config::default(),
+            };
             let s = rows::parse_time(&start).map_err(anyhow::Error::msg)?;
             let e = rows::parse_time(&end).map_err(anyhow::Error::msg)?;
-            let st = store::Store::open(&store, store::Settings::default())?;
-            let r =
-                reconcile::reconcile(&st, (s / 60) as u32, (e as u64).div_ceil(60) as u32, write)?;
+            let (m0, m1) = reconcile::job_range(
+                &reconcile::Settings {
+                    job_span_max_ms: i64::MAX,
+                    ..cfg.reconcile.clone()
+                },
+                s,
+                e,
+            )
+            .map_err(anyhow::Error::msg)?;
+            let st = Arc::new(
+                store::Store::open(&store, store_settings(&cfg)).with_context(|| {
+                    format!(
+                        "opening {} (is an aggregator running on it?)",
+                        store.display()
+                    )
+                })?,
+            );
+            let r = reconcile::offline(st, &cfg.reconcile, m0, m1, write, aggregator::now_ms())?;
             println!(
-                "rows compared {}  events read {}  differing {}",
+                "minutes {}  rows compared {}  events read {}  differing {}  failed {}",
+                r.minutes,
                 r.rows_compared,
                 r.events_read,
-                r.diffs.len()
+                r.diffs.len(),
+                r.failed.len()
             );
-            for d in &r.diffs {
+            for (k, now, want) in &r.diffs {
                 println!(
-                    "{} {}/{}/{} {:?} {}: realtime clicks {} spend {} | recount clicks {} spend {} dup {}",
-                    rows::format_time(d.key.minute as i64 * 60),
-                    d.key.advertiser_id,
-                    d.key.campaign_id,
-                    d.key.ad_id,
-                    d.key.device,
-                    String::from_utf8_lossy(&d.key.country),
-                    d.realtime.clicks,
-                    d.realtime.spend_micros,
-                    d.recount.clicks,
-                    d.recount.spend_micros,
-                    d.recount.duplicates
+                    "{} {}/{}/{} {:?} {}: rows clicks {} spend {} | recount clicks {} spend {} dup {} invalid {}",
+                    rows::format_time(k.minute as i64 * 60),
+                    k.advertiser_id,
+                    k.campaign_id,
+                    k.ad_id,
+                    k.device,
+                    String::from_utf8_lossy(&k.country),
+                    now.clicks,
+                    now.spend_micros,
+                    want.clicks,
+                    want.spend_micros,
+                    want.duplicates,
+                    want.invalid
+                );
+            }
+            for (m, why) in &r.failed {
+                println!(
+                    "{} not reconciled: {why}",
+                    rows::format_time(*m as i64 * 60)
                 );
             }
             if write {
-                println!("corrected {} rows (new versions)", r.diffs.len());
+                println!("minutes written (corrections as new versions, marked reconciled)");
             }
-            if !write && !r.diffs.is_empty() {
+            if (!write && !r.diffs.is_empty()) || !r.failed.is_empty() {
                 std::process::exit(1);
             }
             Ok(())
@@ -266,21 +309,20 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let st = Arc::new(
-        store::Store::open(
-            &cfg.store_path,
-            store::Settings {
-                lateness_ms: cfg.lateness_ms,
-                horizon_ms: cfg.horizon_ms,
-                source_timeout_ms: cfg.source_timeout_ms,
-                raw_max: cfg.max_raw_bytes,
-                export: cfg.clickhouse.enabled(),
-                cluster: cfg.cluster.route(),
-            },
-        )
-        .with_context(|| format!("opening the store {}", cfg.store_path.display()))?,
+        store::Store::open(&cfg.store_path, store_settings(&cfg))
+            .with_context(|| format!("opening the store {}", cfg.store_path.display()))?,
     );
     let store_id = st.store_id()?;
     let metrics = Arc::new(aggregator::metrics::Metrics::default());
+    let reconcile_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reconciler = cfg.reconcile.enabled.then(|| {
+        reconcile::spawn(
+            st.clone(),
+            cfg.reconcile.clone(),
+            metrics.reconcile.clone(),
+            reconcile_stop.clone(),
+        )
+    });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -316,6 +358,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
                 .then(|| aggregator::clickhouse::Client::new(&cfg.clickhouse, &store_id)),
             clickhouse_for_all: cfg.clickhouse.enabled() && cfg.clickhouse.serve_all_queries,
             forward: http::forwarder(),
+            reconcile: cfg.reconcile.clone(),
         });
         let listener = tokio::net::TcpListener::bind(cfg.listen_http)
             .await
@@ -346,6 +389,25 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             sink_stop.store(true, Relaxed);
             let _ = tokio::time::timeout(std::time::Duration::from_secs(10), sink).await;
         }
+        // A reconcile turn in progress finishes its transaction; what it had
+        // not committed is redone after the next start.
+        reconcile_stop.store(true, Relaxed);
+        if let Some(r) = reconciler {
+            let _ = r.join();
+        }
         Ok(())
     })
+}
+
+fn store_settings(cfg: &Config) -> store::Settings {
+    store::Settings {
+        rules: aggregator::merge::Rules {
+            lateness_ms: cfg.lateness_ms,
+            horizon_ms: cfg.horizon_ms,
+            source_timeout_ms: cfg.source_timeout_ms,
+            raw_max: cfg.max_raw_bytes,
+            cluster: cfg.cluster.route(),
+        },
+        export: cfg.clickhouse.enabled(),
+    }
 }

@@ -8,21 +8,50 @@ pub const LATENCY_BUCKETS_US: &[u64] = &[
     100, 250, 500, 1000, 2500, 5000, 10_000, 25_000, 100_000, 1_000_000,
 ];
 
-#[derive(Default)]
+/// Bounds for delays of seconds to minutes, microseconds.
+pub const DELAY_BUCKETS_US: &[u64] = &[
+    1_000_000,
+    5_000_000,
+    15_000_000,
+    30_000_000,
+    60_000_000,
+    120_000_000,
+    180_000_000,
+    300_000_000,
+    600_000_000,
+    1_800_000_000,
+];
+
+/// A histogram of microsecond values, rendered in seconds.
 pub struct Histogram {
-    buckets: [AtomicU64; 11],
+    bounds: &'static [u64],
+    buckets: Vec<AtomicU64>,
     sum_us: AtomicU64,
     count: AtomicU64,
 }
 
-const _: () = assert!(LATENCY_BUCKETS_US.len() + 1 == 11);
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram::with(LATENCY_BUCKETS_US)
+    }
+}
 
 impl Histogram {
+    pub fn with(bounds: &'static [u64]) -> Self {
+        Histogram {
+            bounds,
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_us: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
     pub fn observe(&self, us: u64) {
-        let i = LATENCY_BUCKETS_US
+        let i = self
+            .bounds
             .iter()
             .position(|&b| us <= b)
-            .unwrap_or(LATENCY_BUCKETS_US.len());
+            .unwrap_or(self.bounds.len());
         self.buckets[i].fetch_add(1, Relaxed);
         self.sum_us.fetch_add(us, Relaxed);
         self.count.fetch_add(1, Relaxed);
@@ -31,11 +60,11 @@ impl Histogram {
     fn render(&self, name: &str, s: &mut String) {
         let _ = writeln!(s, "# TYPE {name} histogram");
         let mut acc = 0;
-        for (i, b) in LATENCY_BUCKETS_US.iter().enumerate() {
+        for (i, b) in self.bounds.iter().enumerate() {
             acc += self.buckets[i].load(Relaxed);
             let _ = writeln!(s, "{name}_bucket{{le=\"{}\"}} {acc}", *b as f64 / 1e6);
         }
-        acc += self.buckets[LATENCY_BUCKETS_US.len()].load(Relaxed);
+        acc += self.buckets[self.bounds.len()].load(Relaxed);
         let _ = writeln!(s, "{name}_bucket{{le=\"+Inf\"}} {acc}");
         let _ = writeln!(s, "{name}_sum {}", self.sum_us.load(Relaxed) as f64 / 1e6);
         let _ = writeln!(s, "{name}_count {}", self.count.load(Relaxed));
@@ -63,6 +92,9 @@ pub struct Metrics {
     pub ch_errors: AtomicU64,
     /// Changed rows not yet in ClickHouse (gauge).
     pub ch_backlog: AtomicU64,
+    pub reconcile: std::sync::Arc<ReconcileStats>,
+    /// Reconcile requests refused (400, 401, 403, 429).
+    pub admin_errors: AtomicU64,
 }
 
 impl Metrics {
@@ -138,6 +170,11 @@ impl Metrics {
                 &self.query_errors,
             ),
             (
+                "admin_errors_total",
+                "Admin requests refused (400, 401, 403, 429).",
+                &self.admin_errors,
+            ),
+            (
                 "clickhouse_rows_written_total",
                 "Rows written to ClickHouse (a row again after each change).",
                 &self.ch_rows_written,
@@ -169,6 +206,133 @@ impl Metrics {
             .render("clickgate_aggregator_store_commit_seconds", &mut s);
         self.query_latency
             .render("clickgate_aggregator_query_seconds", &mut s);
+        self.reconcile.render(&mut s);
         s
+    }
+}
+
+/// What the reconciler has done, and where it stands.
+pub struct ReconcileStats {
+    pub minutes_reconciled: AtomicU64,
+    pub minutes_failed: AtomicU64,
+    /// Past the correction horizon: left as they are.
+    pub minutes_skipped: AtomicU64,
+    pub rows_corrected: AtomicU64,
+    pub events_read: AtomicU64,
+    pub errors: AtomicU64,
+    /// Sources skipped as silent in the last ready snapshot (gauge).
+    pub skipped_sources: AtomicU64,
+    /// Reconciled minutes waiting to be recounted again (gauge).
+    pub dirty: AtomicU64,
+    pub lookback_entries: AtomicU64,
+    /// Now minus the start of the first minute not yet reached, ms (gauge;
+    /// 0 before any data).
+    pub frontier_lag_ms: AtomicU64,
+    /// How long one reconcile transaction held the store's writer.
+    pub write_held: Histogram,
+    /// Wall time to recount and commit one minute.
+    pub minute_seconds: Histogram,
+    /// From a minute's end to its first reconcile.
+    pub delay: Histogram,
+}
+
+impl Default for ReconcileStats {
+    fn default() -> Self {
+        ReconcileStats {
+            minutes_reconciled: AtomicU64::new(0),
+            minutes_failed: AtomicU64::new(0),
+            minutes_skipped: AtomicU64::new(0),
+            rows_corrected: AtomicU64::new(0),
+            events_read: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            skipped_sources: AtomicU64::new(0),
+            dirty: AtomicU64::new(0),
+            lookback_entries: AtomicU64::new(0),
+            frontier_lag_ms: AtomicU64::new(0),
+            write_held: Histogram::default(),
+            minute_seconds: Histogram::with(&[
+                1000, 10_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000,
+                10_000_000,
+            ]),
+            delay: Histogram::with(DELAY_BUCKETS_US),
+        }
+    }
+}
+
+impl ReconcileStats {
+    pub fn publish_view(&self, view: &crate::store::ReconView, now_ms: i64) {
+        let lag = if view.frontier == 0 {
+            0
+        } else {
+            (now_ms - view.frontier as i64 * 60_000).max(0) as u64
+        };
+        self.frontier_lag_ms.store(lag, Relaxed);
+    }
+
+    fn render(&self, s: &mut String) {
+        for (name, help, v) in [
+            (
+                "reconcile_minutes_total",
+                "Minutes recounted from the raw events of every source.",
+                &self.minutes_reconciled,
+            ),
+            (
+                "reconcile_failed_minutes_total",
+                "Minutes that could not be reconciled (corrupt audit entry, lookback full); nothing of them corrected.",
+                &self.minutes_failed,
+            ),
+            (
+                "reconcile_skipped_minutes_total",
+                "Minutes past the correction horizon, left as they are.",
+                &self.minutes_skipped,
+            ),
+            (
+                "reconcile_corrected_rows_total",
+                "Rows whose recount differed, written as a new version.",
+                &self.rows_corrected,
+            ),
+            (
+                "reconcile_events_read_total",
+                "Raw events read by reconciliation.",
+                &self.events_read,
+            ),
+            (
+                "reconcile_errors_total",
+                "Reconcile turns that failed on the store (retried).",
+                &self.errors,
+            ),
+        ] {
+            let _ = writeln!(s, "# HELP clickgate_aggregator_{name} {help}\n# TYPE clickgate_aggregator_{name} counter\nclickgate_aggregator_{name} {}", v.load(Relaxed));
+        }
+        for (name, help, v) in [
+            (
+                "reconcile_skipped_sources",
+                "Sources skipped as silent by the last ready snapshot.",
+                self.skipped_sources.load(Relaxed) as f64,
+            ),
+            (
+                "reconcile_dirty_minutes",
+                "Reconciled minutes changed since, waiting to be recounted.",
+                self.dirty.load(Relaxed) as f64,
+            ),
+            (
+                "reconcile_lookback_entries",
+                "Click ids the reconcile lookback holds.",
+                self.lookback_entries.load(Relaxed) as f64,
+            ),
+            (
+                "reconcile_lag_seconds",
+                "Now minus the start of the first minute reconciliation has not reached.",
+                self.frontier_lag_ms.load(Relaxed) as f64 / 1000.0,
+            ),
+        ] {
+            let _ = writeln!(s, "# HELP clickgate_aggregator_{name} {help}\n# TYPE clickgate_aggregator_{name} gauge\nclickgate_aggregator_{name} {v}");
+        }
+        self.write_held
+            .render("clickgate_aggregator_reconcile_write_held_seconds", s);
+        self.minute_seconds
+            .render("clickgate_aggregator_reconcile_minute_seconds", s);
+        self.delay
+            .render("clickgate_aggregator_reconcile_delay_seconds", s);
     }
 }

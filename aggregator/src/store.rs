@@ -1,20 +1,31 @@
 //! The embedded store (redb): merged rows, the late table, per-shard cursors
-//! and watermarks, and the raw audit trail, each batch applied in the same
-//! write transaction as the cursor it moves.
+//! and watermarks, the raw audit trail by event minute, and what
+//! reconciliation has done, each batch applied in the same write
+//! transaction as the cursor it moves.
 //!
-//! Several batches can share one transaction (group commit); each is checked
-//! against the cursor as the earlier ones left it, before anything of it is
-//! written, so a refused batch never leaves half its rows behind.
+//! What a batch changes is decided by [`crate::merge`] (no redb there); this
+//! module applies it. Several batches can share one transaction (group
+//! commit); each is decided against the cursor as the earlier ones left it,
+//! before anything of it is written, so a refused batch never leaves half
+//! its rows behind.
+//!
+//! For reconciliation every transaction that touches a minute's rows or raw
+//! events stamps the minute with the transaction's sequence number
+//! (`minute_rev`): a reconcile reads a minute in one snapshot and writes its
+//! corrections only if the stamp has not moved since, so it never overwrites
+//! a change it did not count. A change to a minute already reconciled marks
+//! it dirty, to be recounted again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{RwLock, RwLockReadGuard};
 
-use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
-use wire::batch::{items, Ack, Batch, BatchKind, Status};
-use wire::record::{Counts, EventRef, PartialRecord, RowKey};
-use wire::segment::RecordType;
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle};
+use wire::batch::{items, Ack, Batch, Status};
+use wire::record::{Counts, EventRef, RowKey};
 
+use crate::merge::{self, Decision, PointState, RowChange, Rules, SourceTime};
+use crate::recount::IdDigest;
 use crate::rows::{decode_key, encode_key, prefix, Row};
 
 /// (gateway id, shard) -> (partials cursor, events cursor).
@@ -23,62 +34,42 @@ const CURSORS: TableDefinition<(&str, u16), (u64, u64)> = TableDefinition::new("
 const SOURCES: TableDefinition<(&str, u16), (i64, i64)> = TableDefinition::new("sources");
 /// Row key -> [`Row`].
 const ROWS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("rows");
+/// (minute, row key) -> (): the rows of one minute, for reconciliation.
+const MINUTE_ROWS: TableDefinition<(u32, &[u8]), ()> = TableDefinition::new("minute_rows");
 /// Row key -> [`Row`] of partial rows that came past the correction horizon.
 const LATE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("late");
-/// (event hour, gateway id, shard, after seq) -> a batch frame of the events of
-/// that hour, zstd.
-const AUDIT: TableDefinition<(u32, &str, u16, u64), &[u8]> = TableDefinition::new("audit");
-/// Named counters and the monotonic global watermark.
+/// (event minute, gateway id, shard, after seq) -> a batch frame of the
+/// events of that minute, zstd.
+const AUDIT: TableDefinition<(u32, &str, u16, u64), &[u8]> =
+    TableDefinition::new("audit_by_minute");
+/// Minute -> the sequence number of the last transaction that changed its
+/// rows or raw events.
+const MINUTE_REV: TableDefinition<u32, u64> = TableDefinition::new("minute_rev");
+/// Reconciled minutes changed since: minute -> the sequence number of the
+/// change (0: a minute before it changed its click set).
+const DIRTY: TableDefinition<u32, u64> = TableDefinition::new("dirty");
+/// Minute -> [`ReconMark`] of its last reconcile.
+const RECONCILED: TableDefinition<u32, &[u8]> = TableDefinition::new("reconciled");
+/// Minute -> why it could not be reconciled.
+const RECON_FAILED: TableDefinition<u32, &str> = TableDefinition::new("reconcile_failed");
+/// Reconcile job id -> its state, JSON.
+const JOBS: TableDefinition<u64, &str> = TableDefinition::new("reconcile_jobs");
+/// Named counters, the monotonic global watermark, the reconcile frontier.
 const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
 /// Rows changed since they were last written to ClickHouse: row key -> the
 /// revision (`meta["revision"]`, one per write transaction) of the change.
 /// Filled only when a sink is configured (`Settings::export`).
 const EXPORT: TableDefinition<&[u8], u64> = TableDefinition::new("export");
 
-#[derive(Debug, Clone)]
+/// The layout this code reads and writes. Version 1 filed raw events by
+/// hour and had no reconcile tables.
+const SCHEMA: i64 = 2;
+
+#[derive(Debug, Clone, Default)]
 pub struct Settings {
-    /// A minute is final once the watermark is this far past its end.
-    pub lateness_ms: i64,
-    /// Partials for minutes older than this (behind the watermark) go to the
-    /// late table.
-    pub horizon_ms: i64,
-    /// A source not heard from for this long stops holding the watermark.
-    pub source_timeout_ms: i64,
-    /// Largest decompressed batch accepted.
-    pub raw_max: usize,
+    pub rules: Rules,
     /// Record changed rows for the ClickHouse sink.
     pub export: bool,
-    /// In a cluster: the instance ids and this instance's index. Rows and
-    /// events of advertisers another instance owns are refused (a shipper
-    /// with a different instance list would otherwise split them silently).
-    pub cluster: Option<(std::sync::Arc<Vec<String>>, usize)>,
-}
-
-impl Settings {
-    /// Why this instance must not take `advertiser`'s data, if it must not.
-    fn misrouted(&self, advertiser: &str) -> Option<String> {
-        let (ids, me) = self.cluster.as_ref()?;
-        let owner = wire::partition::owner(advertiser, ids);
-        (owner != *me).then(|| {
-            format!(
-                "misrouted: advertiser {advertiser:?} belongs to instance {:?}, this is {:?} (do the shipper's and the aggregators' [cluster] lists match?)",
-                ids[owner], ids[*me]
-            )
-        })
-    }
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            lateness_ms: 120_000,
-            horizon_ms: 24 * 3_600_000,
-            source_timeout_ms: 60_000,
-            raw_max: 64 << 20,
-            export: false,
-            cluster: None,
-        }
-    }
 }
 
 /// What applying one batch did.
@@ -111,14 +102,44 @@ impl std::ops::Deref for Db<'_> {
 
 fn open_db(path: &Path) -> Result<Database> {
     let db = Database::create(path).map_err(se)?;
-    // Create every table, so readers never find one missing.
     let tx = db.begin_write().map_err(se)?;
+    {
+        let old = tx.list_tables().map_err(se)?.any(|t| t.name() == "audit");
+        let mut meta = tx.open_table(META).map_err(se)?;
+        let schema = meta.get("schema").map_err(se)?.map(|v| v.value());
+        match schema {
+            Some(SCHEMA) => {}
+            Some(v) => {
+                return Err(StoreError::Redb(format!(
+                    "{}: store layout {v}, this aggregator reads layout {SCHEMA}",
+                    path.display()
+                )))
+            }
+            None if old => {
+                return Err(StoreError::Redb(format!(
+                "{}: store layout 1 (raw events by hour), this aggregator reads layout {SCHEMA}: \
+                     reconcile it with the release that wrote it, then start on a new store \
+                     (docs/RUNBOOK.md, \"Upgrading the store\")",
+                path.display()
+            )))
+            }
+            None => {
+                meta.insert("schema", SCHEMA).map_err(se)?;
+            }
+        }
+    }
+    // Create every table, so readers never find one missing.
     tx.open_table(CURSORS).map_err(se)?;
     tx.open_table(SOURCES).map_err(se)?;
     tx.open_table(ROWS).map_err(se)?;
+    tx.open_table(MINUTE_ROWS).map_err(se)?;
     tx.open_table(LATE).map_err(se)?;
     tx.open_table(AUDIT).map_err(se)?;
-    tx.open_table(META).map_err(se)?;
+    tx.open_table(MINUTE_REV).map_err(se)?;
+    tx.open_table(DIRTY).map_err(se)?;
+    tx.open_table(RECONCILED).map_err(se)?;
+    tx.open_table(RECON_FAILED).map_err(se)?;
+    tx.open_table(JOBS).map_err(se)?;
     tx.open_table(EXPORT).map_err(se)?;
     tx.commit().map_err(se)?;
     Ok(db)
@@ -136,9 +157,9 @@ fn se<E: std::fmt::Display>(e: E) -> StoreError {
 
 type Result<T> = std::result::Result<T, StoreError>;
 
-/// One query's answer rows: (bucket start s, ad id) -> sums, whether every
-/// minute in it is final, highest version.
-pub type Series = BTreeMap<(i64, String), (Counts, bool, u32)>;
+/// One query's answer rows: (bucket start s, ad id) -> sums, state,
+/// highest version.
+pub type Series = BTreeMap<(i64, String), (Counts, PointState, u32)>;
 
 /// One gateway shard as the store knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,22 +184,120 @@ pub struct Query {
     pub ad_id: Option<String>,
 }
 
-fn refuse(reason: String, c: (u64, u64)) -> Ack {
-    Ack {
-        status: Status::Refused,
-        partials_cursor: c.0,
-        events_cursor: c.1,
-        reason,
+/// What the last reconcile of a minute found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReconMark {
+    /// The minute's `minute_rev` it counted.
+    pub rev: u64,
+    pub at_ms: i64,
+    pub events: u64,
+    pub rows_corrected: u64,
+    /// Sources skipped as silent when it was counted.
+    pub skipped_sources: u32,
+    pub digest: IdDigest,
+}
+
+const MARK_LEN: usize = 60;
+
+impl ReconMark {
+    fn encode(&self) -> [u8; MARK_LEN] {
+        let mut b = [0u8; MARK_LEN];
+        let d = &self.digest;
+        for (i, v) in [
+            self.rev,
+            self.at_ms as u64,
+            self.events,
+            self.rows_corrected,
+            d.count,
+            d.xor,
+            d.sum,
+        ]
+        .iter()
+        .enumerate()
+        {
+            b[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        b[56..60].copy_from_slice(&self.skipped_sources.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<ReconMark> {
+        if b.len() != MARK_LEN {
+            return None;
+        }
+        let u = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap());
+        Some(ReconMark {
+            rev: u(0),
+            at_ms: u(1) as i64,
+            events: u(2),
+            rows_corrected: u(3),
+            digest: IdDigest {
+                count: u(4),
+                xor: u(5),
+                sum: u(6),
+            },
+            skipped_sources: u32::from_le_bytes(b[56..60].try_into().unwrap()),
+        })
     }
 }
 
-fn answer(status: Status, c: (u64, u64)) -> Ack {
-    Ack {
-        status,
-        partials_cursor: c.0,
-        events_cursor: c.1,
-        reason: String::new(),
-    }
+/// The sources, the watermark and the transaction sequence, read together
+/// (one snapshot): what the reconciler decides readiness from.
+#[derive(Debug, Clone)]
+pub struct ReconView {
+    pub sources: Vec<SourceInfo>,
+    pub watermark_ms: i64,
+    /// The sequence number of the last transaction that changed a minute.
+    pub txn_seq: u64,
+    /// Every minute below it has been reconciled, failed, or had no data.
+    pub frontier: u32,
+}
+
+/// One minute read for a recount, in one snapshot.
+#[derive(Debug, Clone)]
+pub struct MinuteRead {
+    pub rev: u64,
+    pub rows: Vec<(RowKey, Row)>,
+    pub mark: Option<ReconMark>,
+    pub audit_entries: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// An audit entry that does not decode: named, so an operator can find it.
+    #[error("corrupt audit entry (minute {minute}, gateway {gateway:?}, shard {shard}, after seq {after_seq}): {why}")]
+    Corrupt {
+        minute: u32,
+        gateway: String,
+        shard: u16,
+        after_seq: u64,
+        why: String,
+    },
+}
+
+/// What a reconcile writes, in one transaction.
+#[derive(Debug, Default)]
+pub struct ReconCommit<'a> {
+    /// The minute the mark or the failure is for.
+    pub minute: Option<u32>,
+    /// The `minute_rev` the recount read: the commit is refused (nothing
+    /// written) if the minute changed since.
+    pub rev: Option<u64>,
+    /// Rows replaced by their recount, each one version up.
+    pub fixes: &'a [(RowKey, Counts)],
+    pub mark: Option<ReconMark>,
+    pub failed: Option<&'a str>,
+    /// The frontier moves up to this (never back).
+    pub frontier_to: Option<u32>,
+    /// Reconciled minutes to recount again (a minute before them changed
+    /// its click set).
+    pub dirty_more: &'a [u32],
+    /// Minutes to drop from the dirty set without a recount (past the
+    /// correction horizon).
+    pub undirty: &'a [u32],
+    pub job: Option<(u64, &'a str)>,
 }
 
 impl Store {
@@ -190,6 +309,10 @@ impl Store {
         };
         s.track_exports()?;
         Ok(s)
+    }
+
+    pub fn rules(&self) -> &Rules {
+        &self.settings.rules
     }
 
     /// This store's identity, made once when the store is created: the name
@@ -304,26 +427,7 @@ impl Store {
     pub fn sources(&self) -> Result<Vec<SourceInfo>> {
         let db = self.db()?;
         let tx = db.begin_read().map_err(se)?;
-        let c = tx.open_table(CURSORS).map_err(se)?;
-        let s = tx.open_table(SOURCES).map_err(se)?;
-        let mut out = Vec::new();
-        for r in c.iter().map_err(se)? {
-            let (k, v) = r.map_err(se)?;
-            let (g, sh) = k.value();
-            let (wm, heard) = s
-                .get((g, sh))
-                .map_err(se)?
-                .map(|x| x.value())
-                .unwrap_or((0, 0));
-            out.push(SourceInfo {
-                gateway: g.to_owned(),
-                shard: sh,
-                cursors: v.value(),
-                watermark_ms: wm,
-                heard_ms: heard,
-            });
-        }
-        Ok(out)
+        read_sources(&tx)
     }
 
     /// The global watermark: the lowest of the sources heard from recently
@@ -333,38 +437,30 @@ impl Store {
         let tx = db.begin_read().map_err(se)?;
         let s = tx.open_table(SOURCES).map_err(se)?;
         let m = tx.open_table(META).map_err(se)?;
-        let stored = m
-            .get("watermark")
-            .map_err(se)?
-            .map(|v| v.value())
-            .unwrap_or(0);
-        Ok(stored.max(self.compute_watermark(&s, now_ms)?))
+        self.watermark_in(&s, &m, now_ms)
     }
 
-    fn compute_watermark(
+    fn watermark_in(
         &self,
         s: &impl ReadableTable<(&'static str, u16), (i64, i64)>,
+        meta: &impl ReadableTable<&'static str, i64>,
         now_ms: i64,
     ) -> Result<i64> {
-        let mut active_min: Option<i64> = None;
-        let mut all_max = 0i64;
+        let stored = meta_get(meta, "watermark")?;
+        let mut times = Vec::new();
         for r in s.iter().map_err(se)? {
             let (_, v) = r.map_err(se)?;
-            let (wm, heard) = v.value();
-            all_max = all_max.max(wm);
-            if now_ms - heard <= self.settings.source_timeout_ms {
-                active_min = Some(active_min.map_or(wm, |a| a.min(wm)));
-            }
+            let (watermark_ms, heard_ms) = v.value();
+            times.push(SourceTime {
+                watermark_ms,
+                heard_ms,
+            });
         }
-        Ok(active_min.unwrap_or(all_max))
+        Ok(self.rules().watermark(times, stored, now_ms))
     }
 
     pub fn is_final(&self, minute: u32, watermark_ms: i64) -> bool {
-        (minute as i64 + 1) * 60_000 + self.settings.lateness_ms <= watermark_ms
-    }
-
-    fn is_late(&self, minute: u32, watermark_ms: i64) -> bool {
-        (minute as i64 + 1) * 60_000 + self.settings.horizon_ms < watermark_ms
+        self.rules().is_final(minute, watermark_ms)
     }
 
     /// Applies batches (frames as received, each with the gateway ids its
@@ -379,7 +475,7 @@ impl Store {
                 batches
                     .iter()
                     .map(|_| {
-                        let mut a = answer(Status::Retry, (0, 0));
+                        let mut a = merge::answer(Status::Retry, (0, 0));
                         a.reason = e.to_string();
                         (a, Effect::default())
                     })
@@ -393,6 +489,7 @@ impl Store {
         batches: &[(&[u8], &[String])],
         now_ms: i64,
     ) -> Result<Vec<(Ack, Effect)>> {
+        let rules = self.rules();
         let db = self.db()?;
         let tx = db.begin_write().map_err(se)?;
         let mut out = Vec::with_capacity(batches.len());
@@ -400,146 +497,136 @@ impl Store {
             let mut cursors = tx.open_table(CURSORS).map_err(se)?;
             let mut sources = tx.open_table(SOURCES).map_err(se)?;
             let mut rows = tx.open_table(ROWS).map_err(se)?;
+            let mut minute_rows = tx.open_table(MINUTE_ROWS).map_err(se)?;
             let mut late = tx.open_table(LATE).map_err(se)?;
             let mut audit = tx.open_table(AUDIT).map_err(se)?;
             let mut meta = tx.open_table(META).map_err(se)?;
             let mut export = tx.open_table(EXPORT).map_err(se)?;
-            let revision = meta.get("revision").map_err(se)?.map_or(0, |v| v.value()) + 1;
+            let revision = meta_get(&meta, "revision")? + 1;
             let mut exported = false;
-            let mut wm = meta
-                .get("watermark")
-                .map_err(se)?
-                .map(|v| v.value())
-                .unwrap_or(0)
-                .max(self.compute_watermark(&sources, now_ms)?);
+            let mut wm = self.watermark_in(&sources, &meta, now_ms)?;
+            let mut touched: BTreeSet<u32> = BTreeSet::new();
             for (bytes, allowed) in batches {
-                let batch = match Batch::decode(bytes, self.settings.raw_max) {
+                let batch = match Batch::decode(bytes, rules.raw_max) {
                     Ok(b) => b,
                     Err(e) => {
                         out.push((
-                            refuse(format!("malformed batch: {e}"), (0, 0)),
+                            merge::refuse(format!("malformed batch: {e}"), (0, 0)),
                             Effect::default(),
                         ));
                         continue;
                     }
                 };
-                if !allowed.contains(&batch.gateway_id) {
-                    out.push((
-                        refuse(
-                            format!(
-                                "this certificate may not ship for gateway {:?}",
-                                batch.gateway_id
-                            ),
-                            (0, 0),
-                        ),
-                        Effect::default(),
-                    ));
-                    continue;
-                }
                 let key = (batch.gateway_id.as_str(), batch.shard);
                 let cur = cursors
                     .get(key)
                     .map_err(se)?
                     .map(|v| v.value())
                     .unwrap_or((0, 0));
-                let (ack, effect) = match batch.kind {
-                    BatchKind::Hello => (answer(Status::Cursors, cur), Effect::default()),
-                    // A shard this instance has never heard of starts where
-                    // the routing switched to it; one it knows keeps its
-                    // cursors (a repeated or late join changes nothing).
-                    BatchKind::Join if cur == (0, 0) => {
-                        let at = (batch.after_seq, batch.last_seq);
+                let (ack, effect) = match merge::decide(rules, &batch, allowed, cur) {
+                    Decision::Answer(a) => (a, Effect::default()),
+                    Decision::Join { cursors: at } => {
                         cursors.insert(key, at).map_err(se)?;
                         tracing::info!(gateway = %batch.gateway_id, shard = batch.shard, partials = at.0, events = at.1, "joined: counting from these cursors");
-                        (answer(Status::Cursors, at), Effect::default())
+                        (merge::answer(Status::Cursors, at), Effect::default())
                     }
-                    BatchKind::Join => (answer(Status::Cursors, cur), Effect::default()),
-                    BatchKind::Partials => match plan_partials(&batch, cur.0).and_then(|p| match p
-                        .rows
-                        .iter()
-                        .find_map(|(k, _)| self.settings.misrouted(&k.advertiser_id))
-                    {
-                        Some(why) => Err(Refusal::Bad(why)),
-                        None => Ok(p),
-                    }) {
-                        Err(a) => (a.with(cur), Effect::default()),
-                        Ok(plan) => {
-                            let mut eff = Effect::default();
-                            for (k, c) in &plan.rows {
-                                let kb = encode_key(k);
-                                if self.is_late(k.minute, wm) {
-                                    let mut r = late
-                                        .get(kb.as_slice())
-                                        .map_err(se)?
-                                        .map(|v| Row::decode(v.value()))
-                                        .unwrap_or_default();
-                                    r.counts.merge(c);
+                    Decision::Partials(plan) => {
+                        let mut eff = Effect::default();
+                        for (k, c) in &plan.rows {
+                            let kb = encode_key(k);
+                            let current = rows
+                                .get(kb.as_slice())
+                                .map_err(se)?
+                                .map(|v| Row::decode(v.value()));
+                            let current_late = if rules.is_late(k.minute, wm) {
+                                late.get(kb.as_slice())
+                                    .map_err(se)?
+                                    .map(|v| Row::decode(v.value()))
+                            } else {
+                                None
+                            };
+                            match merge::merge_row(rules, k.minute, c, wm, current, current_late) {
+                                RowChange::Late(r) => {
                                     late.insert(kb.as_slice(), r.encode().as_slice())
                                         .map_err(se)?;
                                     eff.late_rows += 1;
-                                    continue;
                                 }
-                                let mut r = rows
-                                    .get(kb.as_slice())
-                                    .map_err(se)?
-                                    .map(|v| Row::decode(v.value()))
-                                    .unwrap_or_default();
-                                r.counts.merge(c);
-                                if self.is_final(k.minute, wm) {
-                                    r.version += 1;
-                                    eff.corrections += 1;
+                                RowChange::Merge { row, correction } => {
+                                    rows.insert(kb.as_slice(), row.encode().as_slice())
+                                        .map_err(se)?;
+                                    if current.is_none() {
+                                        minute_rows
+                                            .insert((k.minute, kb.as_slice()), ())
+                                            .map_err(se)?;
+                                    }
+                                    if self.settings.export {
+                                        export
+                                            .insert(kb.as_slice(), revision as u64)
+                                            .map_err(se)?;
+                                        exported = true;
+                                    }
+                                    touched.insert(k.minute);
+                                    eff.corrections += correction as u64;
+                                    eff.rows += 1;
                                 }
-                                rows.insert(kb.as_slice(), r.encode().as_slice())
-                                    .map_err(se)?;
-                                if self.settings.export {
-                                    export.insert(kb.as_slice(), revision as u64).map_err(se)?;
-                                    exported = true;
-                                }
-                                eff.rows += 1;
                             }
-                            let new = (plan.cursor, cur.1);
-                            cursors.insert(key, new).map_err(se)?;
-                            let (old_wm, _) = sources
-                                .get(key)
-                                .map_err(se)?
-                                .map(|v| v.value())
-                                .unwrap_or((0, 0));
-                            sources
-                                .insert(key, (old_wm.max(plan.watermark_ms), now_ms))
+                        }
+                        let new = (plan.cursor, cur.1);
+                        cursors.insert(key, new).map_err(se)?;
+                        let (old_wm, _) = sources
+                            .get(key)
+                            .map_err(se)?
+                            .map(|v| v.value())
+                            .unwrap_or((0, 0));
+                        sources
+                            .insert(key, (old_wm.max(plan.watermark_ms), now_ms))
+                            .map_err(se)?;
+                        (merge::answer(Status::Applied, new), eff)
+                    }
+                    Decision::Events(plan) => {
+                        for (minute, after, frame) in &plan.audit {
+                            audit
+                                .insert(
+                                    (*minute, batch.gateway_id.as_str(), batch.shard, *after),
+                                    frame.as_slice(),
+                                )
                                 .map_err(se)?;
-                            (answer(Status::Applied, new), eff)
+                            touched.insert(*minute);
                         }
-                    },
-                    BatchKind::Events => match self.store_events(&batch, cur.1, &mut audit) {
-                        Err(a) => (a.with(cur), Effect::default()),
-                        Ok(n) => {
-                            let new = (cur.0, batch.last_seq);
-                            cursors.insert(key, new).map_err(se)?;
-                            (
-                                answer(Status::Applied, new),
-                                Effect {
-                                    events: n,
-                                    ..Effect::default()
-                                },
-                            )
-                        }
-                    },
+                        let new = (cur.0, plan.cursor);
+                        cursors.insert(key, new).map_err(se)?;
+                        (
+                            merge::answer(Status::Applied, new),
+                            Effect {
+                                events: plan.events,
+                                ..Effect::default()
+                            },
+                        )
+                    }
                 };
                 if ack.status == Status::Applied {
-                    wm = wm.max(self.compute_watermark(&sources, now_ms)?);
+                    wm = wm.max(self.watermark_in(&sources, &meta, now_ms)?);
                 }
                 out.push((ack, effect));
             }
-            let stored = meta
-                .get("watermark")
-                .map_err(se)?
-                .map(|v| v.value())
-                .unwrap_or(0);
-            if wm > stored {
+            if wm > meta_get(&meta, "watermark")? {
                 meta.insert("watermark", wm).map_err(se)?;
             }
             if exported {
                 meta.insert("revision", revision).map_err(se)?;
+            }
+            if !touched.is_empty() {
+                let seq = meta_get(&meta, "txn_seq")? + 1;
+                meta.insert("txn_seq", seq).map_err(se)?;
+                let frontier = meta_get(&meta, "reconciled_through")? as u32;
+                let mut rev = tx.open_table(MINUTE_REV).map_err(se)?;
+                let mut dirty = tx.open_table(DIRTY).map_err(se)?;
+                for m in touched {
+                    rev.insert(m, seq as u64).map_err(se)?;
+                    if m < frontier {
+                        dirty.insert(m, seq as u64).map_err(se)?;
+                    }
+                }
             }
             for (name, v) in [
                 (
@@ -552,7 +639,7 @@ impl Store {
                 ),
             ] {
                 if v > 0 {
-                    let old = meta.get(name).map_err(se)?.map(|x| x.value()).unwrap_or(0);
+                    let old = meta_get(&meta, name)?;
                     meta.insert(name, old + v as i64).map_err(se)?;
                 }
             }
@@ -561,89 +648,19 @@ impl Store {
         Ok(out)
     }
 
-    /// Checks an events batch against the cursor and files its events by
-    /// event hour.
-    fn store_events(
-        &self,
-        batch: &Batch,
-        cursor: u64,
-        audit: &mut redb::Table<(u32, &str, u16, u64), &[u8]>,
-    ) -> std::result::Result<u64, Refusal> {
-        let raw = payload_after(batch, cursor)?;
-        let its = items(&raw, batch.count, batch.after_seq, batch.last_seq)
-            .map_err(|e| Refusal::Bad(e.to_string()))?;
-        let mut by_hour: BTreeMap<u32, (Vec<u8>, u32)> = BTreeMap::new();
-        let mut n = 0;
-        for it in its.iter().filter(|i| i.seq > cursor) {
-            if it.ty != RecordType::Event as u8 {
-                return Err(Refusal::Bad(format!(
-                    "item {} is not an event record",
-                    it.seq
-                )));
-            }
-            let e = EventRef::decode(it.bytes)
-                .map_err(|e| Refusal::Bad(format!("event {}: {e}", it.seq)))?;
-            if let Some(why) = self.settings.misrouted(e.advertiser_id) {
-                return Err(Refusal::Bad(why));
-            }
-            let hour = (e.event_ms.max(0) / 3_600_000) as u32;
-            let slot = by_hour.entry(hour).or_default();
-            wire::batch::push_item(&mut slot.0, it.seq, it.ty, it.bytes);
-            slot.1 += 1;
-            n += 1;
-        }
-        if by_hour.len() == 1 && n == batch.count as u64 {
-            // The common case: the whole batch is one hour's. Keep it as it
-            // came (already checked and compressed).
-            let hour = *by_hour.keys().next().unwrap();
-            audit
-                .insert(
-                    (
-                        hour,
-                        batch.gateway_id.as_str(),
-                        batch.shard,
-                        batch.after_seq,
-                    ),
-                    batch.encode().as_slice(),
-                )
-                .map_err(|e| Refusal::Store(e.to_string()))?;
-            return Ok(n);
-        }
-        for (hour, (raw, count)) in by_hour {
-            let b = Batch::seal(
-                BatchKind::Events,
-                &batch.gateway_id,
-                batch.shard,
-                batch.after_seq.max(cursor),
-                batch.last_seq,
-                count,
-                &raw,
-                3,
-            )
-            .map_err(|e| Refusal::Bad(e.to_string()))?;
-            audit
-                .insert(
-                    (
-                        hour,
-                        batch.gateway_id.as_str(),
-                        batch.shard,
-                        batch.after_seq.max(cursor),
-                    ),
-                    b.encode().as_slice(),
-                )
-                .map_err(|e| Refusal::Store(e.to_string()))?;
-        }
-        Ok(n)
-    }
-
-    /// Sums one advertiser's rows into buckets.
+    /// Sums one advertiser's rows into buckets, each with its state.
     pub fn query(&self, q: &Query, now_ms: i64) -> Result<Series> {
-        let wm = self.watermark(now_ms)?;
         let db = self.db()?;
         let tx = db.begin_read().map_err(se)?;
+        let wm = {
+            let s = tx.open_table(SOURCES).map_err(se)?;
+            let m = tx.open_table(META).map_err(se)?;
+            self.watermark_in(&s, &m, now_ms)?
+        };
         let t = tx.open_table(ROWS).map_err(se)?;
         let m0 = (q.start_s.max(0) / 60) as u32;
         let m1 = (q.end_s.max(0) as u64).div_ceil(60).min(u32::MAX as u64) as u32;
+        let states = MinuteStates::read(&tx, m0, m1)?;
         let lo = prefix(&q.advertiser_id, m0);
         let hi = prefix(&q.advertiser_id, m1);
         let mut out = Series::new();
@@ -662,23 +679,33 @@ impl Store {
             let row = Row::decode(v.value());
             let t_s = key.minute as i64 * 60;
             let bucket = t_s - t_s.rem_euclid(q.bucket_s);
-            let e = out
-                .entry((bucket, key.ad_id))
-                .or_insert((Counts::default(), true, 0));
+            let e = out.entry((bucket, key.ad_id)).or_insert((
+                Counts::default(),
+                PointState::Reconciled,
+                0,
+            ));
             e.0.merge(&row.counts);
-            e.1 &= self.is_final(key.minute, wm);
             e.2 = e.2.max(row.version);
         }
-        // A bucket is final only if its last minute is: a bucket with rows in
-        // early minutes only may still get rows in later ones.
+        // A bucket is final only if its last minute is (a bucket with rows
+        // in early minutes only may still get rows in later ones), and
+        // reconciled only if every minute in it is.
         for ((bucket, _), v) in out.iter_mut() {
-            let last_minute = ((bucket + q.bucket_s) / 60 - 1) as u32;
-            v.1 &= self.is_final(last_minute, wm);
+            let first = (*bucket / 60) as u32;
+            let last = ((bucket + q.bucket_s) / 60 - 1) as u32;
+            v.1 = if !self.is_final(last, wm) {
+                PointState::Provisional
+            } else if states.reconciled(first, last) {
+                PointState::Reconciled
+            } else {
+                PointState::Final
+            };
         }
         Ok(out)
     }
 
-    /// Every row in `[m0, m1)` minutes, all advertisers (for reconcile).
+    /// Every row in `[m0, m1)` minutes, all advertisers (a full scan: for
+    /// tests and offline tools).
     pub fn rows_in(&self, m0: u32, m1: u32) -> Result<BTreeMap<RowKey, Row>> {
         let db = self.db()?;
         let tx = db.begin_read().map_err(se)?;
@@ -714,64 +741,321 @@ impl Store {
         let db = self.db()?;
         let tx = db.begin_read().map_err(se)?;
         let t = tx.open_table(META).map_err(se)?;
-        Ok(t.get(name).map_err(se)?.map(|v| v.value()).unwrap_or(0))
+        meta_get(&t, name)
     }
 
-    /// Visits every audited event whose event hour is in `[h0, h1)`.
+    /// Visits every audited event whose event minute is in `[m0, m1)`, with
+    /// its gateway, shard and seq.
     pub fn audit_events(
         &self,
-        h0: u32,
-        h1: u32,
-        mut f: impl FnMut(&str, &EventRef<'_>),
-    ) -> Result<()> {
+        m0: u32,
+        m1: u32,
+        mut f: impl FnMut(&str, u16, u64, &EventRef<'_>),
+    ) -> std::result::Result<(), ReadError> {
         let db = self.db()?;
         let tx = db.begin_read().map_err(se)?;
         let t = tx.open_table(AUDIT).map_err(se)?;
-        for r in t
-            .range((h0, "", 0u16, 0u64)..(h1, "", 0u16, 0u64))
-            .map_err(se)?
-        {
-            let (k, v) = r.map_err(se)?;
-            let (_, gw, _, _) = k.value();
-            let b = Batch::decode(v.value(), usize::MAX).map_err(se)?;
-            let raw = b.decompress().map_err(se)?;
-            for it in items(&raw, b.count, b.after_seq, b.last_seq).map_err(se)? {
-                let e = EventRef::decode(it.bytes).map_err(se)?;
-                f(gw, &e);
-            }
-        }
+        visit_audit(&t, m0, m1, &mut f)?;
         Ok(())
     }
 
-    /// Replaces rows with recounted ones, each a new version.
+    /// Replaces rows with recounted ones, each a new version (what a
+    /// reconcile writes, without its bookkeeping).
     pub fn write_corrections(&self, fixes: &[(RowKey, Counts)]) -> Result<()> {
+        self.commit_reconcile(&ReconCommit {
+            fixes,
+            ..ReconCommit::default()
+        })
+        .map(|_| ())
+    }
+
+    /// Flips a byte of every audit entry of `gateway` in `minute`.
+    #[cfg(test)]
+    pub(crate) fn damage_audit_for_test(&self, minute: u32, gateway: &str) {
+        let db = self.db().unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            let mut t = tx.open_table(AUDIT).unwrap();
+            let keys: Vec<(u32, String, u16, u64)> = t
+                .range((minute, "", 0u16, 0u64)..(minute + 1, "", 0u16, 0u64))
+                .unwrap()
+                .map(|r| {
+                    let (k, _) = r.unwrap();
+                    let (m, g, s, a) = k.value();
+                    (m, g.to_owned(), s, a)
+                })
+                .filter(|k| k.1 == gateway)
+                .collect();
+            for (m, g, s, a) in keys {
+                let mut v = t
+                    .get((m, g.as_str(), s, a))
+                    .unwrap()
+                    .unwrap()
+                    .value()
+                    .to_vec();
+                let n = v.len();
+                v[n - 1] ^= 0x55;
+                t.insert((m, g.as_str(), s, a), v.as_slice()).unwrap();
+            }
+        }
+        tx.commit().unwrap();
+    }
+
+    // ---- reconciliation ----
+
+    /// Sources, watermark, transaction sequence and frontier in one snapshot.
+    pub fn reconcile_view(&self, now_ms: i64) -> Result<ReconView> {
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(se)?;
+        let s = tx.open_table(SOURCES).map_err(se)?;
+        let m = tx.open_table(META).map_err(se)?;
+        Ok(ReconView {
+            sources: read_sources(&tx)?,
+            watermark_ms: self.watermark_in(&s, &m, now_ms)?,
+            txn_seq: meta_get(&m, "txn_seq")? as u64,
+            frontier: meta_get(&m, "reconciled_through")? as u32,
+        })
+    }
+
+    /// The first minute at or after `from` with rows or raw events.
+    pub fn next_data_minute(&self, from: u32) -> Result<Option<u32>> {
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(se)?;
+        let a = tx.open_table(AUDIT).map_err(se)?;
+        let r = tx.open_table(MINUTE_ROWS).map_err(se)?;
+        let first_audit = a
+            .range((from, "", 0u16, 0u64)..)
+            .map_err(se)?
+            .next()
+            .transpose()
+            .map_err(se)?
+            .map(|(k, _)| k.value().0);
+        let empty: &[u8] = &[];
+        let first_row = r
+            .range((from, empty)..)
+            .map_err(se)?
+            .next()
+            .transpose()
+            .map_err(se)?
+            .map(|(k, _)| k.value().0);
+        Ok(match (first_audit, first_row) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        })
+    }
+
+    /// Up to `max` dirty minutes, oldest first, with the sequence number of
+    /// the change that dirtied each.
+    pub fn dirty_minutes(&self, max: usize) -> Result<Vec<(u32, u64)>> {
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(se)?;
+        let t = tx.open_table(DIRTY).map_err(se)?;
+        let mut out = Vec::new();
+        for r in t.iter().map_err(se)?.take(max) {
+            let (k, v) = r.map_err(se)?;
+            out.push((k.value(), v.value()));
+        }
+        Ok(out)
+    }
+
+    pub fn dirty_count(&self) -> Result<u64> {
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(se)?;
+        tx.open_table(DIRTY).map_err(se)?.len().map_err(se)
+    }
+
+    /// Reads minute `m` for a recount: its stamp, its rows, its last
+    /// reconcile, and every raw event of it through `f` (gateway, shard,
+    /// seq, event), all from one snapshot.
+    pub fn read_minute(
+        &self,
+        m: u32,
+        mut f: impl FnMut(&str, u16, u64, &EventRef<'_>),
+    ) -> std::result::Result<MinuteRead, ReadError> {
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(se)?;
+        let rev = tx
+            .open_table(MINUTE_REV)
+            .map_err(se)?
+            .get(m)
+            .map_err(se)?
+            .map_or(0, |v| v.value());
+        let mark = tx
+            .open_table(RECONCILED)
+            .map_err(se)?
+            .get(m)
+            .map_err(se)?
+            .and_then(|v| ReconMark::decode(v.value()));
+        let idx = tx.open_table(MINUTE_ROWS).map_err(se)?;
+        let rows_t = tx.open_table(ROWS).map_err(se)?;
+        let mut rows = Vec::new();
+        let empty: &[u8] = &[];
+        for r in idx.range((m, empty)..(m + 1, empty)).map_err(se)? {
+            let (k, _) = r.map_err(se)?;
+            let (_, kb) = k.value();
+            if let (Some(key), Some(v)) = (decode_key(kb), rows_t.get(kb).map_err(se)?) {
+                rows.push((key, Row::decode(v.value())));
+            }
+        }
+        let audit = tx.open_table(AUDIT).map_err(se)?;
+        let audit_entries = visit_audit(&audit, m, m + 1, &mut f)?;
+        Ok(MinuteRead {
+            rev,
+            rows,
+            mark,
+            audit_entries,
+        })
+    }
+
+    /// Writes a reconcile's outcome in one transaction; answers how long
+    /// the transaction held the store's one writer (from the moment it got
+    /// it to its commit), or `None` when the minute changed since it was
+    /// read and nothing was written.
+    pub fn commit_reconcile(&self, c: &ReconCommit<'_>) -> Result<Option<std::time::Duration>> {
         let db = self.db()?;
         let tx = db.begin_write().map_err(se)?;
+        let held = std::time::Instant::now();
         {
-            let mut t = tx.open_table(ROWS).map_err(se)?;
+            let rev_t = tx.open_table(MINUTE_REV).map_err(se)?;
+            if let (Some(m), Some(rev)) = (c.minute, c.rev) {
+                let now_rev = rev_t.get(m).map_err(se)?.map_or(0, |v| v.value());
+                if now_rev != rev {
+                    drop(rev_t);
+                    tx.abort().map_err(se)?;
+                    return Ok(None);
+                }
+            }
+            let mut rows = tx.open_table(ROWS).map_err(se)?;
+            let mut minute_rows = tx.open_table(MINUTE_ROWS).map_err(se)?;
             let mut meta = tx.open_table(META).map_err(se)?;
             let mut export = tx.open_table(EXPORT).map_err(se)?;
-            let revision = meta.get("revision").map_err(se)?.map_or(0, |v| v.value()) + 1;
-            if self.settings.export && !fixes.is_empty() {
+            let mut dirty = tx.open_table(DIRTY).map_err(se)?;
+            let mut marks = tx.open_table(RECONCILED).map_err(se)?;
+            let mut failed = tx.open_table(RECON_FAILED).map_err(se)?;
+            let revision = meta_get(&meta, "revision")? + 1;
+            if self.settings.export && !c.fixes.is_empty() {
                 meta.insert("revision", revision).map_err(se)?;
             }
-            for (k, c) in fixes {
+            for (k, counts) in c.fixes {
                 let kb = encode_key(k);
-                let old = t
+                let old = rows
                     .get(kb.as_slice())
                     .map_err(se)?
                     .map(|v| Row::decode(v.value()));
-                let r = Row {
-                    counts: *c,
-                    version: old.map_or(0, |o| o.version) + 1,
-                };
-                t.insert(kb.as_slice(), r.encode().as_slice()).map_err(se)?;
+                let r = merge::corrected(old, *counts);
+                rows.insert(kb.as_slice(), r.encode().as_slice())
+                    .map_err(se)?;
+                if old.is_none() {
+                    minute_rows
+                        .insert((k.minute, kb.as_slice()), ())
+                        .map_err(se)?;
+                }
                 if self.settings.export {
                     export.insert(kb.as_slice(), revision as u64).map_err(se)?;
                 }
             }
+            if !c.fixes.is_empty() {
+                let n = meta_get(&meta, "reconcile_corrections")?;
+                meta.insert("reconcile_corrections", n + c.fixes.len() as i64)
+                    .map_err(se)?;
+            }
+            if let Some(m) = c.minute {
+                if let Some(mark) = &c.mark {
+                    marks.insert(m, mark.encode().as_slice()).map_err(se)?;
+                    failed.remove(m).map_err(se)?;
+                    dirty.remove(m).map_err(se)?;
+                }
+                if let Some(why) = c.failed {
+                    failed.insert(m, why).map_err(se)?;
+                    dirty.remove(m).map_err(se)?;
+                }
+            }
+            let frontier = meta_get(&meta, "reconciled_through")? as u32;
+            if let Some(to) = c.frontier_to.filter(|&to| to > frontier) {
+                meta.insert("reconciled_through", to as i64).map_err(se)?;
+            }
+            let frontier = frontier.max(c.frontier_to.unwrap_or(0));
+            for &m in c.dirty_more {
+                if m < frontier && marks.get(m).map_err(se)?.is_some() {
+                    let at = dirty.get(m).map_err(se)?.map_or(0, |v| v.value());
+                    dirty.insert(m, at).map_err(se)?;
+                }
+            }
+            for &m in c.undirty {
+                dirty.remove(m).map_err(se)?;
+            }
+            if let Some((id, json)) = c.job {
+                tx.open_table(JOBS)
+                    .map_err(se)?
+                    .insert(id, json)
+                    .map_err(se)?;
+            }
         }
-        tx.commit().map_err(se)
+        tx.commit().map_err(se)?;
+        Ok(Some(held.elapsed()))
+    }
+
+    /// The last reconcile of each minute in `[m0, m1)` that has one.
+    pub fn reconciled_minutes(&self, m0: u32, m1: u32) -> Result<Vec<(u32, ReconMark)>> {
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(se)?;
+        let t = tx.open_table(RECONCILED).map_err(se)?;
+        let mut out = Vec::new();
+        for r in t.range(m0..m1).map_err(se)? {
+            let (k, v) = r.map_err(se)?;
+            if let Some(mark) = ReconMark::decode(v.value()) {
+                out.push((k.value(), mark));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Minutes in `[m0, m1)` that could not be reconciled, with why.
+    pub fn failed_minutes(&self, m0: u32, m1: u32) -> Result<Vec<(u32, String)>> {
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(se)?;
+        let t = tx.open_table(RECON_FAILED).map_err(se)?;
+        let mut out = Vec::new();
+        for r in t.range(m0..m1).map_err(se)? {
+            let (k, v) = r.map_err(se)?;
+            out.push((k.value(), v.value().to_owned()));
+        }
+        Ok(out)
+    }
+
+    /// Every reconcile job, by id.
+    pub fn jobs(&self) -> Result<Vec<(u64, String)>> {
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(se)?;
+        let t = tx.open_table(JOBS).map_err(se)?;
+        let mut out = Vec::new();
+        for r in t.iter().map_err(se)? {
+            let (k, v) = r.map_err(se)?;
+            out.push((k.value(), v.value().to_owned()));
+        }
+        Ok(out)
+    }
+
+    /// Stores a new job under the next id; forgets the oldest beyond
+    /// `keep` (finished ones first are the caller's choice: it passes
+    /// which may go).
+    pub fn job_create(&self, json_of: impl FnOnce(u64) -> String, forget: &[u64]) -> Result<u64> {
+        let db = self.db()?;
+        let tx = db.begin_write().map_err(se)?;
+        let id = {
+            let mut meta = tx.open_table(META).map_err(se)?;
+            let id = meta_get(&meta, "job_seq")? + 1;
+            meta.insert("job_seq", id).map_err(se)?;
+            let mut jobs = tx.open_table(JOBS).map_err(se)?;
+            jobs.insert(id as u64, json_of(id as u64).as_str())
+                .map_err(se)?;
+            for &f in forget {
+                jobs.remove(f).map_err(se)?;
+            }
+            id as u64
+        };
+        tx.commit().map_err(se)?;
+        Ok(id)
     }
 
     /// Up to `max` changed rows not yet in ClickHouse, in key order, as they
@@ -830,6 +1114,108 @@ impl Store {
     }
 }
 
+fn meta_get(t: &impl ReadableTable<&'static str, i64>, name: &str) -> Result<i64> {
+    Ok(t.get(name).map_err(se)?.map_or(0, |v| v.value()))
+}
+
+fn read_sources(tx: &redb::ReadTransaction) -> Result<Vec<SourceInfo>> {
+    let c = tx.open_table(CURSORS).map_err(se)?;
+    let s = tx.open_table(SOURCES).map_err(se)?;
+    let mut out = Vec::new();
+    for r in c.iter().map_err(se)? {
+        let (k, v) = r.map_err(se)?;
+        let (g, sh) = k.value();
+        let (wm, heard) = s
+            .get((g, sh))
+            .map_err(se)?
+            .map(|x| x.value())
+            .unwrap_or((0, 0));
+        out.push(SourceInfo {
+            gateway: g.to_owned(),
+            shard: sh,
+            cursors: v.value(),
+            watermark_ms: wm,
+            heard_ms: heard,
+        });
+    }
+    Ok(out)
+}
+
+/// Visits the audited events of minutes `[m0, m1)`; returns how many audit
+/// entries it read. A corrupt entry is named in the error.
+fn visit_audit(
+    t: &impl ReadableTable<(u32, &'static str, u16, u64), &'static [u8]>,
+    m0: u32,
+    m1: u32,
+    f: &mut impl FnMut(&str, u16, u64, &EventRef<'_>),
+) -> std::result::Result<u64, ReadError> {
+    let mut n = 0;
+    for r in t
+        .range((m0, "", 0u16, 0u64)..(m1, "", 0u16, 0u64))
+        .map_err(se)?
+    {
+        let (k, v) = r.map_err(se)?;
+        let (minute, gw, shard, after_seq) = k.value();
+        let corrupt = |why: String| ReadError::Corrupt {
+            minute,
+            gateway: gw.to_owned(),
+            shard,
+            after_seq,
+            why,
+        };
+        let b = Batch::decode(v.value(), usize::MAX).map_err(|e| corrupt(e.to_string()))?;
+        let raw = b.decompress().map_err(|e| corrupt(e.to_string()))?;
+        let its =
+            items(&raw, b.count, b.after_seq, b.last_seq).map_err(|e| corrupt(e.to_string()))?;
+        for it in its {
+            let e = EventRef::decode(it.bytes)
+                .map_err(|e| corrupt(format!("event {}: {e}", it.seq)))?;
+            f(gw, shard, it.seq, &e);
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Which minutes of a query's range are reconciled.
+struct MinuteStates {
+    frontier: u32,
+    /// Dirty or failed minutes in the range.
+    not_reconciled: BTreeSet<u32>,
+}
+
+impl MinuteStates {
+    fn read(tx: &redb::ReadTransaction, m0: u32, m1: u32) -> Result<MinuteStates> {
+        let meta = tx.open_table(META).map_err(se)?;
+        let mut not_reconciled = BTreeSet::new();
+        for r in tx
+            .open_table(DIRTY)
+            .map_err(se)?
+            .range(m0..m1)
+            .map_err(se)?
+        {
+            not_reconciled.insert(r.map_err(se)?.0.value());
+        }
+        for r in tx
+            .open_table(RECON_FAILED)
+            .map_err(se)?
+            .range(m0..m1)
+            .map_err(se)?
+        {
+            not_reconciled.insert(r.map_err(se)?.0.value());
+        }
+        Ok(MinuteStates {
+            frontier: meta_get(&meta, "reconciled_through")? as u32,
+            not_reconciled,
+        })
+    }
+
+    /// Every minute of `[first, last]` is reconciled.
+    fn reconciled(&self, first: u32, last: u32) -> bool {
+        last < self.frontier && self.not_reconciled.range(first..=last).next().is_none()
+    }
+}
+
 /// A row changed since it was last written to ClickHouse.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportRow {
@@ -849,102 +1235,12 @@ impl ExportRow {
     }
 }
 
-/// Why a batch is not applied.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Refusal {
-    Duplicate,
-    Gap,
-    Bad(String),
-    Store(String),
-}
-
-impl Refusal {
-    fn with(self, c: (u64, u64)) -> Ack {
-        match self {
-            Refusal::Duplicate => answer(Status::Duplicate, c),
-            Refusal::Gap => answer(Status::Gap, c),
-            Refusal::Bad(r) => refuse(r, c),
-            Refusal::Store(r) => {
-                let mut a = answer(Status::Retry, c);
-                a.reason = r;
-                a
-            }
-        }
-    }
-}
-
-/// The rows a partials batch adds, and the cursor and watermark after it.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Plan {
-    pub rows: Vec<(RowKey, Counts)>,
-    pub cursor: u64,
-    pub watermark_ms: i64,
-}
-
-/// The decompressed payload of a batch that ends after `cursor` and starts at
-/// or before it; otherwise the batch is a duplicate or a gap.
-fn payload_after(batch: &Batch, cursor: u64) -> std::result::Result<Vec<u8>, Refusal> {
-    if batch.last_seq <= cursor {
-        return Err(Refusal::Duplicate);
-    }
-    if batch.after_seq > cursor {
-        return Err(Refusal::Gap);
-    }
-    batch.decompress().map_err(|e| Refusal::Bad(e.to_string()))
-}
-
-/// Checks a partials batch against the cursor (the seq of the last partial
-/// applied): what is at or before it is skipped, the first new partial must
-/// start exactly at it, and each must start where the previous ended.
-pub fn plan_partials(batch: &Batch, cursor: u64) -> std::result::Result<Plan, Refusal> {
-    let raw = payload_after(batch, cursor)?;
-    let its = items(&raw, batch.count, batch.after_seq, batch.last_seq)
-        .map_err(|e| Refusal::Bad(e.to_string()))?;
-    let mut plan = Plan {
-        rows: Vec::new(),
-        cursor,
-        watermark_ms: 0,
-    };
-    let mut prev = batch.after_seq;
-    for it in &its {
-        if it.ty != RecordType::Partial as u8 {
-            return Err(Refusal::Bad(format!(
-                "item {} is not a partial record",
-                it.seq
-            )));
-        }
-        let p = PartialRecord::decode(it.bytes)
-            .map_err(|e| Refusal::Bad(format!("partial {}: {e}", it.seq)))?;
-        if p.from_seq != prev || p.to_seq + 1 != it.seq {
-            return Err(Refusal::Bad(format!(
-                "partial {} covers ({}, {}], which does not continue from {prev}",
-                it.seq, p.from_seq, p.to_seq
-            )));
-        }
-        prev = it.seq;
-        if it.seq <= cursor {
-            continue;
-        }
-        if p.from_seq != plan.cursor {
-            return Err(Refusal::Gap);
-        }
-        plan.cursor = it.seq;
-        plan.watermark_ms = plan.watermark_ms.max(p.watermark_ms);
-        plan.rows.extend(p.rows);
-    }
-    if plan.cursor != batch.last_seq {
-        return Err(Refusal::Bad(
-            "the last partial does not end the batch range".into(),
-        ));
-    }
-    Ok(plan)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use wire::batch::push_item;
-    use wire::record::{Device, EventKind, Source, Verdict};
+    use wire::batch::{push_item, BatchKind};
+    use wire::record::{Device, EventKind, PartialRecord, Source, Verdict};
+    use wire::segment::RecordType;
 
     const T0: i64 = 1_795_496_400_000; // 2026-11-24T05:00:00Z
 
@@ -999,20 +1295,22 @@ mod tests {
         .encode()
     }
 
-    fn store() -> (tempfile::TempDir, Store) {
-        let d = tempfile::tempdir().unwrap();
-        let s = Store::open(
-            &d.path().join("s.redb"),
-            Settings {
+    fn settings() -> Settings {
+        Settings {
+            rules: Rules {
                 lateness_ms: 120_000,
                 horizon_ms: 3_600_000,
                 source_timeout_ms: 60_000,
                 raw_max: 1 << 20,
-                export: true,
                 cluster: None,
             },
-        )
-        .unwrap();
+            export: true,
+        }
+    }
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(&d.path().join("s.redb"), settings()).unwrap();
         (d, s)
     }
 
@@ -1145,6 +1443,21 @@ mod tests {
     }
 
     #[test]
+    fn a_store_of_the_old_layout_is_refused_by_name() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("old.redb");
+        {
+            let db = Database::create(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            let old: TableDefinition<(u32, &str, u16, u64), &[u8]> = TableDefinition::new("audit");
+            tx.open_table(old).unwrap();
+            tx.commit().unwrap();
+        }
+        let e = Store::open(&path, Settings::default()).err().unwrap();
+        assert!(e.to_string().contains("store layout 1"), "{e}");
+    }
+
+    #[test]
     fn each_partial_applies_once_and_gaps_are_refused() {
         let (_d, s) = store();
         let m = (T0 / 60_000) as u32;
@@ -1273,8 +1586,8 @@ mod tests {
                 .copied()
                 .unwrap()
         };
-        assert_eq!(at(fin), (clicks(3), true, 1));
-        assert_eq!(at(open), (clicks(1), false, 0));
+        assert_eq!(at(fin), (clicks(3), PointState::Final, 1));
+        assert_eq!(at(open), (clicks(1), PointState::Provisional, 0));
         // Nothing dropped: the late row is counted and kept.
         let late = s.late_rows().unwrap();
         assert_eq!(late.len(), 1);
@@ -1325,7 +1638,7 @@ mod tests {
         assert!(s.query(&q, T0).unwrap().is_empty());
     }
 
-    fn event_frame(gw: &str, after: u64, evs: &[(u64, &str, i64)]) -> Vec<u8> {
+    pub(crate) fn event_frame(gw: &str, after: u64, evs: &[(u64, &str, i64)]) -> Vec<u8> {
         let mut raw = Vec::new();
         for (seq, id, ms) in evs {
             let e = EventRef {
@@ -1367,10 +1680,9 @@ mod tests {
     }
 
     #[test]
-    fn raw_events_are_kept_once_and_reconcile_dedups_across_pops() {
+    fn raw_events_are_kept_once_by_minute_and_stamp_their_minute() {
         let (_d, s) = store();
         let m = (T0 / 60_000) as u32;
-        // gw and gw2 (two PoPs) both accepted click "dup".
         let e1 = event_frame("gw", 0, &[(1, "c1", T0), (2, "dup", T0 + 1000)]);
         let e2 = event_frame(
             "gw2",
@@ -1381,48 +1693,97 @@ mod tests {
         let a = apply(&s, &e1, T0);
         assert_eq!((a.status, a.events_cursor), (Status::Duplicate, 3));
         assert_eq!(apply(&s, &e2, T0).status, Status::Applied);
-        // The real-time rows, as the two gateways' partials reported them.
-        apply(
-            &s,
-            &partials("gw", 0, &[(3, 0, T0, vec![(key("a", "x", m), clicks(2))])]),
-            T0,
-        );
-        apply(
-            &s,
-            &partials("gw2", 0, &[(3, 0, T0, vec![(key("a", "x", m), clicks(1))])]),
-            T0,
-        );
-        let r = crate::reconcile::reconcile(&s, m, m + 1, false).unwrap();
-        assert_eq!(r.events_read, 3);
-        assert_eq!(r.diffs.len(), 1);
-        assert_eq!(r.diffs[0].realtime.clicks, 3);
-        assert_eq!(r.diffs[0].recount.clicks, 2);
-        assert_eq!(r.diffs[0].recount.duplicates, 1);
-        // Written back as a new version; a second pass finds nothing.
-        crate::reconcile::reconcile(&s, m, m + 1, true).unwrap();
-        assert!(crate::reconcile::reconcile(&s, m, m + 1, false)
-            .unwrap()
-            .diffs
-            .is_empty());
-        assert_eq!(s.rows_in(m, m + 1).unwrap()[&key("a", "x", m)].version, 1);
-        // The event an hour earlier was filed under its own hour.
+        let mut seen = Vec::new();
+        s.audit_events(m, m + 1, |gw, _, seq, e| {
+            seen.push((gw.to_owned(), seq, e.click_id.to_owned()))
+        })
+        .unwrap();
+        seen.sort();
+        assert_eq!(seen.len(), 3);
+        // The event an hour earlier was filed under its own minute.
         let mut n = 0;
-        s.audit_events(m / 60 - 1, m / 60, |_, _| n += 1).unwrap();
+        s.audit_events(m - 60, m - 59, |_, _, _, _| n += 1).unwrap();
         assert_eq!(n, 1);
+        assert_eq!(s.next_data_minute(0).unwrap(), Some(m - 60));
+        assert_eq!(s.next_data_minute(m - 59).unwrap(), Some(m));
+        assert_eq!(s.next_data_minute(m + 1).unwrap(), None);
+        // Each event transaction stamped the minutes it touched.
+        let read = s.read_minute(m, |_, _, _, _| {}).unwrap();
+        assert_eq!(read.audit_entries, 2);
+        assert_eq!(read.rev, s.reconcile_view(T0).unwrap().txn_seq);
     }
 
     #[test]
-    fn plan_checks_each_partial_continues_the_last() {
-        let b = Batch::decode(
-            &partials("gw", 0, &[(3, 1, 0, vec![]), (7, 3, 0, vec![])]),
-            1 << 20,
-        )
-        .unwrap();
-        assert_eq!(plan_partials(&b, 0), Err(Refusal::Gap));
-        assert_eq!(plan_partials(&b, 1).unwrap().cursor, 7);
-        assert_eq!(plan_partials(&b, 3).unwrap().cursor, 7);
-        assert_eq!(plan_partials(&b, 7), Err(Refusal::Duplicate));
-        // A cursor inside a partial's range (not a partial seq) is a gap.
-        assert_eq!(plan_partials(&b, 2), Err(Refusal::Gap));
+    fn a_reconcile_commit_is_refused_when_the_minute_moved_and_changes_dirty_it() {
+        let (_d, s) = store();
+        let m = (T0 / 60_000) as u32 - 10;
+        let p1 = partials("gw", 0, &[(2, 0, T0, vec![(key("a", "x", m), clicks(2))])]);
+        apply(&s, &p1, T0);
+        let read = s.read_minute(m, |_, _, _, _| {}).unwrap();
+        assert_eq!(read.rows.len(), 1);
+        // A change lands between the read and the commit: refused.
+        let p2 = partials("gw", 0, &[(4, 2, T0, vec![(key("a", "x", m), clicks(1))])]);
+        apply(&s, &p2, T0);
+        let mark = ReconMark {
+            rev: read.rev,
+            at_ms: T0,
+            events: 0,
+            rows_corrected: 1,
+            skipped_sources: 0,
+            digest: IdDigest::default(),
+        };
+        let fixes = [(key("a", "x", m), clicks(1))];
+        let commit = |rev| ReconCommit {
+            minute: Some(m),
+            rev: Some(rev),
+            fixes: &fixes,
+            mark: Some(ReconMark { rev, ..mark }),
+            frontier_to: Some(m + 1),
+            ..ReconCommit::default()
+        };
+        assert!(s.commit_reconcile(&commit(read.rev)).unwrap().is_none());
+        assert_eq!(total(&s, "a").clicks, 3, "nothing written");
+        let read = s.read_minute(m, |_, _, _, _| {}).unwrap();
+        assert!(s.commit_reconcile(&commit(read.rev)).unwrap().is_some());
+        assert_eq!(total(&s, "a").clicks, 1);
+        assert_eq!(s.rows_in(m, m + 1).unwrap()[&key("a", "x", m)].version, 2);
+        let q = Query {
+            advertiser_id: "a".into(),
+            start_s: m as i64 * 60,
+            end_s: (m as i64 + 1) * 60,
+            bucket_s: 60,
+            campaign_id: None,
+            ad_id: None,
+        };
+        assert_eq!(
+            s.query(&q, T0).unwrap().values().next().unwrap().1,
+            PointState::Reconciled
+        );
+        // A later partial for the reconciled minute dirties it: final again.
+        let p3 = partials("gw", 0, &[(6, 4, T0, vec![(key("a", "x", m), clicks(1))])]);
+        apply(&s, &p3, T0);
+        assert_eq!(s.dirty_minutes(10).unwrap().len(), 1);
+        assert_eq!(
+            s.query(&q, T0).unwrap().values().next().unwrap().1,
+            PointState::Final
+        );
+        // A failed minute is named and not reconciled.
+        assert!(s
+            .commit_reconcile(&ReconCommit {
+                minute: Some(m),
+                failed: Some("corrupt audit entry"),
+                ..ReconCommit::default()
+            })
+            .unwrap()
+            .is_some());
+        assert_eq!(s.dirty_count().unwrap(), 0);
+        assert_eq!(
+            s.failed_minutes(m, m + 1).unwrap()[0].1,
+            "corrupt audit entry"
+        );
+        assert_eq!(
+            s.query(&q, T0).unwrap().values().next().unwrap().1,
+            PointState::Final
+        );
     }
 }

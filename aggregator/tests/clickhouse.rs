@@ -213,7 +213,7 @@ fn rows_land_once_through_resends_and_corrections_and_queries_agree() {
         }
 
         // The same question, answered by the store and by ClickHouse.
-        c.write_watermark(store.watermark(now).unwrap(), store.settings.lateness_ms)
+        c.write_watermark(store.watermark(now).unwrap(), store.rules().lateness_ms)
             .await
             .unwrap();
         for bucket_s in [60, 3600] {
