@@ -690,6 +690,7 @@ impl Reconciler {
             fixes.chunks(self.cfg.rows_per_txn_max).collect()
         };
         let n = chunks.len();
+        wire::failpoint::hit("aggregator_reconcile_before_commit");
         for (i, chunk) in chunks.into_iter().enumerate() {
             let last = i + 1 == n;
             let c = ReconCommit {
@@ -709,6 +710,11 @@ impl Reconciler {
             match self.store.commit_reconcile(&c)? {
                 Some(held) => self.stats.write_held.observe(held.as_micros() as u64),
                 None => return Ok(MinuteOutcome::NotYet { minute: m }),
+            }
+            if !last {
+                // Some corrections written, the minute not yet marked: a
+                // crash here recounts it after the restart.
+                wire::failpoint::hit("aggregator_reconcile_chunk_committed");
             }
         }
         // The windows learn this minute's clicks.

@@ -119,7 +119,7 @@ fn open_db(path: &Path) -> Result<Database> {
                 return Err(StoreError::Redb(format!(
                 "{}: store layout 1 (raw events by hour), this aggregator reads layout {SCHEMA}: \
                      reconcile it with the release that wrote it, then start on a new store \
-                     (docs/RUNBOOK.md, \"Upgrading the store\")",
+                     (deploy/RUNBOOK.md, \"Upgrading the store\")",
                 path.display()
             )))
             }

@@ -255,3 +255,124 @@ fn query_api_authorizes_per_advertiser_and_explains_bad_requests() {
     );
     assert_eq!(get(&agg.http, "/healthz", None).0, 200);
 }
+
+/// POST `body` with an optional bearer token: (status, body).
+fn post(addr: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut b = String::new();
+    s.read_to_string(&mut b).unwrap();
+    let status = b[9..12].parse().unwrap();
+    let body = b
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_owned();
+    (status, body)
+}
+
+#[test]
+fn reconcile_jobs_are_for_admins_and_bad_ranges_say_why() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    run(&["dev-certs", "--out", "c"], p);
+    run(
+        &[
+            "dev-tokens",
+            "--out",
+            "tokens.toml",
+            "--advertiser",
+            "adv-1",
+        ],
+        p,
+    );
+    let text = std::fs::read_to_string(p.join("tokens.toml")).unwrap();
+    let tokens: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("token = \""))
+        .map(|t| t.trim_end_matches('"'))
+        .collect();
+    let (adv1, operator, admin) = (tokens[0], tokens[1], tokens[2]);
+    let agg = start(p, &p.join("c"), &p.join("tokens.toml"));
+    let path = "/api/v1/admin/reconcile";
+    let range = r#"{"start_time": "2026-11-24T00:00:00Z", "end_time": "2026-11-24T01:00:00Z"}"#;
+    assert_eq!(post(&agg.http, path, None, range).0, 401);
+    // Neither an advertiser's token nor the operator's read-all token.
+    assert_eq!(post(&agg.http, path, Some(adv1), range).0, 403);
+    assert_eq!(post(&agg.http, path, Some(operator), range).0, 403);
+    // An admin token reads no advertiser.
+    let (st, _) = get(
+        &agg.http,
+        "/api/v1/advertisers/analytics?advertiser_id=adv-1&start_time=0&end_time=60",
+        Some(admin),
+    );
+    assert_eq!(st, 403);
+    for (body, want) in [
+        ("not json", "must be JSON"),
+        (
+            r#"{"start_time": "2026-11-24T00:00:00Z"}"#,
+            "end_time is required",
+        ),
+        (
+            r#"{"start_time": "2026-11-24T01:00:00Z", "end_time": "2026-11-24T00:00:00Z"}"#,
+            "end must be after start",
+        ),
+        (
+            r#"{"start_time": "2026-11-01T00:00:00Z", "end_time": "2026-11-24T00:00:00Z"}"#,
+            "job_span_max_ms",
+        ),
+        (r#"{"start_time": "soon", "end_time": 5}"#, "start_time"),
+        (
+            r#"{"start_time": 0, "end_time": 60, "colour": "red"}"#,
+            "unknown field",
+        ),
+    ] {
+        let (st, b) = post(&agg.http, path, Some(admin), body);
+        assert_eq!(st, 400, "{body}: {b}");
+        assert!(b.contains(want), "{body}: {b}");
+    }
+    let (st, b) = post(&agg.http, path, Some(admin), range);
+    assert_eq!(st, 202, "{b}");
+    let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+    let id = v["job_id"].as_u64().unwrap();
+    // An empty store: the job finds 60 empty minutes and is done.
+    let t = Instant::now();
+    let job = loop {
+        let (st, b) = get(&agg.http, &format!("{path}/{id}"), Some(admin));
+        assert_eq!(st, 200, "{b}");
+        let j: serde_json::Value = serde_json::from_str(&b).unwrap();
+        if j["state"] == "done" {
+            break j;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "{j}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(job["minutes_total"], 60);
+    assert_eq!(job["minutes_empty"], 60);
+    assert_eq!(job["start_time"], "2026-11-24T00:00:00Z");
+    assert_eq!(
+        get(&agg.http, &format!("{path}/{}", id + 1), Some(admin)).0,
+        404
+    );
+    assert_eq!(get(&agg.http, &format!("{path}/{id}"), Some(adv1)).0, 403);
+    let (st, b) = get(&agg.http, path, Some(admin));
+    assert_eq!(st, 200);
+    assert!(b.contains("\"jobs\""), "{b}");
+    let (_, m) = get(&agg.http, "/metrics", None);
+    assert!(
+        m.contains("clickgate_aggregator_admin_errors_total 10"),
+        "{m}"
+    );
+    assert!(
+        m.contains("clickgate_aggregator_reconcile_lag_seconds"),
+        "{m}"
+    );
+}

@@ -133,6 +133,10 @@ fn whole_click<'r>(
     let cfg = Config::default();
     let shared = Arc::new(Shared {
         dedup: DedupTable::new(cfg.dedup.entries_max, 15),
+        velocity: gateway::limiter::VelocityTable::new(
+            cfg.traffic.velocity_per_minute_max,
+            cfg.traffic.velocity_entries_max,
+        ),
         registry: Registry::new(1),
         state: AtomicU8::new(READY),
         keys: KeysHandle {
@@ -227,7 +231,7 @@ fn main() {
         black_box(gateway::limiter::device_of(uas[(i % 3) as usize]));
     });
 
-    let mut velocity = gateway::limiter::Velocity::new(30, 200_000);
+    let velocity = gateway::limiter::VelocityTable::new(30, 1 << 20);
     let ad_ids: Vec<String> = (0..100).map(|i| format!("ad-{i}")).collect();
     bench("velocity (100 000 addresses x 100 ads)", n, |i| {
         let addr = client_addr(i);

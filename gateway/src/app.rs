@@ -11,7 +11,7 @@ use wire::record::{Device, EventKind, EventRef, Source, Verdict};
 use crate::config::Config;
 use crate::dedup::{DedupTable, Seen};
 use crate::http::{HttpError, Method, Request, ResponseWriter};
-use crate::limiter::{self, Admit, Pace, RateLimiter, Velocity};
+use crate::limiter::{self, Admit, Pace, RateLimiter, VelocityTable};
 use crate::log::{AppendError, ShardLog};
 use crate::metrics::{Counters, Registry};
 use crate::preagg::PreAgg;
@@ -31,6 +31,8 @@ pub struct KeysHandle {
 /// What all shards of the process share.
 pub struct Shared {
     pub dedup: DedupTable,
+    /// Clicks per (address, ad) per minute, for the whole host.
+    pub velocity: VelocityTable,
     pub registry: Registry,
     pub state: AtomicU8,
     pub keys: KeysHandle,
@@ -125,7 +127,6 @@ pub struct App {
     keys: Arc<KeyRing>,
     keys_version: u64,
     limiter: RateLimiter,
-    velocity: Velocity,
     pub counters: Counters,
     scratch: Vec<u8>,
     /// Set when an fdatasync failed: nothing more is acknowledged.
@@ -164,10 +165,6 @@ impl App {
                 cfg.traffic.rate_per_s,
                 cfg.traffic.rate_burst,
                 cfg.traffic.rate_entries_max,
-            ),
-            velocity: Velocity::new(
-                cfg.traffic.velocity_per_minute_max,
-                cfg.traffic.velocity_entries_max,
             ),
             counters: Counters::default(),
             scratch: vec![0u8; cfg.limits.header_bytes_max.max(cfg.limits.body_bytes_max)],
@@ -392,7 +389,8 @@ impl App {
         }
         // The dedup and velocity slots' misses to memory overlap the MAC. (An
         // id with escapes, unusual, is hashed once decoded instead.)
-        let paced = kind == EventKind::Click && source == Source::Get && self.velocity.enabled();
+        let paced =
+            kind == EventKind::Click && source == Source::Get && self.shared.velocity.enabled();
         let (mut early_fp, mut early_pace) = (None, None);
         let s = match token::split(query).and_then(|split| {
             if let Some(id) = split.plain_click_id() {
@@ -401,8 +399,8 @@ impl App {
                 early_fp = Some(fp);
             }
             if let Some(ad) = split.plain_ad_id().filter(|_| paced) {
-                let key = self.velocity.key(&peer, ad);
-                self.velocity.prefetch(key);
+                let key = self.shared.velocity.key(&peer, ad);
+                self.shared.velocity.prefetch(key);
                 early_pace = Some(key);
             }
             split.verify(&self.keys, policy, now_ms, scratch)
@@ -468,8 +466,8 @@ impl App {
             self.counters.dedup_evictions += 1;
         }
         let too_fast = paced
-            && match self.velocity.check_key(
-                early_pace.unwrap_or_else(|| self.velocity.key(&peer, s.ad_id.as_bytes())),
+            && match self.shared.velocity.check_key(
+                early_pace.unwrap_or_else(|| self.shared.velocity.key(&peer, s.ad_id.as_bytes())),
                 minute,
             ) {
                 Pace::Ok => false,

@@ -208,13 +208,15 @@ pub struct Traffic {
     pub rate_burst: u32,
     /// Addresses the rate limiter tracks per shard. Default 100000.
     pub rate_entries_max: usize,
-    /// Clicks per minute from one address on one ad above which clicks are
-    /// flagged invalid (redirected, logged, not billed). 0 disables. Default 30.
+    /// Clicks per minute from one address on one ad, counted for the whole
+    /// host (every shard), above which clicks are flagged invalid
+    /// (redirected, logged, not billed). At most 65534. 0 disables.
+    /// Default 30.
     pub velocity_per_minute_max: u32,
-    /// (address, ad) pairs tracked per shard per minute. Memory, per shard,
-    /// allocated at start: two 16-byte slots per pair, rounded up to a power
-    /// of two (8 MiB at the default). Beyond it, new pairs pass untracked
-    /// and are counted. Default 200000.
+    /// (address, ad) pairs the host tracks per minute. Memory, for the host,
+    /// allocated at start: two 8-byte slots per pair, rounded up to a power
+    /// of two (16 MiB at the default). Beyond it, new pairs pass untracked
+    /// and are counted. Default 1048576.
     pub velocity_entries_max: usize,
     /// A trusted header carrying the client's ISO country code, set by the
     /// PoP's edge (for example "cf-ipcountry"). Empty: every click is "ZZ".
@@ -384,7 +386,7 @@ impl Default for Traffic {
             rate_burst: 100,
             rate_entries_max: 100_000,
             velocity_per_minute_max: 30,
-            velocity_entries_max: 200_000,
+            velocity_entries_max: 1 << 20,
             country_header: "x-country".into(),
         }
     }
@@ -505,6 +507,12 @@ impl Config {
             return Err("durability.writer_nice: -20 to 19".into());
         }
         let v = self.traffic.velocity_entries_max;
+        if self.traffic.velocity_per_minute_max > crate::limiter::VELOCITY_MAX {
+            return Err(format!(
+                "traffic.velocity_per_minute_max: at most {}",
+                crate::limiter::VELOCITY_MAX
+            ));
+        }
         if self.traffic.velocity_per_minute_max > 0 && !(1..=1 << 26).contains(&v) {
             return Err("traffic.velocity_entries_max: 1 to 67108864".into());
         }

@@ -14,6 +14,7 @@ use wire::segment::RecordType;
 use crate::app::{App, KeysHandle, Shared, DRAINING, READY, STARTING};
 use crate::config::Config;
 use crate::dedup::DedupTable;
+use crate::limiter::VelocityTable;
 use crate::log::{shard_dir, LogConfig, ShardLog};
 use crate::metrics::Registry;
 use crate::preagg::PreAgg;
@@ -101,6 +102,10 @@ pub fn run(cfg: Config, takeover: bool) -> anyhow::Result<()> {
         dedup: DedupTable::new(
             cfg.dedup.entries_max,
             cfg.dedup.horizon_s.div_ceil(60) as u32,
+        ),
+        velocity: VelocityTable::new(
+            cfg.traffic.velocity_per_minute_max,
+            cfg.traffic.velocity_entries_max,
         ),
         registry: Registry::new(cpus.len()),
         state: AtomicU8::new(STARTING),

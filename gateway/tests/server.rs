@@ -705,6 +705,80 @@ fn fast_clickers_are_flagged_invalid_but_still_redirected() {
 }
 
 #[test]
+fn the_velocity_limit_is_for_the_host_whatever_its_cores() {
+    // Two shards; every click on a new connection, so SO_REUSEPORT spreads
+    // one client's clicks over both. Per shard, each would allow three.
+    let g = Gateway::start("cpus = [0, 1]\n[traffic]\nvelocity_per_minute_max = 3\n");
+    let minute = || now_s() / 60;
+    for attempt in 0.. {
+        let m0 = minute();
+        for i in 0..24 {
+            let id = format!("h-{attempt}-{i}");
+            let r = g.get(
+                &Click {
+                    click_id: &id,
+                    ..Click::default()
+                }
+                .target(),
+            );
+            assert_eq!(r.status, 302);
+        }
+        if minute() == m0 || attempt == 3 {
+            break;
+        }
+        // The minute turned during the clicks: another round, all in one.
+    }
+    let ev = g.inspect(true);
+    let shards: std::collections::BTreeSet<&str> = ev
+        .lines()
+        .filter(|l| l.starts_with("event "))
+        .filter_map(|l| l.split(' ').nth(1))
+        .collect();
+    assert_eq!(shards.len(), 2, "clicks reached both shards: {shards:?}");
+    // Per minute of the last round, three accepted for the whole host.
+    let last: Vec<&str> = ev
+        .lines()
+        .filter(|l| l.starts_with("event ") && l.contains("click_id=h-"))
+        .collect();
+    let mut per_minute: std::collections::BTreeMap<(String, String), (u32, u32)> =
+        Default::default();
+    for l in &last {
+        let field = |k: &str| {
+            l.split(' ')
+                .find_map(|kv| kv.strip_prefix(k))
+                .unwrap()
+                .to_string()
+        };
+        let round = field("click_id=h-").split('-').next().unwrap().to_string();
+        let e = per_minute.entry((round, field("minute="))).or_default();
+        if field("verdict=") == "accepted" {
+            e.0 += 1;
+        } else {
+            e.1 += 1;
+        }
+    }
+    for ((round, m), (accepted, invalid)) in &per_minute {
+        assert!(
+            *accepted <= 3,
+            "round {round} minute {m}: {accepted} accepted"
+        );
+        assert!(*accepted + *invalid > 0);
+    }
+    let last_round = per_minute.keys().map(|(r, _)| r.clone()).max().unwrap();
+    let in_last: Vec<_> = per_minute
+        .iter()
+        .filter(|((r, _), _)| *r == last_round)
+        .collect();
+    if in_last.len() == 1 {
+        assert_eq!(
+            in_last[0].1,
+            &(3, 21),
+            "one minute: 3 accepted for the host"
+        );
+    }
+}
+
+#[test]
 fn idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     let g = Gateway::start("[limits]\nidle_timeout_ms = 300\n");
     let mut s = g.connect();

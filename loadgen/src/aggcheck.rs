@@ -2,16 +2,16 @@
 //! logs hold: clicks and spend per (advertiser, ad, minute), exactly.
 //!
 //! The logs are compared with the oracle by click id first (`oracle::compare`),
-//! so equality here means the aggregator counted every acknowledged click once.
+//! and what the aggregator must bill is computed from them by the cross-PoP
+//! rule (`oracle::billed_across_pops`), so equality here means the aggregator
+//! counted every acknowledged click once, across every gateway given.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-
-use crate::oracle::Counted;
 
 /// (advertiser, ad, minute).
 pub type Key = (String, String, u32);
@@ -19,21 +19,6 @@ pub type Key = (String, String, u32);
 pub type Sums = (u64, u64);
 /// Key -> sums.
 pub type Totals = BTreeMap<Key, Sums>;
-
-/// What the logs say the aggregator must show: each accepted click id once.
-pub fn expected_from_log(log: &HashMap<String, Vec<Counted>>) -> Totals {
-    let mut t = Totals::new();
-    for recs in log.values() {
-        for c in recs.iter().filter(|c| c.accepted) {
-            let e = t
-                .entry((c.advertiser_id.clone(), c.ad_id.clone(), c.minute))
-                .or_default();
-            e.0 += 1;
-            e.1 += c.cost_micros;
-        }
-    }
-    t
-}
 
 /// One HTTP/1.1 GET on loopback; returns (status, body).
 fn get(addr: SocketAddr, path: &str, token: &str) -> anyhow::Result<(u16, Vec<u8>)> {
@@ -104,8 +89,14 @@ fn dechunk(mut b: &[u8]) -> anyhow::Result<Vec<u8>> {
 }
 
 /// Reads the aggregator's per-minute totals for every advertiser and minute
-/// range in `expected`.
-pub fn fetch(addr: SocketAddr, token: &str, expected: &Totals) -> anyhow::Result<Totals> {
+/// range in `expected`, and how many points in those ranges are not yet
+/// `reconciled`.
+pub fn fetch_states(
+    addr: SocketAddr,
+    token: &str,
+    expected: &Totals,
+) -> anyhow::Result<(Totals, u64)> {
+    let mut not_reconciled = 0;
     let mut ranges: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
     for (adv, _, m) in expected.keys() {
         let r = ranges.entry(adv).or_insert((*m, *m));
@@ -134,6 +125,9 @@ pub fn fetch(addr: SocketAddr, token: &str, expected: &Totals) -> anyhow::Result
             let ts = p["timestamp"].as_str().unwrap_or_default();
             let minute =
                 (aggregator::rows::parse_time(ts).map_err(anyhow::Error::msg)? / 60) as u32;
+            if p["state"].as_str() != Some("reconciled") {
+                not_reconciled += 1;
+            }
             let clicks = p["clicks"].as_u64().unwrap_or(0);
             let spend = p["total_spend_micros"].as_u64().unwrap_or(0);
             if clicks > 0 || spend > 0 {
@@ -144,7 +138,7 @@ pub fn fetch(addr: SocketAddr, token: &str, expected: &Totals) -> anyhow::Result
             }
         }
     }
-    Ok(got)
+    Ok((got, not_reconciled))
 }
 
 /// The totals ClickHouse's final rows hold, per (advertiser, ad, minute),

@@ -34,13 +34,30 @@ struct Cli {
 enum Cmd {
     /// Send load and report latency, throughput and errors.
     Run(Box<RunArgs>),
-    /// Compare an oracle file with what the pipeline counted.
+    /// Compare oracle files with what the pipeline counted.
     Verify {
+        /// What the runs against one gateway acknowledged: a file, or
+        /// several separated by commas. Repeat, one per --gateway-data, in
+        /// the same order.
+        #[arg(long, required = true)]
+        oracle: Vec<String>,
+        /// A gateway data directory (counts what its logs hold); repeat for
+        /// several gateways (PoPs): the aggregator must then bill each click
+        /// once across all of them, once its minutes are reconciled.
+        #[arg(long, required = true)]
+        gateway_data: Vec<PathBuf>,
+        /// The dedup horizon the rule across PoPs applies, seconds (the
+        /// aggregator's reconcile.dedup_horizon_ms).
+        #[arg(long, default_value_t = 900)]
+        dedup_horizon_s: u32,
+        /// The velocity rule across PoPs (the aggregator's
+        /// reconcile.velocity_per_minute_max); 0: off.
+        #[arg(long, default_value_t = 30)]
+        velocity_per_minute_max: u32,
+        /// Wait until every point is reconciled before comparing (always so
+        /// with several gateways).
         #[arg(long)]
-        oracle: PathBuf,
-        /// A gateway data directory (counts what its logs hold).
-        #[arg(long)]
-        gateway_data: PathBuf,
+        reconciled: bool,
         /// Also write the comparison as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -194,6 +211,9 @@ fn real_main() -> anyhow::Result<()> {
         Cmd::Verify {
             oracle,
             gateway_data,
+            dedup_horizon_s,
+            velocity_per_minute_max,
+            reconciled,
             json,
             aggregator,
             token,
@@ -201,11 +221,65 @@ fn real_main() -> anyhow::Result<()> {
             clickhouse,
             clickhouse_table,
         } => {
-            let o: oracle::Oracle = serde_json::from_slice(
-                &std::fs::read(&oracle).with_context(|| format!("reading {}", oracle.display()))?,
-            )?;
-            let counted = oracle::read_gateway_log(&gateway_data)?;
-            let v = oracle::compare(&o, &counted);
+            anyhow::ensure!(
+                oracle.len() == gateway_data.len(),
+                "one --oracle per --gateway-data"
+            );
+            let mut ok = true;
+            let mut records = Vec::new();
+            for (files, data) in oracle.iter().zip(&gateway_data) {
+                let mut o = oracle::Oracle::default();
+                for f in files.split(',') {
+                    let one: oracle::Oracle = serde_json::from_slice(
+                        &std::fs::read(f).with_context(|| format!("reading {f}"))?,
+                    )?;
+                    o.merge(one);
+                }
+                if gateway_data.len() > 1 {
+                    println!("gateway {}:", data.display());
+                }
+                ok &= verify_one(&o, data, json.as_deref())?;
+                records.extend(oracle::read_click_records(data)?);
+            }
+            let expected = oracle::billed_across_pops(
+                &records,
+                dedup_horizon_s.div_ceil(60),
+                velocity_per_minute_max,
+            );
+            let reconciled = reconciled || gateway_data.len() > 1;
+            if let Some(addr) = aggregator {
+                ok &= verify_totals("aggregator", &expected, wait_secs, |e| {
+                    let (got, open) = aggcheck::fetch_states(addr, &token, e)?;
+                    Ok((got, if reconciled { open } else { 0 }))
+                })?;
+            }
+            if let Some(addr) = clickhouse {
+                ok &= verify_totals("clickhouse", &expected, wait_secs, |_| {
+                    Ok((aggcheck::fetch_clickhouse(addr, &clickhouse_table)?, 0))
+                })?;
+            }
+            if ok {
+                println!("verify: OK (exact)");
+                Ok(())
+            } else {
+                println!("verify: FAILED");
+                std::process::exit(1);
+            }
+        }
+    }
+}
+
+/// Compares one gateway's log with the oracle of the run that sent to it:
+/// every acknowledged click logged once, nothing else.
+fn verify_one(
+    o: &oracle::Oracle,
+    data: &std::path::Path,
+    json: Option<&std::path::Path>,
+) -> anyhow::Result<bool> {
+    {
+        {
+            let counted = oracle::read_gateway_log(data)?;
+            let v = oracle::compare(o, &counted);
             println!(
                 "expected {}  counted {}  missing {}  duplicated {}  unexpected {}  mismatched {}  wrong_answers {}  unknown_outcome(counted {}, not {})",
                 v.expected,
@@ -234,53 +308,36 @@ fn real_main() -> anyhow::Result<()> {
             if let Some(p) = json {
                 std::fs::write(p, serde_json::to_vec_pretty(&v)?)?;
             }
-            let mut ok = v.ok();
-            if let Some(addr) = aggregator {
-                ok &= verify_totals("aggregator", &counted, wait_secs, |e| {
-                    aggcheck::fetch(addr, &token, e)
-                })?;
-            }
-            if let Some(addr) = clickhouse {
-                ok &= verify_totals("clickhouse", &counted, wait_secs, |_| {
-                    aggcheck::fetch_clickhouse(addr, &clickhouse_table)
-                })?;
-            }
-            if ok {
-                println!("verify: OK (exact)");
-                Ok(())
-            } else {
-                println!("verify: FAILED");
-                std::process::exit(1);
-            }
+            Ok(v.ok())
         }
     }
 }
 
-/// Compares totals read by `fetch` (the aggregator's, ClickHouse's) with the
-/// logs' until equal or out of time.
+/// Compares totals read by `fetch` (the aggregator's, ClickHouse's, with
+/// how many points are still to be reconciled) with what the logs say must
+/// be billed, until equal (and reconciled) or out of time.
 fn verify_totals(
     what: &str,
-    log: &std::collections::HashMap<String, Vec<oracle::Counted>>,
+    expected: &aggcheck::Totals,
     wait_secs: f64,
-    fetch: impl Fn(&aggcheck::Totals) -> anyhow::Result<aggcheck::Totals>,
+    fetch: impl Fn(&aggcheck::Totals) -> anyhow::Result<(aggcheck::Totals, u64)>,
 ) -> anyhow::Result<bool> {
-    let expected = aggcheck::expected_from_log(log);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64(wait_secs);
     loop {
-        let got = fetch(&expected)?;
-        let d = aggcheck::diff(&expected, &got);
+        let (got, open) = fetch(expected)?;
+        let d = aggcheck::diff(expected, &got);
         let sum = |t: &aggcheck::Totals| t.values().fold((0, 0), |a, v| (a.0 + v.0, a.1 + v.1));
-        if d.is_empty() || std::time::Instant::now() >= deadline {
-            let (ec, es) = sum(&expected);
+        if (d.is_empty() && open == 0) || std::time::Instant::now() >= deadline {
+            let (ec, es) = sum(expected);
             let (gc, gs) = sum(&got);
             println!(
-                "{what}: expected clicks {ec} spend_micros {es}  counted clicks {gc} spend_micros {gs}  differing (advertiser, ad, minute) {}",
+                "{what}: expected clicks {ec} spend_micros {es}  counted clicks {gc} spend_micros {gs}  differing (advertiser, ad, minute) {}  points not reconciled {open}",
                 d.len()
             );
             for ((adv, ad, m), e, g) in d.iter().take(10) {
                 println!("  {adv}/{ad} minute {m}: expected {e:?} counted {g:?}");
             }
-            return Ok(d.is_empty());
+            return Ok(d.is_empty() && open == 0);
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }

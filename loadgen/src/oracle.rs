@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use wire::record::{EventKind, EventRef, Verdict};
+use wire::record::{EventKind, EventRef, Source, Verdict};
 use wire::segment::{self, RecordType, SegmentHeader};
 
 use crate::engine::{Answer, BatchVerdict};
@@ -85,6 +85,27 @@ impl Oracle {
         }
     }
 
+    /// Adds what another run against the same gateway acknowledged: a click
+    /// acknowledged by either run was acknowledged; one unknown in one run
+    /// and acknowledged in the other is known.
+    pub fn merge(&mut self, o: Oracle) {
+        for (id, e) in o.acknowledged {
+            self.acknowledged.entry(id).or_insert(e);
+        }
+        let mut unknown: Vec<String> = self
+            .unknown
+            .drain(..)
+            .chain(o.unknown)
+            .filter(|id| !self.acknowledged.contains_key(id))
+            .collect();
+        unknown.sort();
+        unknown.dedup();
+        self.unknown = unknown;
+        for (k, n) in o.wrong_answers {
+            *self.wrong_answers.entry(k).or_insert(0) += n;
+        }
+    }
+
     pub fn finish(&mut self, pending_unknown: HashSet<String>) {
         let mut u: Vec<String> = pending_unknown
             .into_iter()
@@ -103,23 +124,59 @@ pub struct Counted {
     pub ad_id: String,
     pub cost_micros: u64,
     pub minute: u32,
-    /// Verdict accepted (billable), not invalid.
-    pub accepted: bool,
+}
+
+/// One click record of a gateway's log, whatever its verdict: what the
+/// cross-PoP rule reads.
+#[derive(Debug, Clone)]
+pub struct ClickRecord {
+    pub gateway: String,
+    pub shard: u16,
+    pub seq: u64,
+    pub verdict: Verdict,
+    /// A browser click (GET), which the velocity rule counts.
+    pub get: bool,
+    pub event_ms: i64,
+    pub client_ip: [u8; 16],
+    pub click_id: String,
+    pub advertiser_id: String,
+    pub campaign: String,
+    pub ad_id: String,
+    pub cost_micros: u64,
 }
 
 /// Reads every click record (verdict accepted or invalid: the click's one
 /// billable-or-flagged record) from a gateway data directory.
 pub fn read_gateway_log(data: &Path) -> anyhow::Result<HashMap<String, Vec<Counted>>> {
     let mut out: HashMap<String, Vec<Counted>> = HashMap::new();
-    for entry in std::fs::read_dir(data)? {
-        let dir = entry?.path();
-        if !dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("shard-"))
-        {
+    for r in read_click_records(data)? {
+        if r.verdict == Verdict::Duplicate {
             continue;
         }
+        out.entry(r.click_id.clone()).or_default().push(Counted {
+            advertiser_id: r.advertiser_id.clone(),
+            campaign_id: r.campaign.clone(),
+            ad_id: r.ad_id.clone(),
+            cost_micros: r.cost_micros,
+            minute: wire::minute_of(r.event_ms),
+        });
+    }
+    Ok(out)
+}
+
+/// Every click record of a gateway data directory, duplicates included.
+pub fn read_click_records(data: &Path) -> anyhow::Result<Vec<ClickRecord>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(data)? {
+        let dir = entry?.path();
+        let Some(shard) = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("shard-"))
+            .and_then(|n| n.parse::<u16>().ok())
+        else {
+            continue;
+        };
         for (_, path) in gateway::log::list_segments(&dir)? {
             let map = gateway::log::map_readonly(&path)?;
             let h = SegmentHeader::decode(&map)?;
@@ -129,23 +186,97 @@ pub fn read_gateway_log(data: &Path) -> anyhow::Result<HashMap<String, Vec<Count
                     continue;
                 }
                 let e = EventRef::decode(f.payload)?;
-                if e.kind != EventKind::Click || e.verdict == Verdict::Duplicate {
+                if e.kind != EventKind::Click {
                     continue;
                 }
-                out.entry(e.click_id.to_string())
-                    .or_default()
-                    .push(Counted {
-                        advertiser_id: e.advertiser_id.into(),
-                        campaign_id: e.campaign_id.into(),
-                        ad_id: e.ad_id.into(),
-                        cost_micros: e.cost_micros,
-                        minute: wire::minute_of(e.event_ms),
-                        accepted: e.verdict == Verdict::Accepted,
-                    });
+                out.push(ClickRecord {
+                    gateway: h.gateway_id.clone(),
+                    shard,
+                    seq: f.seq,
+                    verdict: e.verdict,
+                    get: e.source == Source::Get,
+                    event_ms: e.event_ms,
+                    client_ip: e.client_ip,
+                    click_id: e.click_id.into(),
+                    advertiser_id: e.advertiser_id.into(),
+                    campaign: e.campaign_id.into(),
+                    ad_id: e.ad_id.into(),
+                    cost_micros: e.cost_micros,
+                });
             }
         }
     }
     Ok(out)
+}
+
+/// What the aggregator must bill once reconciled, per (advertiser, ad,
+/// minute) in clicks and spend: the cross-PoP rule (docs/DESIGN.md, "Across
+/// PoPs") applied to the click records of every gateway, written here from
+/// its statement, click id by click id, independently of the aggregator's
+/// minute-by-minute implementation.
+///
+/// A copy its gateway marked duplicate never carries the verdict. Another
+/// copy carries it when no such copy is earlier in its minute (event time,
+/// gateway id, shard, seq) and none lies in the `horizon_min - 1` minutes
+/// before. Its verdict is its gateway's, except that a GET click of an
+/// (address, ad) stream seen at more than one gateway in the minute is
+/// invalid past the stream's `velocity_max`-th click in that order.
+pub fn billed_across_pops(
+    recs: &[ClickRecord],
+    horizon_min: u32,
+    velocity_max: u32,
+) -> crate::aggcheck::Totals {
+    type Order<'a> = (i64, &'a str, u16, u64);
+    let order = |r: &ClickRecord| -> (i64, String, u16, u64) {
+        (r.event_ms, r.gateway.clone(), r.shard, r.seq)
+    };
+    let minute = |r: &ClickRecord| wire::minute_of(r.event_ms);
+    let mut too_fast: HashSet<(String, u16, u64)> = HashSet::new();
+    if velocity_max > 0 {
+        let mut streams: HashMap<([u8; 16], &str, u32), Vec<&ClickRecord>> = HashMap::new();
+        for r in recs.iter().filter(|r| r.get) {
+            streams
+                .entry((r.client_ip, r.ad_id.as_str(), minute(r)))
+                .or_default()
+                .push(r);
+        }
+        for s in streams.values_mut() {
+            let gws: HashSet<&str> = s.iter().map(|r| r.gateway.as_str()).collect();
+            if gws.len() < 2 {
+                continue;
+            }
+            s.sort_by_key(|r| -> Order<'_> { (r.event_ms, r.gateway.as_str(), r.shard, r.seq) });
+            for r in s.iter().skip(velocity_max as usize) {
+                too_fast.insert((r.gateway.clone(), r.shard, r.seq));
+            }
+        }
+    }
+    let mut by_id: HashMap<&str, Vec<&ClickRecord>> = HashMap::new();
+    for r in recs.iter().filter(|r| r.verdict != Verdict::Duplicate) {
+        by_id.entry(r.click_id.as_str()).or_default().push(r);
+    }
+    let mut out = crate::aggcheck::Totals::new();
+    for copies in by_id.values() {
+        for c in copies {
+            let m = minute(c);
+            let shadowed = copies.iter().any(|o| {
+                let om = minute(o);
+                (om == m && order(o) < order(c)) || (om < m && om + horizon_min > m)
+            });
+            if shadowed || c.verdict != Verdict::Accepted {
+                continue;
+            }
+            if too_fast.contains(&(c.gateway.clone(), c.shard, c.seq)) {
+                continue;
+            }
+            let e = out
+                .entry((c.advertiser_id.clone(), c.ad_id.clone(), m))
+                .or_default();
+            e.0 += 1;
+            e.1 += c.cost_micros;
+        }
+    }
+    out
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -251,7 +382,6 @@ mod tests {
                 ad_id: "d".into(),
                 cost_micros: 5,
                 minute: 1,
-                accepted: true,
             });
         }
         m

@@ -482,7 +482,10 @@ fn aggregator_counts_exactly_what_was_acknowledged_through_kills() {
     let (ok, text) = pl.verify("oracle1.json");
     assert!(ok, "{text}\n{}", pl.logs());
     let clean = expected_clicks(&text);
-    assert!(clean > 1500, "{text}");
+    // Every click comes from 127.0.0.1, so the host's velocity limit flags
+    // the hot ads' clicks beyond 30 a minute: fewer than half of the 3 000
+    // sent are billable.
+    assert!(clean > 1000, "{text}");
     // The shipper tells the gateway how far its log is at the aggregator,
     // once raw events (sent in batches of up to 2 s) caught up too.
     for shard in 0..2 {
@@ -919,7 +922,7 @@ fn clickhouse_holds_exactly_what_was_acknowledged_through_aggregator_crashes() {
         .find(|l| l.starts_with("clickhouse:"))
         .unwrap_or_else(|| panic!("no clickhouse line:\n{text}"));
     assert!(
-        line.ends_with("differing (advertiser, ad, minute) 0"),
+        line.contains("differing (advertiser, ad, minute) 0 "),
         "{line}"
     );
     eprintln!("CLICKHOUSE: {line}");
@@ -1215,4 +1218,271 @@ fn growing_from_one_aggregator_to_two_under_load_counts_every_click_once() {
         "{}",
         pl.logs()
     );
+}
+
+/// The clicks a `loadgen verify` output line says the aggregator billed.
+fn counted_clicks(text: &str) -> u64 {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("aggregator: expected clicks"))
+        .unwrap_or_else(|| panic!("no aggregator line:\n{text}"));
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let i = f.iter().position(|w| *w == "counted").unwrap();
+    f[i + 2].parse().unwrap()
+}
+
+#[test]
+fn a_click_retried_at_another_pop_is_billed_once_once_reconciled() {
+    // Two PoPs (gateways gwa and gwb, each with its shipper) and one
+    // aggregator. The same signed clicks go to both (a prefix of gwa's pool
+    // goes to gwb too), some only to one, some twice to one. The aggregator
+    // aborts once between two transactions of a reconcile (crash point) and
+    // is killed with SIGKILL once more while it reconciles. Once every
+    // minute is reconciled, the query API bills exactly what the rule gives
+    // from both logs (each click id once, the velocity rule across PoPs), per
+    // (advertiser, ad, minute), clicks and spend.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_owned();
+    let p = |x: &str| d.join(x).to_str().unwrap().to_owned();
+    let agg_bin = bin("clickgate-aggregator", "clickgate-aggregator");
+    let gw_bin = bin("clickgate-gateway", "clickgate-gateway");
+    let ship_bin = bin("clickgate-shipper", "clickgate-shipper");
+    let run = |b: &Path, args: &[&str]| {
+        let out = Command::new(b).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    };
+    run(
+        &gw_bin,
+        &["keygen", "--kid", "k1", "--out", &p("keys.toml")],
+    );
+    run(
+        &agg_bin,
+        &[
+            "dev-certs",
+            "--out",
+            &p("certs"),
+            "--gateway",
+            "gwa",
+            "--gateway",
+            "gwb",
+        ],
+    );
+    run(&agg_bin, &["dev-tokens", "--out", &p("tokens.toml")]);
+    let tokens = std::fs::read_to_string(d.join("tokens.toml")).unwrap();
+    let token = tokens
+        .lines()
+        .skip_while(|l| *l != "advertiser_id = \"*\"")
+        .nth(1)
+        .and_then(|l| l.strip_prefix("token = \""))
+        .unwrap()
+        .trim_end_matches('"')
+        .to_owned();
+    let agg_http = format!("127.0.0.1:{}", free_port());
+    let agg_quic = format!("127.0.0.1:{}", free_udp_port());
+    std::fs::write(
+        d.join("aggregator.toml"),
+        format!(
+            "store_path = {:?}\nlisten_quic = \"{agg_quic}\"\nlisten_http = \"{agg_http}\"\n\
+             ca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\npops_file = {:?}\ntokens_file = {:?}\n\
+             lateness_ms = 3000\nsource_timeout_ms = 20000\n\
+             [reconcile]\ninterval_ms = 200\nrows_per_txn_max = 2\n",
+            p("agg/store.redb"),
+            p("certs/ca.pem"),
+            p("certs/aggregator.pem"),
+            p("certs/aggregator.key"),
+            p("certs/pops.toml"),
+            p("tokens.toml"),
+        ),
+    )
+    .unwrap();
+    let os = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+    let proc = |name, bin: &PathBuf, args: Vec<OsString>, ready: (String, &'static str)| Proc {
+        name,
+        bin: bin.clone(),
+        args,
+        log: d.join(format!("{name}.log")),
+        ready,
+        child: None,
+        starts: 0,
+        ready_ms: Vec::new(),
+        env: Vec::new(),
+    };
+    let mut agg = proc(
+        "aggregator",
+        &agg_bin,
+        os(&["run", "--config", &p("aggregator.toml")]),
+        (agg_http.clone(), "/readyz"),
+    );
+    agg.env.push((
+        "CLICKGATE_CRASH_AT".into(),
+        "aggregator_reconcile_chunk_committed:3".into(),
+    ));
+    agg.start();
+    let mut others = Vec::new();
+    let mut targets = Vec::new();
+    for (i, gw) in ["gwa", "gwb"].iter().enumerate() {
+        let addr = format!("127.0.0.1:{}", free_port());
+        std::fs::write(
+            d.join(format!("{gw}.toml")),
+            format!(
+                "gateway_id = \"{gw}\"\ndata_dir = {:?}\nkeys_file = {:?}\ncpus = [{i}]\n\
+                 [listen]\nhttp = \"{addr}\"\n[aggregate]\nflush_interval_ms = 200\n",
+                p(&format!("{gw}-data")),
+                p("keys.toml"),
+            ),
+        )
+        .unwrap();
+        let mut g = proc(
+            if i == 0 { "gateway-a" } else { "gateway-b" },
+            &gw_bin,
+            os(&["run", "--config", &p(&format!("{gw}.toml"))]),
+            (addr.clone(), "/readyz"),
+        );
+        g.start();
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let mut s = proc(
+            if i == 0 { "shipper-a" } else { "shipper-b" },
+            &ship_bin,
+            os(&[
+                "run",
+                "--data-dir",
+                &p(&format!("{gw}-data")),
+                "--certs",
+                &p("certs"),
+                "--aggregator",
+                &agg_quic,
+                "--metrics-listen",
+                &metrics,
+            ]),
+            (metrics.clone(), "/healthz"),
+        );
+        s.start();
+        others.push(g);
+        others.push(s);
+        targets.push(addr);
+    }
+    // Runs with one seed share their pool: the same click ids, ads and
+    // costs. gwa gets the whole pool and wraps (repeats are duplicates
+    // there); gwb gets the first 1 200, then clicks of its own.
+    let loadgen = |target: &str, oracle: &str, seed: &str, requests: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+            .args(["run", "--target", target, "--cpus", "0"])
+            .args([
+                "--warmup",
+                "0",
+                "--timeout-ms",
+                "2000",
+                "--connections",
+                "8",
+            ])
+            .args(["--dup-rate", "0.1", "--bad-sig-rate", "0.05"])
+            .args(["--late-rate", "0.05", "--late-age-s", "7200"])
+            .args(["--pool", "2000", "--requests", requests, "--seed", seed])
+            .args(["--duration", "30"])
+            .arg("--keys")
+            .arg(d.join("keys.toml"))
+            .arg("--oracle")
+            .arg(d.join(oracle))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    loadgen(&targets[0], "oa.json", "41", "2400");
+    loadgen(&targets[1], "ob.json", "41", "1200");
+    loadgen(&targets[1], "oc.json", "42", "400");
+    // The crash point fires once reconciling has begun; restart without it.
+    let t = Instant::now();
+    while agg.child.as_mut().unwrap().try_wait().unwrap().is_none() {
+        assert!(
+            t.elapsed() < Duration::from_secs(150),
+            "the reconcile crash point never fired:\n{}",
+            agg.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(agg
+        .log_text()
+        .contains("aggregator_reconcile_chunk_committed"));
+    agg.child = None;
+    agg.env.clear();
+    agg.start();
+    // Then SIGKILL while it reconciles.
+    let t = Instant::now();
+    while metric_of(&agg_http, "clickgate_aggregator_reconcile_minutes_total") == 0 {
+        assert!(t.elapsed() < Duration::from_secs(60), "{}", agg.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    agg.kill9();
+    agg.start();
+    let verify = |verify_args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+            .arg("verify")
+            .args(["--oracle", &p("oa.json")])
+            .args(["--gateway-data", &p("gwa-data")])
+            .args(["--oracle", &format!("{},{}", p("ob.json"), p("oc.json"))])
+            .args(["--gateway-data", &p("gwb-data")])
+            .args(["--aggregator", &agg_http, "--token", &token])
+            .args(verify_args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, text) = verify(&["--wait-secs", "150"]);
+    let logs = || {
+        std::iter::once(&agg)
+            .chain(others.iter())
+            .map(|p| format!("--- {} ---\n{}", p.name, p.log_text()))
+            .collect::<String>()
+    };
+    assert!(ok, "{text}\n{}", logs());
+    // The two PoPs' real-time counts billed the shared clicks twice; the
+    // reconciled answer bills them once.
+    let billed = counted_clicks(&text);
+    let realtime: u64 = ["gwa-data", "gwb-data"]
+        .iter()
+        .map(|g| {
+            let out = Command::new(&gw_bin)
+                .args(["inspect", &p(g)])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("totals:"))
+                .unwrap()
+                .to_owned();
+            line.split(' ')
+                .find_map(|kv| kv.strip_prefix("clicks="))
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum();
+    assert!(
+        billed < realtime,
+        "billed {billed}, the PoPs counted {realtime} between them"
+    );
+    let corrected = metric_of(
+        &agg_http,
+        "clickgate_aggregator_reconcile_corrected_rows_total",
+    );
+    eprintln!(
+        "ACROSS POPS: the two gateways counted {realtime} clicks, the aggregator bills {billed} once reconciled \
+         (rows corrected since the last start {corrected})\n{}",
+        text.lines()
+            .filter(|l| l.starts_with("aggregator:") || l.starts_with("expected"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    for p in others.iter_mut() {
+        p.stop();
+    }
+    agg.stop();
 }
