@@ -53,6 +53,8 @@ pub struct Config {
     pub cluster: Cluster,
     /// Continuous reconciliation across PoPs (docs/DESIGN.md, "Across PoPs").
     pub reconcile: crate::reconcile::Settings,
+    /// Sealed hourly audit files in object storage.
+    pub audit: crate::audit::Settings,
 }
 
 /// `[cluster]`: this instance's id and every instance (the same list, in any
@@ -159,6 +161,7 @@ impl Default for Config {
             clickhouse: ClickHouse::default(),
             cluster: Cluster::default(),
             reconcile: crate::reconcile::Settings::default(),
+            audit: crate::audit::Settings::default(),
         }
     }
 }
@@ -213,6 +216,13 @@ impl Config {
             }
         }
         self.reconcile.validate()?;
+        self.audit.target(&self.store_path)?;
+        if self.audit.seal && !self.reconcile.enabled {
+            return Err(
+                "audit.seal: an hour is sealed once reconciled; set [reconcile] enabled = true or [audit] seal = false"
+                    .into(),
+            );
+        }
         if self.max_streams_per_connection == 0
             || self.group_commit_max == 0
             || self.query_max_points == 0

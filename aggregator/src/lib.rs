@@ -10,6 +10,7 @@
 //! audit trail while the aggregator serves; [`server`] (quinn) and [`http`]
 //! (axum) are the edges.
 
+pub mod audit;
 pub mod certs;
 pub mod clickhouse;
 pub mod config;

@@ -340,6 +340,23 @@ fn run(cfg: Config) -> anyhow::Result<()> {
                 sink_stop.clone(),
             ))
         });
+        let audit_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sealer = if cfg.audit.seal {
+            let target = cfg.audit.target(&cfg.store_path).map_err(anyhow::Error::msg)?;
+            let (objects, prefix) =
+                aggregator::audit::open(&cfg.audit, &target).map_err(anyhow::Error::msg)?;
+            tracing::info!(target = ?target, "audit sealing on");
+            Some(tokio::spawn(aggregator::audit::run(
+                st.clone(),
+                objects,
+                prefix,
+                cfg.audit.clone(),
+                metrics.audit.clone(),
+                audit_stop.clone(),
+            )))
+        } else {
+            None
+        };
         let endpoint = quinn::Endpoint::server(server::server_config(&cfg)?, cfg.listen_quic)
             .with_context(|| format!("binding QUIC on {}", cfg.listen_quic))?;
         let api = Arc::new(http::Api {
@@ -388,6 +405,12 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         if let Some(sink) = sink {
             sink_stop.store(true, Relaxed);
             let _ = tokio::time::timeout(std::time::Duration::from_secs(10), sink).await;
+        }
+        // An upload in progress finishes or is redone after the next start
+        // (its intent is recorded).
+        audit_stop.store(true, Relaxed);
+        if let Some(s) = sealer {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), s).await;
         }
         // A reconcile turn in progress finishes its transaction; what it had
         // not committed is redone after the next start.

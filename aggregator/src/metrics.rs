@@ -93,6 +93,7 @@ pub struct Metrics {
     /// Changed rows not yet in ClickHouse (gauge).
     pub ch_backlog: AtomicU64,
     pub reconcile: std::sync::Arc<ReconcileStats>,
+    pub audit: std::sync::Arc<crate::audit::SealStats>,
     /// Reconcile requests refused (400, 401, 403, 429).
     pub admin_errors: AtomicU64,
 }
@@ -207,6 +208,32 @@ impl Metrics {
         self.query_latency
             .render("clickgate_aggregator_query_seconds", &mut s);
         self.reconcile.render(&mut s);
+        let a = &self.audit;
+        for (name, help, v) in [
+            (
+                "audit_sealed_files_total",
+                "Sealed audit files (parts) uploaded.",
+                a.files.load(Relaxed),
+            ),
+            (
+                "audit_sealed_rows_total",
+                "Raw events in sealed audit files.",
+                a.rows.load(Relaxed),
+            ),
+            (
+                "audit_sealed_bytes_total",
+                "Bytes of sealed audit files uploaded.",
+                a.bytes.load(Relaxed),
+            ),
+            (
+                "audit_upload_errors_total",
+                "Sealed-file uploads that failed (retried with back-off).",
+                a.upload_errors.load(Relaxed),
+            ),
+        ] {
+            let _ = writeln!(s, "# HELP clickgate_aggregator_{name} {help}\n# TYPE clickgate_aggregator_{name} counter\nclickgate_aggregator_{name} {v}");
+        }
+        let _ = writeln!(s, "# HELP clickgate_aggregator_audit_backlog_hours (hour, gateway) pairs with raw events not yet sealed.\n# TYPE clickgate_aggregator_audit_backlog_hours gauge\nclickgate_aggregator_audit_backlog_hours {}", a.backlog_hours.load(Relaxed));
         s
     }
 }

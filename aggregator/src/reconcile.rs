@@ -203,6 +203,11 @@ pub enum MinuteOutcome {
         minute: u32,
         reason: &'static str,
     },
+    /// The frontier passed minutes without data, final: `[from, to)`.
+    Empty {
+        from: u32,
+        to: u32,
+    },
     JobStep {
         job: u64,
     },
@@ -424,13 +429,28 @@ impl Reconciler {
         ready: &Ready,
         now_ms: i64,
     ) -> Result<Option<MinuteOutcome>, ReconcileError> {
-        let Some(m) = self.store.next_data_minute(view.frontier)? else {
-            return Ok(None);
-        };
         let rules = self.store.rules();
-        if !rules.is_final(m, ready.watermark_ms) {
-            return Ok(None);
-        }
+        // The first minute not final under the ready watermark.
+        let open = ((ready.watermark_ms - rules.lateness_ms).max(0) / 60_000) as u32;
+        let next = self.store.next_data_minute(view.frontier)?;
+        let m = match next {
+            Some(m) if m < open => m,
+            // Nothing to recount before the first open minute: the frontier
+            // passes the empty final minutes (so a closed hour without data
+            // at its end is known complete). Data that comes for them later
+            // marks them dirty, like any late data.
+            _ if view.frontier < open => {
+                self.store.commit_reconcile(&ReconCommit {
+                    frontier_to: Some(open),
+                    ..ReconCommit::default()
+                })?;
+                return Ok(Some(MinuteOutcome::Empty {
+                    from: view.frontier,
+                    to: open,
+                }));
+            }
+            _ => return Ok(None),
+        };
         if rules.is_late(m, ready.watermark_ms) {
             // First reached past the correction horizon (a store that was
             // down that long): its late partials went to the late table, so
@@ -1162,16 +1182,22 @@ mod tests {
         assert_eq!(a.status, Status::Applied, "{}", a.reason);
     }
 
-    /// Turns until nothing is left to do (bounded).
+    /// Turns until nothing is left to do (bounded); what they did, but the
+    /// frontier passing empty minutes.
     fn drive(r: &mut Reconciler, now: i64) -> Vec<MinuteOutcome> {
         let mut done = Vec::new();
+        let keep = |o: MinuteOutcome, done: &mut Vec<MinuteOutcome>| {
+            if !matches!(o, MinuteOutcome::Empty { .. }) {
+                done.push(o);
+            }
+        };
         for _ in 0..200 {
             match r.turn(now).unwrap() {
-                Turn::Worked(o) => done.push(o),
+                Turn::Worked(o) => keep(o, &mut done),
                 Turn::Idle | Turn::Waiting => {
                     // One more: a new snapshot may have become ready.
                     match r.turn(now).unwrap() {
-                        Turn::Worked(o) => done.push(o),
+                        Turn::Worked(o) => keep(o, &mut done),
                         _ => return done,
                     }
                 }

@@ -42,6 +42,12 @@ const LATE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("late");
 /// events of that minute, zstd.
 const AUDIT: TableDefinition<(u32, &str, u16, u64), &[u8]> =
     TableDefinition::new("audit_by_minute");
+/// (event hour, gateway id) -> the sequence number of the last transaction
+/// that stored raw events of it: hours with events not yet in a sealed file.
+const AUDIT_PENDING: TableDefinition<(u32, &str), u64> = TableDefinition::new("audit_pending");
+/// (event hour, gateway id, part) -> the sealed file's [`SealedPart`], JSON:
+/// part 0 is the hour's file, parts 1.. its addenda.
+const AUDIT_PARTS: TableDefinition<(u32, &str, u32), &str> = TableDefinition::new("audit_parts");
 /// Minute -> the sequence number of the last transaction that changed its
 /// rows or raw events.
 const MINUTE_REV: TableDefinition<u32, u64> = TableDefinition::new("minute_rev");
@@ -140,6 +146,8 @@ fn open_db(path: &Path) -> Result<Database> {
     tx.open_table(RECONCILED).map_err(se)?;
     tx.open_table(RECON_FAILED).map_err(se)?;
     tx.open_table(JOBS).map_err(se)?;
+    tx.open_table(AUDIT_PENDING).map_err(se)?;
+    tx.open_table(AUDIT_PARTS).map_err(se)?;
     tx.open_table(EXPORT).map_err(se)?;
     tx.commit().map_err(se)?;
     Ok(db)
@@ -156,6 +164,9 @@ fn se<E: std::fmt::Display>(e: E) -> StoreError {
 }
 
 type Result<T> = std::result::Result<T, StoreError>;
+
+/// (event hour, gateway id, part) of a sealed audit file.
+pub type PartKey = (u32, String, u32);
 
 /// One query's answer rows: (bucket start s, ad id) -> sums, state,
 /// highest version.
@@ -506,6 +517,7 @@ impl Store {
             let mut exported = false;
             let mut wm = self.watermark_in(&sources, &meta, now_ms)?;
             let mut touched: BTreeSet<u32> = BTreeSet::new();
+            let mut audit_hours: BTreeSet<(u32, String)> = BTreeSet::new();
             for (bytes, allowed) in batches {
                 let batch = match Batch::decode(bytes, rules.raw_max) {
                     Ok(b) => b,
@@ -592,6 +604,7 @@ impl Store {
                                 )
                                 .map_err(se)?;
                             touched.insert(*minute);
+                            audit_hours.insert((*minute / 60, batch.gateway_id.clone()));
                         }
                         let new = (cur.0, plan.cursor);
                         cursors.insert(key, new).map_err(se)?;
@@ -618,6 +631,10 @@ impl Store {
             if !touched.is_empty() {
                 let seq = meta_get(&meta, "txn_seq")? + 1;
                 meta.insert("txn_seq", seq).map_err(se)?;
+                let mut pending = tx.open_table(AUDIT_PENDING).map_err(se)?;
+                for (h, gw) in &audit_hours {
+                    pending.insert((*h, gw.as_str()), seq as u64).map_err(se)?;
+                }
                 let frontier = meta_get(&meta, "reconciled_through")? as u32;
                 let mut rev = tx.open_table(MINUTE_REV).map_err(se)?;
                 let mut dirty = tx.open_table(DIRTY).map_err(se)?;
@@ -767,6 +784,170 @@ impl Store {
             ..ReconCommit::default()
         })
         .map(|_| ())
+    }
+
+    // ---- sealed audit files ----
+
+    /// Hours before `hour_limit` with raw events of a gateway not yet in a
+    /// sealed file, with the sequence number of their last change.
+    pub fn seal_candidates(&self, hour_limit: u32, max: usize) -> Result<Vec<(u32, String, u64)>> {
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(se)?;
+        let t = tx.open_table(AUDIT_PENDING).map_err(se)?;
+        let mut out = Vec::new();
+        for r in t.range((0u32, "")..(hour_limit, "")).map_err(se)?.take(max) {
+            let (k, v) = r.map_err(se)?;
+            let (h, gw) = k.value();
+            out.push((h, gw.to_owned(), v.value()));
+        }
+        Ok(out)
+    }
+
+    /// Hours with raw events not yet sealed (a gauge: the upload backlog).
+    pub fn seal_backlog(&self) -> Result<u64> {
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(se)?;
+        tx.open_table(AUDIT_PENDING).map_err(se)?.len().map_err(se)
+    }
+
+    /// The parts recorded for (hour, gateway), sealed or intended, by number.
+    pub fn audit_parts(&self, hour: u32, gateway: &str) -> Result<Vec<(u32, String)>> {
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(se)?;
+        let t = tx.open_table(AUDIT_PARTS).map_err(se)?;
+        let mut out = Vec::new();
+        for r in t
+            .range((hour, gateway, 0u32)..=(hour, gateway, u32::MAX))
+            .map_err(se)?
+        {
+            let (k, v) = r.map_err(se)?;
+            out.push((k.value().2, v.value().to_owned()));
+        }
+        Ok(out)
+    }
+
+    /// Every part recorded, in (hour, gateway, part) order.
+    pub fn all_audit_parts(&self) -> Result<Vec<(PartKey, String)>> {
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(se)?;
+        let t = tx.open_table(AUDIT_PARTS).map_err(se)?;
+        let mut out = Vec::new();
+        for r in t.iter().map_err(se)? {
+            let (k, v) = r.map_err(se)?;
+            let (h, g, p) = k.value();
+            out.push(((h, g.to_owned(), p), v.value().to_owned()));
+        }
+        Ok(out)
+    }
+
+    /// The audit entries of `gateway` in `hour` per shard: (shard, after
+    /// seq) of each, in key order.
+    pub fn audit_entry_keys(&self, hour: u32, gateway: &str) -> Result<Vec<(u16, u64)>> {
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(se)?;
+        let t = tx.open_table(AUDIT).map_err(se)?;
+        let mut out = Vec::new();
+        for m in hour * 60..hour * 60 + 60 {
+            for r in t
+                .range((m, gateway, 0u16, 0u64)..=(m, gateway, u16::MAX, u64::MAX))
+                .map_err(se)?
+            {
+                let (k, _) = r.map_err(se)?;
+                let (_, _, shard, after) = k.value();
+                out.push((shard, after));
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// Visits the events of `gateway` in `hour` whose audit entry's first
+    /// seq lies in `[first, last]` of its shard's range (`ranges`: shard ->
+    /// (first, last)).
+    pub fn audit_events_in(
+        &self,
+        hour: u32,
+        gateway: &str,
+        ranges: &BTreeMap<u16, (u64, u64)>,
+        mut f: impl FnMut(u16, u64, &EventRef<'_>),
+    ) -> std::result::Result<u64, ReadError> {
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(se)?;
+        let t = tx.open_table(AUDIT).map_err(se)?;
+        let mut n = 0;
+        for m in hour * 60..hour * 60 + 60 {
+            for (&shard, &(first, last)) in ranges {
+                for r in t
+                    .range((m, gateway, shard, first)..=(m, gateway, shard, last))
+                    .map_err(se)?
+                {
+                    let (k, v) = r.map_err(se)?;
+                    let (_, _, _, after_seq) = k.value();
+                    let corrupt = |why: String| ReadError::Corrupt {
+                        minute: m,
+                        gateway: gateway.to_owned(),
+                        shard,
+                        after_seq,
+                        why,
+                    };
+                    let b =
+                        Batch::decode(v.value(), usize::MAX).map_err(|e| corrupt(e.to_string()))?;
+                    let raw = b.decompress().map_err(|e| corrupt(e.to_string()))?;
+                    for it in items(&raw, b.count, b.after_seq, b.last_seq)
+                        .map_err(|e| corrupt(e.to_string()))?
+                    {
+                        let e = EventRef::decode(it.bytes)
+                            .map_err(|e| corrupt(format!("event {}: {e}", it.seq)))?;
+                        f(shard, it.seq, &e);
+                        n += 1;
+                    }
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Records a part: an intent before its upload, or the sealed part
+    /// after it. Sealing also clears the hour's pending mark, unless events
+    /// came for it since `pending_seq`.
+    pub fn put_audit_part(
+        &self,
+        hour: u32,
+        gateway: &str,
+        part: u32,
+        json: &str,
+        clear_pending: Option<u64>,
+    ) -> Result<()> {
+        let db = self.db()?;
+        let tx = db.begin_write().map_err(se)?;
+        {
+            let mut parts = tx.open_table(AUDIT_PARTS).map_err(se)?;
+            parts.insert((hour, gateway, part), json).map_err(se)?;
+            if let Some(seq) = clear_pending {
+                let mut pending = tx.open_table(AUDIT_PENDING).map_err(se)?;
+                let now = pending.get((hour, gateway)).map_err(se)?.map(|v| v.value());
+                if now == Some(seq) {
+                    pending.remove((hour, gateway)).map_err(se)?;
+                }
+            }
+        }
+        tx.commit().map_err(se)
+    }
+
+    /// Clears the pending mark of (hour, gateway) if no events came since
+    /// `seq` (everything of it is sealed).
+    pub fn clear_audit_pending(&self, hour: u32, gateway: &str, seq: u64) -> Result<()> {
+        let db = self.db()?;
+        let tx = db.begin_write().map_err(se)?;
+        {
+            let mut pending = tx.open_table(AUDIT_PENDING).map_err(se)?;
+            let now = pending.get((hour, gateway)).map_err(se)?.map(|v| v.value());
+            if now == Some(seq) {
+                pending.remove((hour, gateway)).map_err(se)?;
+            }
+        }
+        tx.commit().map_err(se)
     }
 
     /// Flips a byte of every audit entry of `gateway` in `minute`.
