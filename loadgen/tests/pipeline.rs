@@ -1469,6 +1469,7 @@ fn a_click_retried_at_another_pop_is_billed_once_once_reconciled() {
         billed < realtime,
         "billed {billed}, the PoPs counted {realtime} between them"
     );
+    sealed_files_hold_what_the_gateways_logged(&d, &gw_bin, &["gwa-data", "gwb-data"]);
     let corrected = metric_of(
         &agg_http,
         "clickgate_aggregator_reconcile_corrected_rows_total",
@@ -1485,4 +1486,121 @@ fn a_click_retried_at_another_pop_is_billed_once_once_reconciled() {
         p.stop();
     }
     agg.stop();
+}
+
+/// The sealed audit files of the aggregator beside `d/agg/store.redb`, read
+/// with DuckDB (an independent reader of Parquet, from PyPI), hold exactly the
+/// events the gateways logged for the sealed hours: the late batched events
+/// of two hours ago, whose hour reconciliation has passed. SKIPPED when
+/// DuckDB cannot be had.
+fn sealed_files_hold_what_the_gateways_logged(d: &Path, gw_bin: &Path, data: &[&str]) {
+    let audit = d.join("agg/audit/raw");
+    let t = Instant::now();
+    let count = || {
+        walk(&audit)
+            .iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+            .count()
+    };
+    while count() < data.len() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no sealed file per gateway under {}",
+            audit.display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let have = Command::new("python3")
+        .args(["-c", "import duckdb"])
+        .status()
+        .is_ok_and(|s| s.success())
+        || Command::new("python3")
+            .args(["-m", "pip", "install", "-q", "duckdb"])
+            .status()
+            .is_ok_and(|s| s.success());
+    if !have {
+        eprintln!(
+            "SKIPPED: sealed files not read with DuckDB (python3 -m pip install duckdb failed)"
+        );
+        return;
+    }
+    let script = format!(
+        "import duckdb\n\
+         q = \"select gateway_id, kind, verdict, click_id, epoch_ms(event_time) // 3600000 \
+         from read_parquet('{}/**/*.parquet')\"\n\
+         for r in duckdb.sql(q).fetchall():\n    print('\\t'.join(str(x) for x in r))\n",
+        audit.display()
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut sealed: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    sealed.sort();
+    assert!(!sealed.is_empty());
+    let hours: std::collections::BTreeSet<String> = sealed
+        .iter()
+        .filter_map(|l| l.rsplit('\t').next())
+        .map(str::to_owned)
+        .collect();
+    let mut logged = Vec::new();
+    for g in data {
+        let out = Command::new(gw_bin)
+            .arg("inspect")
+            .arg(d.join(g))
+            .arg("--events")
+            .output()
+            .unwrap();
+        let gw = if g.starts_with("gwa") { "gwa" } else { "gwb" };
+        for l in String::from_utf8_lossy(&out.stdout).lines() {
+            if !l.starts_with("event ") {
+                continue;
+            }
+            let f = |k: &str| {
+                l.split(' ')
+                    .find_map(|kv| kv.strip_prefix(k))
+                    .unwrap()
+                    .to_owned()
+            };
+            let hour = (f("minute=").parse::<u64>().unwrap() / 60).to_string();
+            if hours.contains(&hour) {
+                logged.push(format!(
+                    "{gw}\t{}\t{}\t{}\t{hour}",
+                    f("kind="),
+                    f("verdict="),
+                    f("click_id=")
+                ));
+            }
+        }
+    }
+    logged.sort();
+    assert_eq!(
+        sealed.len(),
+        logged.len(),
+        "events in the sealed hours {hours:?}"
+    );
+    assert!(sealed == logged, "the sealed files differ from the logs");
+    eprintln!(
+        "SEALED: {} events of hours {hours:?} read back with DuckDB equal the gateways' logs",
+        sealed.len()
+    );
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
 }
