@@ -365,9 +365,11 @@ mod tests {
     fn velocity_counts_match_a_map_or_say_untracked() {
         // 3 000 pairs drawn with repeats: each answer must be what an
         // unbounded map would say, or Untracked when the window is full
-        // (never a wrong count). A table sized for 2 000 tracks them all; a
-        // table for 64 cannot, and says so.
-        for (entries, expect_untracked) in [(2_000, false), (64, true)] {
+        // (never a wrong count). A table sized for 4 000 (load under 0.4)
+        // tracks them all; one for 64 cannot, and says so. (At a load of
+        // 0.73, a table sized for 2 000 left a few of them untracked on some
+        // runs: the keys are random per process.)
+        for (entries, expect_untracked) in [(4_000, false), (64, true)] {
             let v = VelocityTable::new(5, entries);
             let mut seed = 0x2545_F491_4F6C_DD1Du64;
             let (mut untracked, mut too_fast) = (0, 0);
