@@ -22,6 +22,8 @@ pub mod recount;
 pub mod rows;
 pub mod server;
 pub mod store;
+#[cfg(test)]
+mod testkit;
 
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -400,6 +400,7 @@ impl PointState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testkit::clicks;
     use wire::batch::push_item;
     use wire::record::{Device, EventKind, Source, Verdict};
 
@@ -416,42 +417,8 @@ mod tests {
         }
     }
 
-    fn clicks(n: u64) -> Counts {
-        Counts {
-            clicks: n,
-            spend_micros: n * 1000,
-            ..Counts::default()
-        }
-    }
-
-    /// (seq, from, watermark, rows) of one partial.
-    type P = (u64, u64, i64, Vec<(RowKey, Counts)>);
-
-    fn partials(ps: &[P]) -> Batch {
-        let mut raw = Vec::new();
-        for (seq, from, wm, rows) in ps {
-            let mut b = Vec::new();
-            PartialRecord {
-                from_seq: *from,
-                to_seq: seq - 1,
-                watermark_ms: *wm,
-                rows: rows.clone(),
-            }
-            .encode(&mut b);
-            push_item(&mut raw, *seq, RecordType::Partial as u8, &b);
-        }
-        let (after, last) = (ps[0].1, ps.last().unwrap().0);
-        Batch::seal(
-            BatchKind::Partials,
-            "gw",
-            0,
-            after,
-            last,
-            ps.len() as u32,
-            &raw,
-            1,
-        )
-        .unwrap()
+    fn partials(ps: &[crate::testkit::P]) -> Batch {
+        Batch::decode(&crate::testkit::partials("gw", 0, ps), 1 << 20).unwrap()
     }
 
     fn events(after: u64, evs: &[(u64, i64)]) -> Batch {

@@ -36,9 +36,9 @@ use serde::{Deserialize, Serialize};
 use wire::record::{Counts, RowKey};
 
 use crate::metrics::ReconcileStats;
-use crate::recount::{minute_ids, Fingerprinter, Fp, FpMap, Recount};
+use crate::recount::{minute_ids, Fingerprinter, Fp, FpMap, Outcome, Recount};
 use crate::rows::Row;
-use crate::store::{ReadError, ReconCommit, ReconMark, ReconView, Store, StoreError};
+use crate::store::{MinuteRead, ReadError, ReconCommit, ReconMark, ReconView, Store, StoreError};
 
 /// `[reconcile]` in the aggregator's config.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -632,49 +632,16 @@ impl Reconciler {
     ) -> Result<MinuteOutcome, ReconcileError> {
         let t0 = Instant::now();
         let h = self.cfg.horizon_min();
-        if let Err(why) = self.ensure_window(&which, m) {
-            return self.fail(m, why, job, frontier);
-        }
-        let mut rc = Recount::new(m, &self.fp);
-        let mut bad = None;
-        let read = match self.store.read_minute(m, |gw, shard, seq, e| {
-            if bad.is_none() {
-                if let Err(x) = rc.add(gw, shard, seq, e) {
-                    bad = Some(format!("{x} (gateway {gw:?}, shard {shard}, seq {seq})"));
-                }
-            }
-        }) {
+        let (read, out) = match self.recount(m, &which)? {
             Ok(r) => r,
-            Err(ReadError::Store(e)) => return Err(e.into()),
-            Err(e @ ReadError::Corrupt { .. }) => {
-                return self.fail(m, e.to_string(), job, frontier)
-            }
+            Err(why) => return self.fail(m, why, job, frontier),
         };
-        if let Some(why) = bad {
-            return self.fail(m, why, job, frontier);
-        }
         if read.rev > ready.txn_seq {
             return Ok(MinuteOutcome::NotYet { minute: m });
         }
-        let w = match which {
-            Window::Front => &self.front,
-            Window::Back => &self.back,
-        };
-        let out = rc.finish(|f| w.earlier(f, m, h), self.cfg.velocity_per_minute_max);
-        let current: BTreeMap<RowKey, Row> = read.rows.iter().cloned().collect();
-        let mut fixes: Vec<(RowKey, Counts)> = Vec::new();
-        for (k, r) in &current {
-            let want = out.rows.get(k).copied().unwrap_or_default();
-            if r.counts != want {
-                fixes.push((k.clone(), want));
-            }
-        }
-        for (k, c) in &out.rows {
-            if !current.contains_key(k) {
-                fixes.push((k.clone(), *c));
-            }
-        }
-        let rows_compared = current.len().max(out.rows.len()) as u64;
+        let (rows_compared, diffs) = differences(&read.rows, &out.rows);
+        let fixes: Vec<(RowKey, Counts)> =
+            diffs.into_iter().map(|(k, _, want)| (k, want)).collect();
         // The minutes after it counted against this minute's click set: if
         // it changed (or the minute is counted for the first time behind
         // the frontier), they are counted again.
@@ -976,47 +943,79 @@ pub fn offline(
 }
 
 impl Reconciler {
+    /// Reads minute `m` and applies the rule with the window's lookback:
+    /// `Err` inside says why the minute cannot be recounted (a corrupt audit
+    /// entry, a record of another minute, a full lookback).
+    #[allow(clippy::type_complexity)]
+    fn recount(
+        &mut self,
+        m: u32,
+        which: &Window,
+    ) -> Result<Result<(MinuteRead, Outcome), String>, ReconcileError> {
+        if let Err(why) = self.ensure_window(which, m) {
+            return Ok(Err(why));
+        }
+        let mut rc = Recount::new(m, &self.fp);
+        let mut bad = None;
+        let read = match self.store.read_minute(m, |gw, shard, seq, e| {
+            if bad.is_none() {
+                if let Err(x) = rc.add(gw, shard, seq, e) {
+                    bad = Some(format!("{x} (gateway {gw:?}, shard {shard}, seq {seq})"));
+                }
+            }
+        }) {
+            Ok(r) => r,
+            Err(ReadError::Store(e)) => return Err(e.into()),
+            Err(e @ ReadError::Corrupt { .. }) => return Ok(Err(e.to_string())),
+        };
+        if let Some(why) = bad {
+            return Ok(Err(why));
+        }
+        let h = self.cfg.horizon_min();
+        let w = match which {
+            Window::Front => &self.front,
+            Window::Back => &self.back,
+        };
+        let out = rc.finish(|f| w.earlier(f, m, h), self.cfg.velocity_per_minute_max);
+        Ok(Ok((read, out)))
+    }
+
     /// The differences a recount of `m` finds, written nowhere.
     #[allow(clippy::type_complexity)]
     fn recount_only(
         &mut self,
         m: u32,
     ) -> Result<(u64, u64, Vec<(RowKey, Counts, Counts)>), String> {
+        let (read, out) = self
+            .recount(m, &Window::Back)
+            .map_err(|e| e.to_string())??;
+        let (rows_compared, diffs) = differences(&read.rows, &out.rows);
         let h = self.cfg.horizon_min();
-        self.ensure_window(&Window::Back, m)?;
-        let mut rc = Recount::new(m, &self.fp);
-        let mut bad = None;
-        let read = self
-            .store
-            .read_minute(m, |gw, shard, seq, e| {
-                if bad.is_none() {
-                    if let Err(x) = rc.add(gw, shard, seq, e) {
-                        bad = Some(x.to_string());
-                    }
-                }
-            })
-            .map_err(|e| e.to_string())?;
-        if let Some(b) = bad {
-            return Err(b);
-        }
-        let w = &self.back;
-        let out = rc.finish(|f| w.earlier(f, m, h), self.cfg.velocity_per_minute_max);
-        let current: BTreeMap<RowKey, Row> = read.rows.into_iter().collect();
-        let mut diffs = Vec::new();
-        let keys: std::collections::BTreeSet<&RowKey> =
-            current.keys().chain(out.rows.keys()).collect();
-        for k in &keys {
-            let now = current.get(*k).map(|r| r.counts).unwrap_or_default();
-            let want = out.rows.get(*k).copied().unwrap_or_default();
-            if now != want {
-                diffs.push(((*k).clone(), now, want));
-            }
-        }
         self.back.add(m, &out.ids);
         self.back.to = m + 1;
         self.back.prune(h);
-        Ok((keys.len() as u64, out.events, diffs))
+        Ok((rows_compared, out.events, diffs))
     }
+}
+
+/// The rows whose recount differs from what the store holds, as (key, rows,
+/// recount), and how many rows were compared.
+fn differences(
+    current: &[(RowKey, Row)],
+    recount: &BTreeMap<RowKey, Counts>,
+) -> (u64, Vec<(RowKey, Counts, Counts)>) {
+    let current: BTreeMap<&RowKey, Counts> = current.iter().map(|(k, r)| (k, r.counts)).collect();
+    let keys: std::collections::BTreeSet<&RowKey> =
+        current.keys().copied().chain(recount.keys()).collect();
+    let diffs = keys
+        .iter()
+        .filter_map(|k| {
+            let now = current.get(k).copied().unwrap_or_default();
+            let want = recount.get(*k).copied().unwrap_or_default();
+            (now != want).then(|| ((*k).clone(), now, want))
+        })
+        .collect();
+    (keys.len() as u64, diffs)
 }
 
 #[cfg(test)]

@@ -1419,8 +1419,9 @@ impl ExportRow {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testkit::{clicks, partials};
     use wire::batch::{push_item, BatchKind};
-    use wire::record::{Device, EventKind, PartialRecord, Source, Verdict};
+    use wire::record::{Device, EventKind, Source, Verdict};
     use wire::segment::RecordType;
 
     const T0: i64 = 1_795_496_400_000; // 2026-11-24T05:00:00Z
@@ -1434,46 +1435,6 @@ mod tests {
             device: Device::Mobile,
             country: *b"FR",
         }
-    }
-
-    fn clicks(n: u64) -> Counts {
-        Counts {
-            clicks: n,
-            spend_micros: n * 1000,
-            ..Counts::default()
-        }
-    }
-
-    /// (seq, from, watermark, rows) of one partial.
-    type P = (u64, u64, i64, Vec<(RowKey, Counts)>);
-
-    fn partials(gw: &str, shard: u16, ps: &[P]) -> Vec<u8> {
-        let mut raw = Vec::new();
-        for (seq, from, wm, rows) in ps {
-            let mut b = Vec::new();
-            PartialRecord {
-                from_seq: *from,
-                to_seq: seq - 1,
-                watermark_ms: *wm,
-                rows: rows.clone(),
-            }
-            .encode(&mut b);
-            push_item(&mut raw, *seq, RecordType::Partial as u8, &b);
-        }
-        let after = ps[0].1;
-        let last = ps.last().unwrap().0;
-        Batch::seal(
-            BatchKind::Partials,
-            gw,
-            shard,
-            after,
-            last,
-            ps.len() as u32,
-            &raw,
-            1,
-        )
-        .unwrap()
-        .encode()
     }
 
     fn settings() -> Settings {
