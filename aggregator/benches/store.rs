@@ -211,6 +211,7 @@ fn query_over_http(store: Store) {
         cluster: None,
         clickhouse: None,
         clickhouse_for_all: false,
+        rows_retention_ms: 35 * 86_400_000,
         forward: aggregator::http::forwarder(),
         reconcile: aggregator::reconcile::Settings::default(),
     });

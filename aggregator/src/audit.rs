@@ -201,6 +201,10 @@ pub struct SealedPart {
     pub rows: u64,
     pub bytes: u64,
     pub sealed_ms: Option<i64>,
+    /// Minutes of the hour (0 to 60) below which retention has dropped this
+    /// part's events from the hot store: they are read from the file.
+    #[serde(default)]
+    pub cold_below: u8,
 }
 
 /// A gateway id as it goes into an object name: `[A-Za-z0-9_.-]` as is,
@@ -355,8 +359,11 @@ pub enum SealError {
     Upload { object: String, why: String },
 }
 
+/// Rows per row group: the unit a reader of one minute fetches.
+const ROW_GROUP_ROWS: usize = 64 * 1024;
+
 /// Builds the Parquet file of one part: the events of its ranges, in
-/// (shard, seq) order, so the same ranges always give the same bytes.
+/// (event minute, shard, seq) order, so the same ranges always give the same bytes.
 pub fn build_part(
     store: &Store,
     hour: u32,
@@ -370,7 +377,10 @@ pub fn build_part(
         e.encode_into(&mut b);
         rows.push((shard, seq, b));
     })?;
-    rows.sort_by_key(|r| (r.0, r.1));
+    // By event minute first, so a reader of one minute reads only the row
+    // groups whose event_time statistics overlap it.
+    let minute_of = |b: &[u8]| EventRef::decode(b).map_or(0, |e| e.event_ms.div_euclid(60_000));
+    rows.sort_by_key(|r| (minute_of(&r.2), r.0, r.1));
     let mut cols = Columns::default();
     for (shard, seq, b) in &rows {
         let e = EventRef::decode(b).expect("encoded just above");
@@ -384,6 +394,7 @@ pub fn build_part(
                 .map_err(|e| SealError::Encode(e.to_string()))?,
         ))
         .set_created_by("clickgate".into())
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
         .build();
     let mut out = Vec::new();
     let mut w = parquet::arrow::ArrowWriter::try_new(&mut out, schema(), Some(props))
@@ -487,6 +498,7 @@ pub async fn seal_pass(
             rows: 0,
             bytes: 0,
             sealed_ms: None,
+            cold_below: 0,
         };
         let st = store.clone();
         let (gw2, json) = (gw.clone(), serde_json::to_string(&part).expect("json"));
@@ -601,6 +613,243 @@ pub async fn run(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// Reads raw events back from sealed files, for reconciliation of minutes
+/// whose hot copy retention has dropped. Used from threads outside the
+/// runtime (the reconciler), so it blocks on the runtime's handle.
+pub struct ColdReader {
+    pub objects: Arc<dyn ObjectStore>,
+    pub prefix: ObjectPath,
+    pub rt: tokio::runtime::Handle,
+}
+
+/// Why a sealed file could not be read back: named, never merged.
+#[derive(Debug, thiserror::Error)]
+pub enum ColdError {
+    #[error("sealed file {object}: {why}")]
+    Unreadable { object: String, why: String },
+    #[error("sealed file {object} is not a clickgate audit file: {why}")]
+    Foreign { object: String, why: String },
+}
+
+impl ColdReader {
+    /// Visits the events of `part` whose event minute lies in its
+    /// `[m0, m1)`, with gateway, shard and seq, reading only the row groups
+    /// whose event_time statistics overlap those minutes.
+    pub fn events(
+        &self,
+        part: &crate::store::ColdPart,
+        f: &mut dyn FnMut(&str, u16, u64, &EventRef<'_>),
+    ) -> Result<u64, ColdError> {
+        let location =
+            ObjectPath::from(format!("{}/{}", self.prefix, part.object).trim_start_matches('/'));
+        let unreadable = |why: String| ColdError::Unreadable {
+            object: location.to_string(),
+            why,
+        };
+        let foreign = |why: String| ColdError::Foreign {
+            object: location.to_string(),
+            why,
+        };
+        let (lo, hi) = (part.m0 as i64 * 60_000, part.m1 as i64 * 60_000);
+        let len = if part.bytes > 0 {
+            part.bytes
+        } else {
+            block_on(&self.rt, self.objects.head(&location))
+                .map_err(|e| unreadable(e.to_string()))?
+                .size
+        };
+        let chunks = Ranged {
+            objects: self.objects.clone(),
+            location: location.clone(),
+            rt: self.rt.clone(),
+            len,
+        };
+        let b = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(chunks)
+            .map_err(|e| foreign(e.to_string()))?;
+        let want = schema();
+        let have = b.schema();
+        let same = have.fields().len() == want.fields().len()
+            && have
+                .fields()
+                .iter()
+                .zip(want.fields())
+                .all(|(a, w)| a.name() == w.name() && a.data_type() == w.data_type());
+        if !same {
+            return Err(foreign("its columns are not the audit schema".into()));
+        }
+        let groups: Vec<usize> = b
+            .metadata()
+            .row_groups()
+            .iter()
+            .enumerate()
+            .filter(|(_, rg)| {
+                use parquet::file::statistics::Statistics;
+                match rg.column(8).statistics() {
+                    Some(Statistics::Int64(s)) => match (s.min_opt(), s.max_opt()) {
+                        (Some(&a), Some(&z)) => a < hi && z >= lo,
+                        _ => true,
+                    },
+                    _ => true,
+                }
+            })
+            .map(|(i, _)| i)
+            .collect();
+        let reader = b
+            .with_row_groups(groups)
+            .build()
+            .map_err(|e| unreadable(e.to_string()))?;
+        let mut n = 0;
+        for batch in reader {
+            let batch = batch.map_err(|e| unreadable(e.to_string()))?;
+            n += visit_batch(&batch, &part.gateway, lo, hi, f).map_err(&foreign)?;
+        }
+        Ok(n)
+    }
+}
+
+/// A sealed file read through ranged GETs: the footer, then only the row
+/// groups asked for.
+struct Ranged {
+    objects: Arc<dyn ObjectStore>,
+    location: ObjectPath,
+    rt: tokio::runtime::Handle,
+    len: u64,
+}
+
+impl parquet::file::reader::Length for Ranged {
+    fn len(&self) -> u64 {
+        self.len
+    }
+}
+
+impl parquet::file::reader::ChunkReader for Ranged {
+    type T = bytes::buf::Reader<bytes::Bytes>;
+
+    fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
+        use bytes::Buf;
+        Ok(self
+            .get_bytes(start, (self.len - start.min(self.len)) as usize)?
+            .reader())
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<bytes::Bytes> {
+        block_on(
+            &self.rt,
+            self.objects
+                .get_range(&self.location, start..start + length as u64),
+        )
+        .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))
+    }
+}
+
+/// Runs `fut` on the runtime from synchronous code: directly from a thread
+/// outside it (the reconciler's), through a short-lived thread from one
+/// inside it (a blocking task), where blocking on it is not allowed.
+fn block_on<F: std::future::Future + Send>(rt: &tokio::runtime::Handle, fut: F) -> F::Output
+where
+    F::Output: Send,
+{
+    if tokio::runtime::Handle::try_current().is_err() {
+        return rt.block_on(fut);
+    }
+    std::thread::scope(|s| {
+        s.spawn(|| rt.block_on(fut))
+            .join()
+            .expect("object store read")
+    })
+}
+
+/// Visits the rows of one record batch of an audit file whose event time
+/// is in `[lo, hi)` ms; every row must be of `gateway`.
+fn visit_batch(
+    b: &RecordBatch,
+    gateway: &str,
+    lo: i64,
+    hi: i64,
+    f: &mut dyn FnMut(&str, u16, u64, &EventRef<'_>),
+) -> Result<u64, String> {
+    fn col<T: 'static>(b: &RecordBatch, i: usize) -> Result<&T, String> {
+        b.column(i)
+            .as_any()
+            .downcast_ref::<T>()
+            .ok_or_else(|| format!("column {i} has another type"))
+    }
+    fn parse<T: Copy>(
+        all: &[T],
+        name: impl Fn(&T) -> &'static str,
+        s: &str,
+        what: &str,
+    ) -> Result<T, String> {
+        all.iter()
+            .find(|v| name(v) == s)
+            .copied()
+            .ok_or_else(|| format!("{what} {s:?}"))
+    }
+    let s = |i| col::<StringArray>(b, i);
+    let (gw, kind, verdict, source, device, country) = (s(0)?, s(3)?, s(4)?, s(5)?, s(6)?, s(7)?);
+    let shard = col::<UInt16Array>(b, 1)?;
+    let seq = col::<UInt64Array>(b, 2)?;
+    let ev = col::<arrow_array::TimestampMillisecondArray>(b, 8)?;
+    let rc = col::<arrow_array::TimestampMillisecondArray>(b, 9)?;
+    let signed = col::<Int64Array>(b, 10)?;
+    let cost = col::<UInt64Array>(b, 11)?;
+    let (ip, kid, adv, camp, ad, click, user, url) = (
+        s(12)?,
+        s(13)?,
+        s(14)?,
+        s(15)?,
+        s(16)?,
+        s(17)?,
+        s(18)?,
+        s(19)?,
+    );
+    use wire::record::{Device, EventKind, Source, Verdict};
+    let mut n = 0;
+    for i in 0..b.num_rows() {
+        let t = ev.value(i);
+        if t < lo || t >= hi {
+            continue;
+        }
+        if gw.value(i) != gateway {
+            return Err(format!(
+                "a row of gateway {:?} in a file of {gateway:?}",
+                gw.value(i)
+            ));
+        }
+        let c = country.value(i).as_bytes();
+        let client_ip = match ip.value(i).parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(a)) => a.to_ipv6_mapped().octets(),
+            Ok(std::net::IpAddr::V6(a)) => a.octets(),
+            Err(_) => return Err(format!("client_ip {:?}", ip.value(i))),
+        };
+        let e = EventRef {
+            kind: parse(EventKind::ALL, |v| v.as_str(), kind.value(i), "kind")?,
+            verdict: parse(Verdict::ALL, |v| v.as_str(), verdict.value(i), "verdict")?,
+            source: parse(Source::ALL, |v| v.as_str(), source.value(i), "source")?,
+            device: parse(Device::ALL, |v| v.as_str(), device.value(i), "device")?,
+            country: [
+                c.first().copied().unwrap_or(b'Z'),
+                c.get(1).copied().unwrap_or(b'Z'),
+            ],
+            event_ms: t,
+            receive_ms: rc.value(i),
+            signed_ts_s: signed.value(i),
+            cost_micros: cost.value(i),
+            client_ip,
+            kid: kid.value(i),
+            advertiser_id: adv.value(i),
+            campaign_id: camp.value(i),
+            ad_id: ad.value(i),
+            click_id: click.value(i),
+            user_id: user.value(i),
+            redirect_url: url.value(i),
+        };
+        f(gateway, shard.value(i), seq.value(i), &e);
+        n += 1;
+    }
+    Ok(n)
 }
 
 #[cfg(test)]

@@ -55,6 +55,9 @@ pub struct Config {
     pub reconcile: crate::reconcile::Settings,
     /// Sealed hourly audit files in object storage.
     pub audit: crate::audit::Settings,
+    /// How long each tier keeps data: rows, late table, hot raw events,
+    /// sealed files.
+    pub retention: crate::retention::Settings,
 }
 
 /// `[cluster]`: this instance's id and every instance (the same list, in any
@@ -162,6 +165,7 @@ impl Default for Config {
             cluster: Cluster::default(),
             reconcile: crate::reconcile::Settings::default(),
             audit: crate::audit::Settings::default(),
+            retention: crate::retention::Settings::default(),
         }
     }
 }
@@ -216,6 +220,7 @@ impl Config {
             }
         }
         self.reconcile.validate()?;
+        self.retention.validate(self.lateness_ms, self.horizon_ms)?;
         self.audit.target(&self.store_path)?;
         if self.audit.seal && !self.reconcile.enabled {
             return Err(

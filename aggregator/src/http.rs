@@ -38,6 +38,8 @@ pub struct Api {
     pub clickhouse: Option<crate::clickhouse::Client>,
     /// Every query from ClickHouse (`clickhouse.serve_all_queries`).
     pub clickhouse_for_all: bool,
+    /// `retention.rows_ms`, named in refusals of queries past it.
+    pub rows_retention_ms: i64,
     pub forward: Forwarder,
     /// Limits of reconcile jobs.
     pub reconcile: crate::reconcile::Settings,
@@ -295,11 +297,41 @@ async fn analytics(
             let q2 = q.clone();
             match tokio::task::spawn_blocking(move || {
                 let now = crate::now_ms();
-                Ok::<_, store::StoreError>((st.store.query(&q2, now)?, st.store.watermark(now)?))
+                // Rows before this are dropped: never a partial answer.
+                let kept_from = st.store.rows_kept_from()? as i64 * 60;
+                if q2.start_s < kept_from {
+                    return Ok(Err(kept_from));
+                }
+                Ok::<_, store::StoreError>(Ok((
+                    st.store.query(&q2, now)?,
+                    st.store.watermark(now)?,
+                )))
             })
             .await
             {
-                Ok(Ok(v)) => Ok(v),
+                Ok(Ok(Ok(v))) => Ok(v),
+                Ok(Ok(Err(kept_from))) => match &api.clickhouse {
+                    Some(ch) => ch.query(&q).await.map_err(|e| {
+                        error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!(
+                                "before {} rows are in ClickHouse only: {e:#}",
+                                format_time(kept_from)
+                            ),
+                        )
+                    }),
+                    None => {
+                        api.metrics.query_errors.fetch_add(1, Relaxed);
+                        return error(
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            format!(
+                                "start_time is before {}: this aggregator keeps minute rows for retention.rows_ms = {} ms, and no ClickHouse is configured to answer past it",
+                                format_time(kept_from),
+                                api.rows_retention_ms
+                            ),
+                        );
+                    }
+                },
                 Ok(Err(e)) => Err(error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
                 Err(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
             }
@@ -634,7 +666,16 @@ async fn metrics(State(api): State<Arc<Api>>) -> Response {
 
 async fn readyz(State(api): State<Arc<Api>>) -> Response {
     if api.ready.load(Relaxed) {
-        (StatusCode::OK, "ready\n").into_response()
+        // Ready to apply and serve; what is degraded is said below it.
+        let mut body = String::from("ready\n");
+        let upload = api.metrics.audit.last_error.lock().unwrap().clone();
+        if !upload.is_empty() {
+            body.push_str(&format!(
+                "audit upload failing (retried with back-off; {} hours waiting): {upload}\n",
+                api.metrics.audit.backlog_hours.load(Relaxed)
+            ));
+        }
+        (StatusCode::OK, body).into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
     }

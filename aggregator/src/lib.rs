@@ -19,6 +19,7 @@ pub mod merge;
 pub mod metrics;
 pub mod reconcile;
 pub mod recount;
+pub mod retention;
 pub mod rows;
 pub mod server;
 pub mod store;

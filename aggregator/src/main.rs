@@ -255,7 +255,20 @@ fn main() -> anyhow::Result<()> {
                     )
                 })?,
             );
-            let r = reconcile::offline(st, &cfg.reconcile, m0, m1, write, aggregator::now_ms())?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?;
+            let cold = cold_reader(&cfg, &store, rt.handle())?;
+            let r = reconcile::offline(
+                st,
+                &cfg.reconcile,
+                cold,
+                m0,
+                m1,
+                write,
+                aggregator::now_ms(),
+            )?;
             println!(
                 "minutes {}  rows compared {}  events read {}  differing {}  failed {}",
                 r.minutes,
@@ -314,19 +327,21 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     );
     let store_id = st.store_id()?;
     let metrics = Arc::new(aggregator::metrics::Metrics::default());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let reconcile_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cold = cold_reader(&cfg, &cfg.store_path, rt.handle())?;
     let reconciler = cfg.reconcile.enabled.then(|| {
         reconcile::spawn(
             st.clone(),
             cfg.reconcile.clone(),
             metrics.reconcile.clone(),
+            cold,
             reconcile_stop.clone(),
         )
     });
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
     rt.block_on(async move {
         let writer = server::spawn_writer(st.clone(), metrics.clone(), cfg.group_commit_max);
         let sink_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -341,22 +356,32 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             ))
         });
         let audit_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let sealer = if cfg.audit.seal {
+        let objects = if cfg.audit.seal {
             let target = cfg.audit.target(&cfg.store_path).map_err(anyhow::Error::msg)?;
-            let (objects, prefix) =
-                aggregator::audit::open(&cfg.audit, &target).map_err(anyhow::Error::msg)?;
+            let o = aggregator::audit::open(&cfg.audit, &target).map_err(anyhow::Error::msg)?;
             tracing::info!(target = ?target, "audit sealing on");
-            Some(tokio::spawn(aggregator::audit::run(
+            Some(o)
+        } else {
+            None
+        };
+        let sealer = objects.clone().map(|(objects, prefix)| {
+            tokio::spawn(aggregator::audit::run(
                 st.clone(),
                 objects,
                 prefix,
                 cfg.audit.clone(),
                 metrics.audit.clone(),
                 audit_stop.clone(),
-            )))
-        } else {
-            None
-        };
+            ))
+        });
+        let retention = tokio::spawn(aggregator::retention::run(
+            st.clone(),
+            cfg.retention.clone(),
+            cfg.reconcile.enabled,
+            objects,
+            metrics.retention.clone(),
+            audit_stop.clone(),
+        ));
         let endpoint = quinn::Endpoint::server(server::server_config(&cfg)?, cfg.listen_quic)
             .with_context(|| format!("binding QUIC on {}", cfg.listen_quic))?;
         let api = Arc::new(http::Api {
@@ -374,6 +399,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
                 && (cfg.clickhouse.serve_queries || cfg.clickhouse.serve_all_queries))
                 .then(|| aggregator::clickhouse::Client::new(&cfg.clickhouse, &store_id)),
             clickhouse_for_all: cfg.clickhouse.enabled() && cfg.clickhouse.serve_all_queries,
+            rows_retention_ms: cfg.retention.rows_ms,
             forward: http::forwarder(),
             reconcile: cfg.reconcile.clone(),
         });
@@ -412,6 +438,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         if let Some(s) = sealer {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(10), s).await;
         }
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), retention).await;
         // A reconcile turn in progress finishes its transaction; what it had
         // not committed is redone after the next start.
         reconcile_stop.store(true, Relaxed);
@@ -420,6 +447,25 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// Reads sealed files back for reconciliation, when sealing is on.
+fn cold_reader(
+    cfg: &Config,
+    store_path: &std::path::Path,
+    rt: &tokio::runtime::Handle,
+) -> anyhow::Result<Option<Arc<aggregator::audit::ColdReader>>> {
+    if !cfg.audit.seal {
+        return Ok(None);
+    }
+    let target = cfg.audit.target(store_path).map_err(anyhow::Error::msg)?;
+    let (objects, prefix) =
+        aggregator::audit::open(&cfg.audit, &target).map_err(anyhow::Error::msg)?;
+    Ok(Some(Arc::new(aggregator::audit::ColdReader {
+        objects,
+        prefix,
+        rt: rt.clone(),
+    })))
 }
 
 fn store_settings(cfg: &Config) -> store::Settings {

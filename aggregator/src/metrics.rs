@@ -94,6 +94,7 @@ pub struct Metrics {
     pub ch_backlog: AtomicU64,
     pub reconcile: std::sync::Arc<ReconcileStats>,
     pub audit: std::sync::Arc<crate::audit::SealStats>,
+    pub retention: std::sync::Arc<crate::retention::RetentionStats>,
     /// Reconcile requests refused (400, 401, 403, 429).
     pub admin_errors: AtomicU64,
 }
@@ -234,6 +235,42 @@ impl Metrics {
             let _ = writeln!(s, "# HELP clickgate_aggregator_{name} {help}\n# TYPE clickgate_aggregator_{name} counter\nclickgate_aggregator_{name} {v}");
         }
         let _ = writeln!(s, "# HELP clickgate_aggregator_audit_backlog_hours (hour, gateway) pairs with raw events not yet sealed.\n# TYPE clickgate_aggregator_audit_backlog_hours gauge\nclickgate_aggregator_audit_backlog_hours {}", a.backlog_hours.load(Relaxed));
+        let r = &self.retention;
+        for (name, help, v) in [
+            (
+                "retention_rows_dropped_total",
+                "Minute rows dropped past retention.rows_ms.",
+                &r.rows,
+            ),
+            (
+                "retention_late_rows_dropped_total",
+                "Late-table rows dropped past retention.late_ms.",
+                &r.late_rows,
+            ),
+            (
+                "retention_audit_entries_dropped_total",
+                "Raw-event entries dropped from the store after their sealed file's grace.",
+                &r.audit_entries,
+            ),
+            (
+                "retention_sealed_files_deleted_total",
+                "Sealed files deleted past retention.sealed_ms.",
+                &r.files_deleted,
+            ),
+            (
+                "retention_errors_total",
+                "Retention steps that failed (retried).",
+                &r.errors,
+            ),
+        ] {
+            let _ = writeln!(s, "# HELP clickgate_aggregator_{name} {help}\n# TYPE clickgate_aggregator_{name} counter\nclickgate_aggregator_{name} {}", v.load(Relaxed));
+        }
+        for (name, help, v) in [
+            ("rows_kept_from_seconds", "Rows of minutes before this time are dropped; queries before it go to ClickHouse or are refused.", &r.rows_kept_from_s),
+            ("store_file_bytes", "The store file's size.", &r.store_bytes),
+        ] {
+            let _ = writeln!(s, "# HELP clickgate_aggregator_{name} {help}\n# TYPE clickgate_aggregator_{name} gauge\nclickgate_aggregator_{name} {}", v.load(Relaxed));
+        }
         s
     }
 }

@@ -33,12 +33,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use wire::record::{Counts, RowKey};
+use wire::record::{Counts, EventRef, RowKey};
 
+use crate::audit::ColdReader;
 use crate::metrics::ReconcileStats;
 use crate::recount::{minute_ids, Fingerprinter, Fp, FpMap, Outcome, Recount};
 use crate::rows::Row;
-use crate::store::{MinuteRead, ReadError, ReconCommit, ReconMark, ReconView, Store, StoreError};
+use crate::store::{
+    ColdPart, MinuteRead, ReadError, ReconCommit, ReconMark, ReconView, Store, StoreError,
+};
 
 /// `[reconcile]` in the aggregator's config.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -294,6 +297,9 @@ pub struct Reconciler {
     turns: u64,
     stats: Arc<ReconcileStats>,
     skipped_logged: Vec<String>,
+    /// Reads raw events retention has dropped from the hot store back from
+    /// their sealed files.
+    cold: Option<Arc<ColdReader>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -318,7 +324,14 @@ impl Reconciler {
             turns: 0,
             stats,
             skipped_logged: Vec::new(),
+            cold: None,
         }
+    }
+
+    /// Reads minutes no longer hot from their sealed files through `cold`.
+    pub fn with_cold(mut self, cold: Option<Arc<ColdReader>>) -> Self {
+        self.cold = cold;
+        self
     }
 
     /// One bounded step: at most one minute recounted.
@@ -585,9 +598,9 @@ impl Reconciler {
         let h = self.cfg.horizon_min();
         let want = m.saturating_sub(h - 1);
         let max = self.cfg.lookback_entries_max;
-        let (w, fp, store) = match which {
-            Window::Front => (&mut self.front, &self.fp, &self.store),
-            Window::Back => (&mut self.back, &self.fp, &self.store),
+        let (w, fp, store, cold) = match which {
+            Window::Front => (&mut self.front, &self.fp, &self.store, &self.cold),
+            Window::Back => (&mut self.back, &self.fp, &self.store, &self.cold),
         };
         if w.to == m && w.from <= want {
             return Ok(());
@@ -600,12 +613,15 @@ impl Reconciler {
         };
         for x in read_from..m {
             let mut ids = Vec::new();
-            store
-                .audit_events(x, x + 1, |_, _, _, e| {
-                    if let Some(f) = minute_ids(fp, e) {
-                        ids.push(f);
-                    }
-                })
+            let mut add = |_: &str, _: u16, _: u64, e: &EventRef<'_>| {
+                if let Some(f) = minute_ids(fp, e) {
+                    ids.push(f);
+                }
+            };
+            let cold_parts = store
+                .audit_events(x, x + 1, &mut add)
+                .map_err(|e| format!("lookback minute {x}: {e}"))?;
+            read_cold(cold, &cold_parts, &mut add)
                 .map_err(|e| format!("lookback minute {x}: {e}"))?;
             w.add(x, &ids);
             if w.latest.len() > max {
@@ -846,13 +862,14 @@ pub fn spawn(
     store: Arc<Store>,
     cfg: Settings,
     stats: Arc<ReconcileStats>,
+    cold: Option<Arc<ColdReader>>,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("reconciler".into())
         .spawn(move || {
             let idle = Duration::from_millis(cfg.interval_ms);
-            let mut r = Reconciler::new(store, cfg, stats.clone());
+            let mut r = Reconciler::new(store, cfg, stats.clone()).with_cold(cold);
             let mut last_error: Option<Instant> = None;
             while !stop.load(Relaxed) {
                 let pause = match r.turn(crate::now_ms()) {
@@ -894,6 +911,7 @@ pub struct Report {
 pub fn offline(
     store: Arc<Store>,
     cfg: &Settings,
+    cold: Option<Arc<ColdReader>>,
     m0: u32,
     m1: u32,
     write: bool,
@@ -903,7 +921,8 @@ pub fn offline(
         store.clone(),
         cfg.clone(),
         Arc::new(ReconcileStats::default()),
-    );
+    )
+    .with_cold(cold);
     let view = store.reconcile_view(now_ms)?;
     let ready = Ready {
         watermark_ms: view.watermark_ms,
@@ -957,17 +976,21 @@ impl Reconciler {
         }
         let mut rc = Recount::new(m, &self.fp);
         let mut bad = None;
-        let read = match self.store.read_minute(m, |gw, shard, seq, e| {
+        let mut add = |gw: &str, shard: u16, seq: u64, e: &EventRef<'_>| {
             if bad.is_none() {
                 if let Err(x) = rc.add(gw, shard, seq, e) {
                     bad = Some(format!("{x} (gateway {gw:?}, shard {shard}, seq {seq})"));
                 }
             }
-        }) {
+        };
+        let read = match self.store.read_minute(m, &mut add) {
             Ok(r) => r,
             Err(ReadError::Store(e)) => return Err(e.into()),
             Err(e @ ReadError::Corrupt { .. }) => return Ok(Err(e.to_string())),
         };
+        if let Err(why) = read_cold(&self.cold, &read.cold, &mut add) {
+            return Ok(Err(why));
+        }
         if let Some(why) = bad {
             return Ok(Err(why));
         }
@@ -996,6 +1019,42 @@ impl Reconciler {
         self.back.prune(h);
         Ok((rows_compared, out.events, diffs))
     }
+}
+
+/// Visits the events of minutes retention has dropped from the hot store,
+/// from their sealed files; a file that cannot be read (gone, corrupt,
+/// foreign) fails the minute with its name, and nothing of it is counted.
+fn read_cold(
+    cold: &Option<Arc<ColdReader>>,
+    parts: &[ColdPart],
+    f: &mut dyn FnMut(&str, u16, u64, &EventRef<'_>),
+) -> Result<(), String> {
+    if parts.is_empty() {
+        return Ok(());
+    }
+    let Some(reader) = cold else {
+        return Err(format!(
+            "raw events of gateway {:?} are in the sealed file {}, and no object store is open",
+            parts[0].gateway, parts[0].object
+        ));
+    };
+    // Read every file fully before counting any of it, so a bad file never
+    // leaves half its events counted.
+    let mut events: Vec<(String, u16, u64, Vec<u8>)> = Vec::new();
+    for p in parts {
+        reader
+            .events(p, &mut |gw, shard, seq, e| {
+                let mut b = vec![0u8; e.encoded_len()];
+                e.encode_into(&mut b);
+                events.push((gw.to_owned(), shard, seq, b));
+            })
+            .map_err(|e| e.to_string())?;
+    }
+    for (gw, shard, seq, b) in &events {
+        let e = EventRef::decode(b).expect("encoded just above");
+        f(gw, *shard, *seq, &e);
+    }
+    Ok(())
 }
 
 /// The rows whose recount differs from what the store holds, as (key, rows,

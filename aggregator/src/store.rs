@@ -24,6 +24,7 @@ use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, Tabl
 use wire::batch::{items, Ack, Batch, Status};
 use wire::record::{Counts, EventRef, RowKey};
 
+use crate::audit::SealedPart;
 use crate::merge::{self, Decision, PointState, RowChange, Rules, SourceTime};
 use crate::recount::IdDigest;
 use crate::rows::{decode_key, encode_key, prefix, Row};
@@ -48,6 +49,9 @@ const AUDIT_PENDING: TableDefinition<(u32, &str), u64> = TableDefinition::new("a
 /// (event hour, gateway id, part) -> the sealed file's [`SealedPart`], JSON:
 /// part 0 is the hour's file, parts 1.. its addenda.
 const AUDIT_PARTS: TableDefinition<(u32, &str, u32), &str> = TableDefinition::new("audit_parts");
+/// Sealed parts whose raw events are still (partly) hot: (hour, gateway,
+/// part). Retention drops their hot entries once the grace has passed.
+const AUDIT_HOT: TableDefinition<(u32, &str, u32), ()> = TableDefinition::new("audit_hot");
 /// Minute -> the sequence number of the last transaction that changed its
 /// rows or raw events.
 const MINUTE_REV: TableDefinition<u32, u64> = TableDefinition::new("minute_rev");
@@ -148,6 +152,7 @@ fn open_db(path: &Path) -> Result<Database> {
     tx.open_table(JOBS).map_err(se)?;
     tx.open_table(AUDIT_PENDING).map_err(se)?;
     tx.open_table(AUDIT_PARTS).map_err(se)?;
+    tx.open_table(AUDIT_HOT).map_err(se)?;
     tx.open_table(EXPORT).map_err(se)?;
     tx.commit().map_err(se)?;
     Ok(db)
@@ -271,6 +276,29 @@ pub struct MinuteRead {
     pub rows: Vec<(RowKey, Row)>,
     pub mark: Option<ReconMark>,
     pub audit_entries: u64,
+    /// Raw events of the minute no longer hot: in these sealed files.
+    pub cold: Vec<ColdPart>,
+}
+
+/// Raw events that retention has dropped from the hot store: the sealed
+/// file that holds them, and the minutes `[m0, m1)` of it now read there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColdPart {
+    pub gateway: String,
+    pub object: String,
+    pub bytes: u64,
+    pub m0: u32,
+    pub m1: u32,
+}
+
+/// What one retention step dropped.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Dropped {
+    pub rows: u64,
+    pub late_rows: u64,
+    pub audit_entries: u64,
+    /// Minute bookkeeping: change stamps, reconcile marks, dirty marks.
+    pub marks: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -761,19 +789,21 @@ impl Store {
         meta_get(&t, name)
     }
 
-    /// Visits every audited event whose event minute is in `[m0, m1)`, with
-    /// its gateway, shard and seq.
+    /// Visits every hot audited event whose event minute is in `[m0, m1)`,
+    /// with its gateway, shard and seq; answers the sealed files that hold
+    /// the rest (events retention dropped from the hot store), from the
+    /// same snapshot.
     pub fn audit_events(
         &self,
         m0: u32,
         m1: u32,
         mut f: impl FnMut(&str, u16, u64, &EventRef<'_>),
-    ) -> std::result::Result<(), ReadError> {
+    ) -> std::result::Result<Vec<ColdPart>, ReadError> {
         let db = self.db()?;
         let tx = db.begin_read().map_err(se)?;
         let t = tx.open_table(AUDIT).map_err(se)?;
         visit_audit(&t, m0, m1, &mut f)?;
-        Ok(())
+        Ok(cold_parts(&tx, m0, m1)?)
     }
 
     /// Replaces rows with recounted ones, each a new version (what a
@@ -924,6 +954,14 @@ impl Store {
         {
             let mut parts = tx.open_table(AUDIT_PARTS).map_err(se)?;
             parts.insert((hour, gateway, part), json).map_err(se)?;
+            let sealed = serde_json::from_str::<SealedPart>(json)
+                .is_ok_and(|p| p.state == "sealed" && p.cold_below < 60);
+            if sealed {
+                tx.open_table(AUDIT_HOT)
+                    .map_err(se)?
+                    .insert((hour, gateway, part), ())
+                    .map_err(se)?;
+            }
             if let Some(seq) = clear_pending {
                 let mut pending = tx.open_table(AUDIT_PENDING).map_err(se)?;
                 let now = pending.get((hour, gateway)).map_err(se)?.map(|v| v.value());
@@ -948,6 +986,220 @@ impl Store {
             }
         }
         tx.commit().map_err(se)
+    }
+
+    // ---- retention ----
+
+    /// Rows of minutes below this have been (or are being) dropped: a query
+    /// reaching below it would get a partial answer.
+    pub fn rows_kept_from(&self) -> Result<u32> {
+        Ok(self.meta("rows_kept_from")? as u32)
+    }
+
+    /// One bounded step of the rows' retention: drops up to `max` rows of
+    /// minutes below `below`, with their index entries, and the minutes'
+    /// bookkeeping (change stamps, reconcile marks and failures, dirty
+    /// marks). A row whose change ClickHouse has not taken yet stays until
+    /// it has. Records `below` first, so queries past it are refused from
+    /// the first dropped row on.
+    pub fn drop_rows_step(&self, below: u32, max: usize) -> Result<Dropped> {
+        let db = self.db()?;
+        let tx = db.begin_write().map_err(se)?;
+        let mut d = Dropped::default();
+        {
+            let mut meta = tx.open_table(META).map_err(se)?;
+            if meta_get(&meta, "rows_kept_from")? < below as i64 {
+                meta.insert("rows_kept_from", below as i64).map_err(se)?;
+            }
+            let mut idx = tx.open_table(MINUTE_ROWS).map_err(se)?;
+            let mut rows = tx.open_table(ROWS).map_err(se)?;
+            let export = tx.open_table(EXPORT).map_err(se)?;
+            let empty: &[u8] = &[];
+            let mut doomed: Vec<(u32, Vec<u8>)> = Vec::new();
+            for r in idx.range((0u32, empty)..(below, empty)).map_err(se)? {
+                let (k, _) = r.map_err(se)?;
+                let (m, kb) = k.value();
+                if export.get(kb).map_err(se)?.is_some() {
+                    continue;
+                }
+                doomed.push((m, kb.to_vec()));
+                if doomed.len() >= max {
+                    break;
+                }
+            }
+            for (m, kb) in &doomed {
+                rows.remove(kb.as_slice()).map_err(se)?;
+                idx.remove((*m, kb.as_slice())).map_err(se)?;
+            }
+            d.rows = doomed.len() as u64;
+            let budget = max.saturating_sub(doomed.len());
+            d.marks += drop_minutes_below(&tx, MINUTE_REV, below, budget)?;
+            d.marks += drop_minutes_below(&tx, DIRTY, below, budget)?;
+            d.marks += drop_minutes_below(&tx, RECONCILED, below, budget)?;
+            d.marks += drop_minutes_below(&tx, RECON_FAILED, below, budget)?;
+        }
+        tx.commit().map_err(se)?;
+        Ok(d)
+    }
+
+    /// One bounded step of the late table's retention: drops up to `max`
+    /// late rows of minutes below `below` (the table is keyed by
+    /// advertiser, so a step reads it whole; it holds only data that came
+    /// past the correction horizon).
+    pub fn drop_late_step(&self, below: u32, max: usize) -> Result<u64> {
+        let db = self.db()?;
+        let tx = db.begin_write().map_err(se)?;
+        let n;
+        {
+            let mut late = tx.open_table(LATE).map_err(se)?;
+            let mut doomed = Vec::new();
+            for r in late.iter().map_err(se)? {
+                let (k, _) = r.map_err(se)?;
+                if decode_key(k.value()).is_some_and(|key| key.minute < below) {
+                    doomed.push(k.value().to_vec());
+                    if doomed.len() >= max {
+                        break;
+                    }
+                }
+            }
+            for k in &doomed {
+                late.remove(k.as_slice()).map_err(se)?;
+            }
+            n = doomed.len() as u64;
+        }
+        tx.commit().map_err(se)?;
+        Ok(n)
+    }
+
+    /// One bounded step of the hot audit's retention: for sealed parts
+    /// sealed at least `grace_ms` before `now_ms`, drops their raw events
+    /// from the hot store a whole minute at a time (about `max` entries
+    /// per step), and records in the part how far it has gone, so a reader
+    /// takes each minute from exactly one place.
+    pub fn drop_hot_audit_step(&self, now_ms: i64, grace_ms: i64, max: usize) -> Result<u64> {
+        let db = self.db()?;
+        let tx = db.begin_write().map_err(se)?;
+        let mut dropped = 0u64;
+        {
+            let mut hot = tx.open_table(AUDIT_HOT).map_err(se)?;
+            let mut parts = tx.open_table(AUDIT_PARTS).map_err(se)?;
+            let mut audit = tx.open_table(AUDIT).map_err(se)?;
+            // Oldest hours first; a part not yet due is passed over (its
+            // addenda are sealed later than the hour's file).
+            let keys: Vec<(u32, String, u32)> = hot
+                .iter()
+                .map_err(se)?
+                .take(1024)
+                .map(|r| {
+                    r.map(|(k, _)| {
+                        let (h, g, p) = k.value();
+                        (h, g.to_owned(), p)
+                    })
+                })
+                .collect::<std::result::Result<_, _>>()
+                .map_err(se)?;
+            for (h, g, pn) in keys {
+                if dropped as usize >= max {
+                    break;
+                }
+                let json = parts
+                    .get((h, g.as_str(), pn))
+                    .map_err(se)?
+                    .map(|v| v.value().to_owned());
+                let Some(mut p) = json.and_then(|j| serde_json::from_str::<SealedPart>(&j).ok())
+                else {
+                    hot.remove((h, g.as_str(), pn)).map_err(se)?;
+                    continue;
+                };
+                if p.state != "sealed" || p.sealed_ms.is_none_or(|t| t + grace_ms > now_ms) {
+                    continue;
+                }
+                while p.cold_below < 60 && (dropped as usize) < max {
+                    let m = h * 60 + p.cold_below as u32;
+                    for (&shard, &(first, last)) in &p.ranges {
+                        let doomed: Vec<u64> = audit
+                            .range((m, g.as_str(), shard, first)..=(m, g.as_str(), shard, last))
+                            .map_err(se)?
+                            .map(|r| r.map(|(k, _)| k.value().3))
+                            .collect::<std::result::Result<_, _>>()
+                            .map_err(se)?;
+                        for a in doomed {
+                            audit.remove((m, g.as_str(), shard, a)).map_err(se)?;
+                            dropped += 1;
+                        }
+                    }
+                    p.cold_below += 1;
+                }
+                let j = serde_json::to_string(&p).expect("json");
+                parts.insert((h, g.as_str(), pn), j.as_str()).map_err(se)?;
+                if p.cold_below >= 60 {
+                    hot.remove((h, g.as_str(), pn)).map_err(se)?;
+                }
+            }
+        }
+        tx.commit().map_err(se)?;
+        Ok(dropped)
+    }
+
+    /// Sealed parts of hours below `before_hour`, oldest first, at most
+    /// `max`: what the sealed files' retention deletes.
+    pub fn parts_before(&self, before_hour: u32, max: usize) -> Result<Vec<(PartKey, SealedPart)>> {
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(se)?;
+        let t = tx.open_table(AUDIT_PARTS).map_err(se)?;
+        let mut out = Vec::new();
+        for r in t
+            .range((0u32, "", 0u32)..(before_hour, "", 0u32))
+            .map_err(se)?
+        {
+            let (k, v) = r.map_err(se)?;
+            let (h, g, p) = k.value();
+            if let Ok(part) = serde_json::from_str::<SealedPart>(v.value()) {
+                if part.state == "sealed" {
+                    out.push(((h, g.to_owned(), p), part));
+                    if out.len() >= max {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets a part whose file has been deleted, with any of its raw
+    /// events still hot.
+    pub fn forget_part(&self, key: &PartKey) -> Result<()> {
+        let (h, g, pn) = (key.0, key.1.as_str(), key.2);
+        let db = self.db()?;
+        let tx = db.begin_write().map_err(se)?;
+        {
+            let mut parts = tx.open_table(AUDIT_PARTS).map_err(se)?;
+            let json = parts
+                .get((h, g, pn))
+                .map_err(se)?
+                .map(|v| v.value().to_owned());
+            if let Some(p) = json.and_then(|j| serde_json::from_str::<SealedPart>(&j).ok()) {
+                let mut audit = tx.open_table(AUDIT).map_err(se)?;
+                for m in h * 60 + p.cold_below as u32..h * 60 + 60 {
+                    for (&shard, &(first, last)) in &p.ranges {
+                        audit
+                            .retain_in((m, g, shard, first)..=(m, g, shard, last), |_, _| false)
+                            .map_err(se)?;
+                    }
+                }
+            }
+            parts.remove((h, g, pn)).map_err(se)?;
+            tx.open_table(AUDIT_HOT)
+                .map_err(se)?
+                .remove((h, g, pn))
+                .map_err(se)?;
+        }
+        tx.commit().map_err(se)
+    }
+
+    /// The store file's size in bytes.
+    pub fn file_bytes(&self) -> u64 {
+        std::fs::metadata(&self.path).map_or(0, |m| m.len())
     }
 
     /// Flips a byte of every audit entry of `gateway` in `minute`.
@@ -1085,6 +1337,7 @@ impl Store {
             rows,
             mark,
             audit_entries,
+            cold: cold_parts(&tx, m, m + 1)?,
         })
     }
 
@@ -1324,6 +1577,56 @@ fn read_sources(tx: &redb::ReadTransaction) -> Result<Vec<SourceInfo>> {
 
 /// Visits the audited events of minutes `[m0, m1)`; returns how many audit
 /// entries it read. A corrupt entry is named in the error.
+/// Removes up to `max` entries of a minute-keyed table below `below`.
+fn drop_minutes_below<V: redb::Value + 'static>(
+    tx: &redb::WriteTransaction,
+    def: TableDefinition<u32, V>,
+    below: u32,
+    max: usize,
+) -> Result<u64> {
+    let mut t = tx.open_table(def).map_err(se)?;
+    let doomed: Vec<u32> = t
+        .range(0..below)
+        .map_err(se)?
+        .take(max)
+        .map(|r| r.map(|(k, _)| k.value()))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(se)?;
+    for m in &doomed {
+        t.remove(*m).map_err(se)?;
+    }
+    Ok(doomed.len() as u64)
+}
+
+/// The sealed parts holding raw events of `[m0, m1)` that are no longer hot.
+fn cold_parts(tx: &redb::ReadTransaction, m0: u32, m1: u32) -> Result<Vec<ColdPart>> {
+    let t = tx.open_table(AUDIT_PARTS).map_err(se)?;
+    let mut out = Vec::new();
+    if m1 <= m0 {
+        return Ok(out);
+    }
+    for h in m0 / 60..=(m1 - 1) / 60 {
+        for r in t.range((h, "", 0u32)..(h + 1, "", 0u32)).map_err(se)? {
+            let (k, v) = r.map_err(se)?;
+            let Ok(p) = serde_json::from_str::<SealedPart>(v.value()) else {
+                continue;
+            };
+            let lo = m0.max(h * 60);
+            let hi = m1.min(h * 60 + p.cold_below as u32);
+            if lo < hi {
+                out.push(ColdPart {
+                    gateway: k.value().1.to_owned(),
+                    object: p.object,
+                    bytes: p.bytes,
+                    m0: lo,
+                    m1: hi,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn visit_audit(
     t: &impl ReadableTable<(u32, &'static str, u16, u64), &'static [u8]>,
     m0: u32,
@@ -1459,6 +1762,53 @@ mod tests {
     fn apply(s: &Store, frame: &[u8], now: i64) -> Ack {
         let gws = vec!["gw".to_string(), "gw2".to_string()];
         s.apply_many(&[(frame, &gws)], now).remove(0).0
+    }
+
+    #[test]
+    fn rows_past_retention_go_in_bounded_steps_and_unexported_ones_wait() {
+        let (_d, s) = store();
+        let m0 = (T0 / 60_000) as u32;
+        let rows: Vec<(RowKey, Counts)> = (0..10)
+            .map(|i| (key("a", "ad", m0 + i), clicks(1)))
+            .collect();
+        let ack = apply(&s, &partials("gw", 0, &[(1, 0, T0 + 600_000, rows)]), T0);
+        assert_eq!(ack.status, Status::Applied);
+        // ClickHouse has taken every row but the one of minute 2.
+        let pending = s.export_pending(100).unwrap();
+        let taken: Vec<ExportRow> = pending
+            .into_iter()
+            .filter(|r| r.key.minute != m0 + 2)
+            .collect();
+        s.export_done(&ExportRow::done(&taken)).unwrap();
+        assert_eq!(s.rows_kept_from().unwrap(), 0);
+        // Below minute 5, two rows per step.
+        let mut steps = 0;
+        let mut gone = 0;
+        loop {
+            let d = s.drop_rows_step(m0 + 5, 2).unwrap();
+            assert!(d.rows <= 2);
+            if d.rows + d.marks == 0 {
+                break;
+            }
+            gone += d.rows;
+            steps += 1;
+        }
+        assert_eq!(gone, 4);
+        assert!(steps >= 2);
+        assert_eq!(s.rows_kept_from().unwrap(), m0 + 5);
+        let left: Vec<u32> = s
+            .rows_in(0, u32::MAX)
+            .unwrap()
+            .keys()
+            .map(|k| k.minute)
+            .collect();
+        assert_eq!(left, vec![m0 + 2, m0 + 5, m0 + 6, m0 + 7, m0 + 8, m0 + 9]);
+        // Once exported, it goes too.
+        let pending = s.export_pending(100).unwrap();
+        s.export_done(&ExportRow::done(&pending)).unwrap();
+        s.drop_rows_step(m0 + 5, 2).unwrap();
+        assert_eq!(s.rows_in(0, m0 + 5).unwrap().len(), 0);
+        assert_eq!(total(&s, "a").clicks, 5);
     }
 
     fn total(s: &Store, adv: &str) -> Counts {
