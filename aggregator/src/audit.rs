@@ -430,15 +430,16 @@ pub async fn seal_pass(
     max: usize,
 ) -> Result<u64, SealError> {
     let st = store.clone();
-    let (frontier, candidates, parts) = tokio::task::spawn_blocking(move || {
+    let (candidates, parts, backlog) = tokio::task::spawn_blocking(move || {
         let frontier = st.reconcile_view(now_ms)?.frontier;
         let candidates = st.seal_candidates(frontier / 60, max)?;
         let parts = st.all_audit_parts()?;
-        Ok::<_, StoreError>((frontier, candidates, parts))
+        Ok::<_, StoreError>((candidates, parts, st.seal_backlog()?))
     })
     .await
     .expect("store task")?;
-    let _ = frontier;
+    // Before any upload, so a pass that fails still shows what waits.
+    stats.backlog_hours.store(backlog, Relaxed);
     let mut sealed = 0;
     // Intents left by a crash: the same ranges, the same bytes, the same name.
     for ((hour, gw, part), json) in parts {

@@ -671,7 +671,7 @@ async fn readyz(State(api): State<Arc<Api>>) -> Response {
         let upload = api.metrics.audit.last_error.lock().unwrap().clone();
         if !upload.is_empty() {
             body.push_str(&format!(
-                "audit upload failing (retried with back-off; {} hours waiting): {upload}\n",
+                "audit upload failing (retried with back-off; {} (hour, gateway) files waiting): {upload}\n",
                 api.metrics.audit.backlog_hours.load(Relaxed)
             ));
         }

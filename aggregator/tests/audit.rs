@@ -4,7 +4,6 @@
 //! manifest, and the files read back with the parquet reader equal to the
 //! raw events.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use aggregator::audit::{self, SealStats, SealedPart};
@@ -12,136 +11,9 @@ use aggregator::merge::Rules;
 use aggregator::metrics::ReconcileStats;
 use aggregator::reconcile::{self, Reconciler, Turn};
 use aggregator::store::{Settings, Store};
-use arrow_array::{Array, StringArray};
-use wire::batch::{push_item, Batch, BatchKind, Status};
-use wire::record::{Counts, Device, EventKind, EventRef, PartialRecord, RowKey, Source, Verdict};
-use wire::segment::RecordType;
 
-const H: u32 = 498_749; // 2026-11-24T05:00Z, in hours
-const T: i64 = H as i64 * 3_600_000;
-
-/// One gateway shard shipping: events, then a partial summing them.
-struct Gw {
-    name: &'static str,
-    seq: u64,
-    last_partial: u64,
-    shipped: u64,
-    pending: Vec<(u64, Vec<u8>)>,
-    rows: BTreeMap<RowKey, Counts>,
-}
-
-impl Gw {
-    fn new(name: &'static str) -> Gw {
-        Gw {
-            name,
-            seq: 0,
-            last_partial: 0,
-            shipped: 0,
-            pending: vec![],
-            rows: BTreeMap::new(),
-        }
-    }
-
-    fn click(&mut self, id: &str, ms: i64) {
-        self.seq += 1;
-        let e = EventRef {
-            kind: EventKind::Click,
-            verdict: Verdict::Accepted,
-            source: Source::Batch,
-            device: Device::Mobile,
-            country: *b"FR",
-            event_ms: ms,
-            receive_ms: ms,
-            signed_ts_s: ms / 1000,
-            cost_micros: 1500,
-            client_ip: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 255, 255, 192, 0, 2, 7],
-            kid: "k1",
-            advertiser_id: "adv",
-            campaign_id: "camp",
-            ad_id: "ad-1",
-            click_id: id,
-            user_id: "u1",
-            redirect_url: "https://example.com/",
-        };
-        let mut b = vec![0u8; e.encoded_len()];
-        e.encode_into(&mut b);
-        self.pending.push((self.seq, b));
-        self.rows
-            .entry(RowKey::of(&e))
-            .or_default()
-            .add_event(e.kind, e.verdict, e.cost_micros);
-    }
-
-    fn ship(&mut self, s: &Store, now: i64) {
-        self.seq += 1;
-        let mut raw = Vec::new();
-        let mut b = Vec::new();
-        PartialRecord {
-            from_seq: self.last_partial,
-            to_seq: self.seq - 1,
-            watermark_ms: now,
-            rows: std::mem::take(&mut self.rows).into_iter().collect(),
-        }
-        .encode(&mut b);
-        push_item(&mut raw, self.seq, RecordType::Partial as u8, &b);
-        let p = Batch::seal(
-            BatchKind::Partials,
-            self.name,
-            0,
-            self.last_partial,
-            self.seq,
-            1,
-            &raw,
-            1,
-        )
-        .unwrap()
-        .encode();
-        self.last_partial = self.seq;
-        let mut raw = Vec::new();
-        let evs = std::mem::take(&mut self.pending);
-        for (seq, b) in &evs {
-            push_item(&mut raw, *seq, RecordType::Event as u8, b);
-        }
-        let e = Batch::seal(
-            BatchKind::Events,
-            self.name,
-            0,
-            self.shipped,
-            self.seq,
-            evs.len() as u32,
-            &raw,
-            1,
-        )
-        .unwrap()
-        .encode();
-        self.shipped = self.seq;
-        let gws = vec!["gwa".to_string(), "gwb".to_string()];
-        for f in [p, e] {
-            let (a, _) = s.apply_many(&[(&f, &gws)], now).remove(0);
-            assert_eq!(a.status, Status::Applied, "{}", a.reason);
-        }
-    }
-}
-
-fn click_ids(bytes: &[u8]) -> Vec<String> {
-    let r = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
-        bytes::Bytes::copy_from_slice(bytes),
-    )
-    .unwrap()
-    .build()
-    .unwrap();
-    let mut ids = Vec::new();
-    for b in r {
-        let b = b.unwrap();
-        let c = b.column_by_name("click_id").unwrap();
-        let c = c.as_any().downcast_ref::<StringArray>().unwrap();
-        for i in 0..c.len() {
-            ids.push(c.value(i).to_owned());
-        }
-    }
-    ids.sort();
-    ids
-}
+mod common;
+use common::{click_ids, Gw, H, T};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_hours_are_sealed_once_and_late_events_go_to_addenda() {

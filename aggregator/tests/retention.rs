@@ -2,23 +2,14 @@
 //! is refused with the retention named (no ClickHouse configured), never
 //! answered in part; and a failing upload is named in /readyz.
 
-use std::io::{Read, Write};
 use std::sync::Arc;
 
-use aggregator::store::{Settings, Store};
+mod common;
+use common::get;
 
-fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer test-token-0123456789\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out[9..12].parse().unwrap();
-    (status, out.split_once("\r\n\r\n").unwrap().1.to_owned())
-}
+const TOKEN: Option<&str> = Some("test-token-0123456789");
+
+use aggregator::store::{Settings, Store};
 
 #[test]
 fn queries_past_the_rows_kept_are_refused_with_the_retention_named() {
@@ -52,25 +43,25 @@ fn queries_past_the_rows_kept_are_refused_with_the_retention_named() {
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();
-    let addr = listener.local_addr().unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
     rt.spawn(async move { axum::serve(listener, aggregator::http::router(api)).await });
     let q = |start: &str| {
         format!("/api/v1/advertisers/analytics?advertiser_id=adv&start_time={start}&end_time=2026-11-24T06:00:00Z&granularity=1h")
     };
-    let (st, body) = get(addr, &q("2026-11-24T04:59:00Z"));
+    let (st, body) = get(&addr, &q("2026-11-24T04:59:00Z"), TOKEN);
     assert_eq!(st, 422, "{body}");
     assert!(
         body.contains("retention.rows_ms = 172800000") && body.contains("2026-11-24T05:00:00Z"),
         "{body}"
     );
-    let (st, body) = get(addr, &q("2026-11-24T05:00:00Z"));
+    let (st, body) = get(&addr, &q("2026-11-24T05:00:00Z"), TOKEN);
     assert_eq!(st, 200, "{body}");
 
-    let (st, body) = get(addr, "/readyz");
+    let (st, body) = get(&addr, "/readyz", TOKEN);
     assert_eq!((st, body.as_str()), (200, "ready\n"));
     *metrics.audit.last_error.lock().unwrap() =
         "raw/2026-11-24/05/gateway=a/part-00000.parquet: InvalidAccessKeyId".into();
-    let (st, body) = get(addr, "/readyz");
+    let (st, body) = get(&addr, "/readyz", TOKEN);
     assert_eq!(st, 200);
     assert!(
         body.contains("audit upload failing") && body.contains("InvalidAccessKeyId"),

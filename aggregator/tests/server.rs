@@ -4,12 +4,11 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
+
+mod common;
+use common::{agg_bin, get, port, udp_port};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn agg_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_clickgate-aggregator"))
-}
 
 /// The shipper binary beside ours, built if missing.
 fn shipper_bin() -> PathBuf {
@@ -24,44 +23,6 @@ fn shipper_bin() -> PathBuf {
         assert!(c.status().unwrap().success());
     }
     b
-}
-
-fn port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// GET with an optional bearer token: (status, body).
-fn get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut b = String::new();
-    s.read_to_string(&mut b).unwrap();
-    let status = b[9..12].parse().unwrap();
-    let body = b
-        .split_once("\r\n\r\n")
-        .map(|x| x.1)
-        .unwrap_or("")
-        .to_owned();
-    (status, body)
 }
 
 struct Agg {
