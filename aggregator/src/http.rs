@@ -273,12 +273,14 @@ async fn analytics(
         // Another instance's advertiser (or every query, when so set):
         // ClickHouse holds every instance's rows; without it, the owner
         // answers.
-        (_, Some(ch)) if from_clickhouse => ch.query(&q).await.map_err(|e| {
-            error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("ClickHouse: {e:#}"),
-            )
-        }),
+        (_, Some(ch)) if from_clickhouse => {
+            ch.query(&q).await.map(|(s, w)| (s, w, None)).map_err(|e| {
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("ClickHouse: {e:#}"),
+                )
+            })
+        }
         (Some(o), _) => {
             let c = api.cluster.as_ref().expect("an owner implies a cluster");
             if headers.contains_key(FORWARDED) {
@@ -305,13 +307,14 @@ async fn analytics(
                 Ok::<_, store::StoreError>(Ok((
                     st.store.query(&q2, now)?,
                     st.store.watermark(now)?,
+                    Some(st.store.unique_users(&q2)?),
                 )))
             })
             .await
             {
                 Ok(Ok(Ok(v))) => Ok(v),
                 Ok(Ok(Err(kept_from))) => match &api.clickhouse {
-                    Some(ch) => ch.query(&q).await.map_err(|e| {
+                    Some(ch) => ch.query(&q).await.map(|(s, w)| (s, w, None)).map_err(|e| {
                         error(
                             StatusCode::SERVICE_UNAVAILABLE,
                             format!(
@@ -337,7 +340,7 @@ async fn analytics(
             }
         }
     };
-    let (series, wm) = match answered {
+    let (series, wm, uniques) = match answered {
         Ok(v) => v,
         Err(r) => return r,
     };
@@ -363,6 +366,9 @@ async fn analytics(
             ctr: (c.impressions > 0).then(|| c.clicks as f64 / c.impressions as f64),
             duplicates: c.duplicates,
             invalid: c.invalid,
+            unique_users: uniques
+                .as_ref()
+                .map(|u| u.get(&(*t, ad.clone())).copied().unwrap_or(0)),
             is_final: *state != crate::merge::PointState::Provisional,
             state: state.as_str(),
             version: *ver,
@@ -396,6 +402,9 @@ struct Point<'a> {
     ctr: Option<f64>,
     duplicates: u64,
     invalid: u64,
+    /// Distinct users of the accepted clicks (merged sketches); null when
+    /// the answer came from ClickHouse, which holds no sketches.
+    unique_users: Option<u64>,
     #[serde(rename = "final")]
     is_final: bool,
     /// provisional, final or reconciled.

@@ -25,6 +25,7 @@ pub mod server;
 pub mod store;
 #[cfg(test)]
 mod testkit;
+pub mod uniques;
 
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

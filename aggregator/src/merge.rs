@@ -157,6 +157,9 @@ pub struct EventsPlan {
     pub events: u64,
     /// The events cursor after the batch.
     pub cursor: u64,
+    /// Users of the accepted clicks, by sketch key (minute, advertiser,
+    /// campaign, ad): what unique users counts.
+    pub users: BTreeMap<Vec<u8>, Vec<u64>>,
 }
 
 /// What one batch asks of the store.
@@ -280,6 +283,7 @@ pub fn plan_events(rules: &Rules, batch: &Batch, cursor: u64) -> Result<EventsPl
     let its = items(&raw, batch.count, batch.after_seq, batch.last_seq)
         .map_err(|e| Refusal::Bad(e.to_string()))?;
     let mut by_minute: BTreeMap<u32, (Vec<u8>, u32)> = BTreeMap::new();
+    let mut users: BTreeMap<Vec<u8>, Vec<u64>> = BTreeMap::new();
     let mut n = 0u64;
     for it in its.iter().filter(|i| i.seq > cursor) {
         if it.ty != RecordType::Event as u8 {
@@ -293,7 +297,19 @@ pub fn plan_events(rules: &Rules, batch: &Batch, cursor: u64) -> Result<EventsPl
         if let Some(why) = rules.misrouted(e.advertiser_id) {
             return Err(Refusal::Bad(why));
         }
-        let slot = by_minute.entry(wire::minute_of(e.event_ms)).or_default();
+        let minute = wire::minute_of(e.event_ms);
+        if counts_user(&e) {
+            users
+                .entry(crate::uniques::key(
+                    minute,
+                    e.advertiser_id,
+                    e.campaign_id,
+                    e.ad_id,
+                ))
+                .or_default()
+                .push(crate::uniques::user_hash(e.user_id));
+        }
+        let slot = by_minute.entry(minute).or_default();
         wire::batch::push_item(&mut slot.0, it.seq, it.ty, it.bytes);
         slot.1 += 1;
         n += 1;
@@ -326,7 +342,16 @@ pub fn plan_events(rules: &Rules, batch: &Batch, cursor: u64) -> Result<EventsPl
         audit,
         events: n,
         cursor: batch.last_seq,
+        users,
     })
+}
+
+/// Whether an event's user counts as a unique user: an accepted click with
+/// a user id.
+pub fn counts_user(e: &EventRef<'_>) -> bool {
+    e.kind == wire::record::EventKind::Click
+        && e.verdict == wire::record::Verdict::Accepted
+        && !e.user_id.is_empty()
 }
 
 /// What one partial row does to the store.

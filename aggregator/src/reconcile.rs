@@ -708,6 +708,7 @@ impl Reconciler {
                 } else {
                     None
                 },
+                users: last.then_some(&out.users),
                 ..ReconCommit::default()
             };
             match self.store.commit_reconcile(&c)? {

@@ -116,6 +116,8 @@ struct Rec {
     click: Fp,
     /// The velocity stream of a GET click.
     stream: Option<Fp>,
+    /// The user's hash, for a click that may count as a unique user.
+    user: Option<u64>,
 }
 
 /// The recount of one minute, built record by record.
@@ -139,6 +141,9 @@ pub struct Outcome {
     pub ids: Vec<Fp>,
     pub digest: IdDigest,
     pub events: u64,
+    /// Users of the clicks the rule accepts, by sketch key: the minute's
+    /// unique-user sketches, rebuilt.
+    pub users: BTreeMap<Vec<u8>, Vec<u64>>,
 }
 
 /// A summary of a minute's click set: when a minute is recounted again and
@@ -252,6 +257,8 @@ impl<'f> Recount<'f> {
             row,
             click: self.fp.click(e.kind, e.click_id),
             stream: paced.then(|| self.fp.stream(&e.client_ip, e.ad_id)),
+            user: (e.kind == EventKind::Click && !e.user_id.is_empty())
+                .then(|| crate::uniques::user_hash(e.user_id)),
         });
         Ok(())
     }
@@ -327,6 +334,7 @@ impl<'f> Recount<'f> {
             }
         }
         let mut counts = vec![Counts::default(); self.row_keys.len()];
+        let mut users_by_row: Vec<Vec<u64>> = vec![Vec::new(); self.row_keys.len()];
         for (i, r) in self.recs.iter().enumerate() {
             let c = &mut counts[r.row as usize];
             let wins = r.verdict != Verdict::Duplicate
@@ -341,20 +349,40 @@ impl<'f> Recount<'f> {
                 Verdict::Accepted
             };
             c.add_event(r.kind, verdict, r.cost_micros);
+            if let (Verdict::Accepted, Some(u)) = (verdict, r.user) {
+                users_by_row[r.row as usize].push(u);
+            }
         }
         let mut ids: Vec<Fp> = winner.keys().copied().collect();
         ids.sort_unstable();
-        let rows = self
+        let rows: BTreeMap<RowKey, Counts> = self
             .row_keys
             .iter()
             .zip(counts)
             .map(|(kb, c)| (decode_key(kb).expect("encoded by this recount"), c))
             .collect();
+        let mut users: BTreeMap<Vec<u8>, Vec<u64>> = BTreeMap::new();
+        for (kb, us) in self.row_keys.iter().zip(users_by_row) {
+            if us.is_empty() {
+                continue;
+            }
+            let k = decode_key(kb).expect("encoded by this recount");
+            users
+                .entry(crate::uniques::key(
+                    self.minute,
+                    &k.advertiser_id,
+                    &k.campaign_id,
+                    &k.ad_id,
+                ))
+                .or_default()
+                .extend(us);
+        }
         Outcome {
             digest: IdDigest::of(&ids),
             ids,
             rows,
             events: self.recs.len() as u64,
+            users,
         }
     }
 }

@@ -28,6 +28,7 @@ use crate::audit::SealedPart;
 use crate::merge::{self, Decision, PointState, RowChange, Rules, SourceTime};
 use crate::recount::IdDigest;
 use crate::rows::{decode_key, encode_key, prefix, Row};
+use crate::uniques::Sketch;
 
 /// (gateway id, shard) -> (partials cursor, events cursor).
 const CURSORS: TableDefinition<(&str, u16), (u64, u64)> = TableDefinition::new("cursors");
@@ -54,6 +55,13 @@ const AUDIT_PARTS: TableDefinition<(u32, &str, u32), &str> = TableDefinition::ne
 const AUDIT_HOT: TableDefinition<(u32, &str, u32), ()> = TableDefinition::new("audit_hot");
 /// Minute -> the sequence number of the last transaction that changed its
 /// rows or raw events.
+/// Unique-user sketches by `uniques::key` (minute first): one per
+/// (minute, advertiser, campaign, ad), and one per hour under the hour's
+/// first minute.
+const UNIQ_MIN: TableDefinition<&[u8], &[u8]> = TableDefinition::new("uniques_by_minute");
+const UNIQ_HOUR: TableDefinition<&[u8], &[u8]> = TableDefinition::new("uniques_by_hour");
+/// Hours whose hour sketches are merged from their minutes.
+const UNIQ_ROLLED: TableDefinition<u32, ()> = TableDefinition::new("uniques_rolled_up");
 const MINUTE_REV: TableDefinition<u32, u64> = TableDefinition::new("minute_rev");
 /// Reconciled minutes changed since: minute -> the sequence number of the
 /// change (0: a minute before it changed its click set).
@@ -153,6 +161,9 @@ fn open_db(path: &Path) -> Result<Database> {
     tx.open_table(AUDIT_PENDING).map_err(se)?;
     tx.open_table(AUDIT_PARTS).map_err(se)?;
     tx.open_table(AUDIT_HOT).map_err(se)?;
+    tx.open_table(UNIQ_MIN).map_err(se)?;
+    tx.open_table(UNIQ_HOUR).map_err(se)?;
+    tx.open_table(UNIQ_ROLLED).map_err(se)?;
     tx.open_table(EXPORT).map_err(se)?;
     tx.commit().map_err(se)?;
     Ok(db)
@@ -337,6 +348,10 @@ pub struct ReconCommit<'a> {
     /// correction horizon).
     pub undirty: &'a [u32],
     pub job: Option<(u64, &'a str)>,
+    /// The minute's unique-user sketches rebuilt from the recount (by
+    /// `uniques::key`): they replace the minute's, and its hour's are
+    /// merged again from its minutes.
+    pub users: Option<&'a BTreeMap<Vec<u8>, Vec<u64>>>,
 }
 
 impl Store {
@@ -541,6 +556,9 @@ impl Store {
             let mut audit = tx.open_table(AUDIT).map_err(se)?;
             let mut meta = tx.open_table(META).map_err(se)?;
             let mut export = tx.open_table(EXPORT).map_err(se)?;
+            let mut uniq_min = tx.open_table(UNIQ_MIN).map_err(se)?;
+            let mut uniq_hour = tx.open_table(UNIQ_HOUR).map_err(se)?;
+            let uniq_rolled = tx.open_table(UNIQ_ROLLED).map_err(se)?;
             let revision = meta_get(&meta, "revision")? + 1;
             let mut exported = false;
             let mut wm = self.watermark_in(&sources, &meta, now_ms)?;
@@ -633,6 +651,14 @@ impl Store {
                                 .map_err(se)?;
                             touched.insert(*minute);
                             audit_hours.insert((*minute / 60, batch.gateway_id.clone()));
+                        }
+                        for (k, hashes) in &plan.users {
+                            add_users(&mut uniq_min, k, hashes)?;
+                            let m = u32::from_be_bytes(k[..4].try_into().expect("a sketch key"));
+                            // Late users of an hour already merged.
+                            if uniq_rolled.get(m / 60).map_err(se)?.is_some() {
+                                add_users(&mut uniq_hour, &hour_key(k), hashes)?;
+                            }
                         }
                         let new = (cur.0, plan.cursor);
                         cursors.insert(key, new).map_err(se)?;
@@ -745,6 +771,101 @@ impl Store {
             } else {
                 PointState::Final
             };
+        }
+        Ok(out)
+    }
+
+    /// Unique users per (bucket start s, ad id) of a query: minute sketches
+    /// merged, or for every whole hour inside the range that is merged
+    /// already, its hour sketch. A point of one sketch is answered from its
+    /// stored estimate, without decoding it.
+    pub fn unique_users(&self, q: &Query) -> Result<BTreeMap<(i64, String), u64>> {
+        enum Acc {
+            One(Vec<u8>),
+            Many(Sketch),
+        }
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(se)?;
+        let min_t = tx.open_table(UNIQ_MIN).map_err(se)?;
+        let hour_t = tx.open_table(UNIQ_HOUR).map_err(se)?;
+        let rolled = tx.open_table(UNIQ_ROLLED).map_err(se)?;
+        let m0 = (q.start_s.max(0) / 60) as u32;
+        let m1 = (q.end_s.max(0) as u64).div_ceil(60).min(u32::MAX as u64) as u32;
+        let mut acc: BTreeMap<(i64, String), Acc> = BTreeMap::new();
+        let mut visit = |t: &redb::ReadOnlyTable<&[u8], &[u8]>, unit: u32| -> Result<()> {
+            let p = crate::uniques::prefix(unit, &q.advertiser_id);
+            for r in t.range(p.as_slice()..).map_err(se)? {
+                let (k, v) = r.map_err(se)?;
+                let k = k.value();
+                if !k.starts_with(&p) {
+                    break;
+                }
+                let Some((_, _, camp, ad)) = crate::uniques::decode_key(k) else {
+                    continue;
+                };
+                if q.campaign_id.as_deref().is_some_and(|c| c != camp)
+                    || q.ad_id.as_deref().is_some_and(|a| a != ad)
+                {
+                    continue;
+                }
+                let t_s = unit as i64 * 60;
+                let bucket = t_s - t_s.rem_euclid(q.bucket_s);
+                match acc.entry((bucket, ad.to_owned())) {
+                    std::collections::btree_map::Entry::Vacant(e) => {
+                        e.insert(Acc::One(v.value().to_vec()));
+                    }
+                    std::collections::btree_map::Entry::Occupied(mut e) => {
+                        let Some(s) = Sketch::decode(v.value()) else {
+                            continue;
+                        };
+                        let a = e.get_mut();
+                        match a {
+                            Acc::Many(m) => m.merge(&s),
+                            Acc::One(b) => {
+                                let mut m = Sketch::decode(b).unwrap_or_default();
+                                m.merge(&s);
+                                *a = Acc::Many(m);
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(())
+        };
+        let mut m = m0;
+        while m < m1 {
+            let whole_hour = q.bucket_s >= 3600 && m.is_multiple_of(60) && m + 60 <= m1;
+            if whole_hour && rolled.get(m / 60).map_err(se)?.is_some() {
+                visit(&hour_t, m)?;
+                m += 60;
+            } else {
+                visit(&min_t, m)?;
+                m += 1;
+            }
+        }
+        Ok(acc
+            .into_iter()
+            .map(|(k, a)| {
+                let n = match a {
+                    Acc::One(b) => Sketch::stored_estimate(&b).unwrap_or(0),
+                    Acc::Many(s) => s.estimate(),
+                };
+                (k, n)
+            })
+            .collect())
+    }
+
+    /// (sketches, bytes) of the minute and of the hour unique-user tables.
+    pub fn sketch_bytes(&self) -> Result<[(u64, u64); 2]> {
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(se)?;
+        let mut out = [(0, 0); 2];
+        for (i, def) in [UNIQ_MIN, UNIQ_HOUR].into_iter().enumerate() {
+            for r in tx.open_table(def).map_err(se)?.iter().map_err(se)? {
+                let (k, v) = r.map_err(se)?;
+                out[i].0 += 1;
+                out[i].1 += (k.value().len() + v.value().len()) as u64;
+            }
         }
         Ok(out)
     }
@@ -1033,6 +1154,9 @@ impl Store {
             }
             d.rows = doomed.len() as u64;
             let budget = max.saturating_sub(doomed.len());
+            d.marks += drop_sketches_below(&tx, UNIQ_MIN, below, budget)?;
+            d.marks += drop_sketches_below(&tx, UNIQ_HOUR, below - below % 60, budget)?;
+            d.marks += drop_minutes_below(&tx, UNIQ_ROLLED, below / 60, budget)?;
             d.marks += drop_minutes_below(&tx, MINUTE_REV, below, budget)?;
             d.marks += drop_minutes_below(&tx, DIRTY, below, budget)?;
             d.marks += drop_minutes_below(&tx, RECONCILED, below, budget)?;
@@ -1405,6 +1529,7 @@ impl Store {
                 }
             }
             let frontier = meta_get(&meta, "reconciled_through")? as u32;
+            let frontier_before = frontier;
             if let Some(to) = c.frontier_to.filter(|&to| to > frontier) {
                 meta.insert("reconciled_through", to as i64).map_err(se)?;
             }
@@ -1423,6 +1548,35 @@ impl Store {
                     .map_err(se)?
                     .insert(id, json)
                     .map_err(se)?;
+            }
+            if let (Some(m), Some(users)) = (c.minute, c.users) {
+                rebuild_users(&tx, m, users)?;
+            }
+            // Hours the frontier has passed with this commit (after this
+            // minute's sketches are rebuilt): merge their hour sketches.
+            if let Some(to) = c.frontier_to.filter(|&to| to > frontier_before) {
+                // Only hours with sketches (the frontier may jump over
+                // years of empty minutes).
+                let mut h = frontier_before / 60;
+                while h < to / 60 {
+                    let lo = (h * 60).to_be_bytes();
+                    let next = tx
+                        .open_table(UNIQ_MIN)
+                        .map_err(se)?
+                        .range(lo.as_slice()..)
+                        .map_err(se)?
+                        .next()
+                        .transpose()
+                        .map_err(se)?
+                        .map(|(k, _)| u32::from_be_bytes(k.value()[..4].try_into().unwrap()) / 60);
+                    match next {
+                        Some(n) if n < to / 60 => {
+                            roll_up_hour(&tx, n)?;
+                            h = n + 1;
+                        }
+                        _ => break,
+                    }
+                }
             }
         }
         tx.commit().map_err(se)?;
@@ -1577,6 +1731,152 @@ fn read_sources(tx: &redb::ReadTransaction) -> Result<Vec<SourceInfo>> {
 
 /// Visits the audited events of minutes `[m0, m1)`; returns how many audit
 /// entries it read. A corrupt entry is named in the error.
+/// Adds users to the sketch under `k`.
+fn add_users(t: &mut redb::Table<&[u8], &[u8]>, k: &[u8], hashes: &[u64]) -> Result<()> {
+    let mut s = t
+        .get(k)
+        .map_err(se)?
+        .and_then(|v| Sketch::decode(v.value()))
+        .unwrap_or_default();
+    for &h in hashes {
+        s.insert_hash(h);
+    }
+    t.insert(k, s.encode().as_slice()).map_err(se)?;
+    Ok(())
+}
+
+/// The hour sketch's key of a minute sketch's key.
+fn hour_key(k: &[u8]) -> Vec<u8> {
+    let m = u32::from_be_bytes(k[..4].try_into().expect("a sketch key"));
+    let mut h = k.to_vec();
+    h[..4].copy_from_slice(&(m - m % 60).to_be_bytes());
+    h
+}
+
+/// Replaces minute `m`'s sketches with `users`, then merges the hour's
+/// sketch of every (advertiser, campaign, ad) involved again from its
+/// minutes (a sketch cannot forget a user; the hour is rebuilt instead).
+fn rebuild_users(
+    tx: &redb::WriteTransaction,
+    m: u32,
+    users: &BTreeMap<Vec<u8>, Vec<u64>>,
+) -> Result<()> {
+    let mut min_t = tx.open_table(UNIQ_MIN).map_err(se)?;
+    let mut hour_t = tx.open_table(UNIQ_HOUR).map_err(se)?;
+    let lo = m.to_be_bytes();
+    let hi = (m + 1).to_be_bytes();
+    let old: Vec<Vec<u8>> = min_t
+        .range(lo.as_slice()..hi.as_slice())
+        .map_err(se)?
+        .map(|r| r.map(|(k, _)| k.value().to_vec()))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(se)?;
+    for k in &old {
+        min_t.remove(k.as_slice()).map_err(se)?;
+    }
+    for (k, hashes) in users {
+        let mut s = Sketch::default();
+        for &h in hashes {
+            s.insert_hash(h);
+        }
+        min_t
+            .insert(k.as_slice(), s.encode().as_slice())
+            .map_err(se)?;
+    }
+    let h0 = m - m % 60;
+    if tx
+        .open_table(UNIQ_ROLLED)
+        .map_err(se)?
+        .get(m / 60)
+        .map_err(se)?
+        .is_none()
+    {
+        return Ok(());
+    }
+    let involved: BTreeSet<Vec<u8>> = old
+        .iter()
+        .chain(users.keys())
+        .map(|k| hour_key(k))
+        .collect();
+    for hk in involved {
+        let mut hour = Sketch::default();
+        let mut any = false;
+        for mm in h0..h0 + 60 {
+            let mut k = hk.clone();
+            k[..4].copy_from_slice(&mm.to_be_bytes());
+            if let Some(s) = min_t
+                .get(k.as_slice())
+                .map_err(se)?
+                .and_then(|v| Sketch::decode(v.value()))
+            {
+                hour.merge(&s);
+                any = true;
+            }
+        }
+        if any {
+            hour_t
+                .insert(hk.as_slice(), hour.encode().as_slice())
+                .map_err(se)?;
+        } else {
+            hour_t.remove(hk.as_slice()).map_err(se)?;
+        }
+    }
+    Ok(())
+}
+
+/// Merges hour `h`'s minute sketches into its hour sketches and marks it
+/// merged: from then on a query takes the hour whole.
+fn roll_up_hour(tx: &redb::WriteTransaction, h: u32) -> Result<()> {
+    let min_t = tx.open_table(UNIQ_MIN).map_err(se)?;
+    let mut hour_t = tx.open_table(UNIQ_HOUR).map_err(se)?;
+    let lo = (h * 60).to_be_bytes();
+    let hi = (h * 60 + 60).to_be_bytes();
+    let mut acc: BTreeMap<Vec<u8>, Sketch> = BTreeMap::new();
+    for r in min_t.range(lo.as_slice()..hi.as_slice()).map_err(se)? {
+        let (k, v) = r.map_err(se)?;
+        if let Some(s) = Sketch::decode(v.value()) {
+            match acc.entry(hour_key(k.value())) {
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(s);
+                }
+                std::collections::btree_map::Entry::Occupied(mut e) => e.get_mut().merge(&s),
+            }
+        }
+    }
+    for (k, s) in acc {
+        hour_t
+            .insert(k.as_slice(), s.encode().as_slice())
+            .map_err(se)?;
+    }
+    tx.open_table(UNIQ_ROLLED)
+        .map_err(se)?
+        .insert(h, ())
+        .map_err(se)?;
+    Ok(())
+}
+
+/// Removes up to `max` sketches of minutes below `below`.
+fn drop_sketches_below(
+    tx: &redb::WriteTransaction,
+    def: TableDefinition<&[u8], &[u8]>,
+    below: u32,
+    max: usize,
+) -> Result<u64> {
+    let mut t = tx.open_table(def).map_err(se)?;
+    let hi = below.to_be_bytes();
+    let doomed: Vec<Vec<u8>> = t
+        .range(..hi.as_slice())
+        .map_err(se)?
+        .take(max)
+        .map(|r| r.map(|(k, _)| k.value().to_vec()))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(se)?;
+    for k in &doomed {
+        t.remove(k.as_slice()).map_err(se)?;
+    }
+    Ok(doomed.len() as u64)
+}
+
 /// Removes up to `max` entries of a minute-keyed table below `below`.
 fn drop_minutes_below<V: redb::Value + 'static>(
     tx: &redb::WriteTransaction,

@@ -85,6 +85,10 @@ impl Gw {
     }
 
     pub fn click(&mut self, id: &str, ms: i64) {
+        self.click_by(id, ms, "u1");
+    }
+
+    pub fn click_by(&mut self, id: &str, ms: i64, user: &str) {
         self.seq += 1;
         let e = EventRef {
             kind: EventKind::Click,
@@ -102,7 +106,7 @@ impl Gw {
             campaign_id: "camp",
             ad_id: "ad-1",
             click_id: id,
-            user_id: "u1",
+            user_id: user,
             redirect_url: "https://example.com/",
         };
         let mut b = vec![0u8; e.encoded_len()];
