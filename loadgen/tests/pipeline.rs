@@ -1082,6 +1082,26 @@ fn the_dashboard_in_a_browser_shows_what_was_counted() {
     );
     assert_eq!(shown, counted, "the chart differs from what was counted");
     assert_eq!(page["clicks_card"], total.to_string());
+    // Users this hour: the API's own hour point (merged sketches), per ad.
+    let hour = (page["end_ms"].as_i64().unwrap() - 60_000) / 3_600_000 * 3600;
+    let path = format!(
+        "/api/v1/advertisers/analytics?advertiser_id=adv-0&start_time={hour}&end_time={}&granularity=1h",
+        hour + 3600
+    );
+    let api = get_json(&pl.agg_http, &path, &pl.token);
+    let users: std::collections::BTreeMap<String, String> = api["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let n = p["unique_users"].as_u64().unwrap();
+            assert!(n > 0 && n <= p["clicks"].as_u64().unwrap(), "{p}");
+            (p["ad_id"].as_str().unwrap().to_owned(), n.to_string())
+        })
+        .collect();
+    let page_users: std::collections::BTreeMap<String, String> =
+        serde_json::from_value(page["users"].clone()).unwrap();
+    assert_eq!(page_users, users, "users this hour, page and API");
     assert!(
         std::fs::metadata(&shot).unwrap().len() > 5000,
         "screenshot kept"

@@ -2,7 +2,7 @@
 """Opens the aggregator's dashboard in headless Chromium (Debian's, through
 chromedriver and Selenium), signs in as one advertiser, waits for the chart,
 and prints what the chart shows as JSON: its window and every point (ad,
-minute, clicks, final). Saves a screenshot."""
+minute, clicks, final) and each ad's users this hour. Saves a screenshot."""
 import argparse
 import json
 import time
@@ -46,6 +46,8 @@ try:
             end_ms: Number(chart.dataset.end),
             clicks_card: document.getElementById("t-clicks").textContent,
             error: document.getElementById("error").textContent,
+            users: Object.fromEntries([...document.querySelectorAll("#ads tbody tr")]
+                .map((tr) => [tr.cells[0].textContent, tr.cells[5].textContent])),
             points: [...chart.querySelectorAll("circle.point")].map((c) => ({
                 ad: c.dataset.ad,
                 minute: c.dataset.minute,
