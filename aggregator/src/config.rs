@@ -396,6 +396,10 @@ mod tests {
         assert!(toml::from_str::<Config>("colour = 1\n").is_err());
         let bad: Config = toml::from_str("horizon_ms = 10\n").unwrap();
         assert!(bad.validate().is_err());
+        // A retention not longer than the horizon is refused, named.
+        let short: Config = toml::from_str("[retention]\nrows_ms = 3600000\n").unwrap();
+        let e = short.validate().unwrap_err();
+        assert!(e.contains("retention.rows_ms"), "{e}");
     }
 
     #[test]
