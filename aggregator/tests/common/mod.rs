@@ -1,7 +1,6 @@
 //! What the aggregator's integration tests share: a gateway shard that
 //! ships events and partials into a store, reading click ids back from a
 //! sealed file, and a real S3-compatible server.
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
