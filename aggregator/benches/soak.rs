@@ -25,7 +25,6 @@ use aggregator::retention::{self, RetentionStats};
 use aggregator::store::{Settings, Store};
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 use common::{Gw, T};
 

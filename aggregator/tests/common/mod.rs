@@ -1,6 +1,7 @@
 //! What the aggregator's integration tests share: a gateway shard that
 //! ships events and partials into a store, reading click ids back from a
 //! sealed file, and a real S3-compatible server.
+#![allow(dead_code)] // each test crate uses its own part
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
