@@ -792,13 +792,18 @@ impl Store {
         let m0 = (q.start_s.max(0) / 60) as u32;
         let m1 = (q.end_s.max(0) as u64).div_ceil(60).min(u32::MAX as u64) as u32;
         let mut acc: BTreeMap<(i64, String), Acc> = BTreeMap::new();
-        let mut visit = |t: &redb::ReadOnlyTable<&[u8], &[u8]>, unit: u32| -> Result<()> {
+        // Visits the advertiser's sketches of one unit (a minute, or an hour
+        // at its first minute); answers the minute of the first key after
+        // them, so empty stretches are skipped in one step.
+        let mut visit = |t: &redb::ReadOnlyTable<&[u8], &[u8]>, unit: u32| -> Result<Option<u32>> {
             let p = crate::uniques::prefix(unit, &q.advertiser_id);
             for r in t.range(p.as_slice()..).map_err(se)? {
                 let (k, v) = r.map_err(se)?;
                 let k = k.value();
                 if !k.starts_with(&p) {
-                    break;
+                    return Ok(k
+                        .get(..4)
+                        .map(|b| u32::from_be_bytes(b.try_into().unwrap())));
                 }
                 let Some((_, _, camp, ad)) = crate::uniques::decode_key(k) else {
                     continue;
@@ -830,7 +835,7 @@ impl Store {
                     }
                 }
             }
-            Ok(())
+            Ok(None)
         };
         let mut m = m0;
         while m < m1 {
@@ -838,10 +843,13 @@ impl Store {
             if whole_hour && rolled.get(m / 60).map_err(se)?.is_some() {
                 visit(&hour_t, m)?;
                 m += 60;
-            } else {
-                visit(&min_t, m)?;
-                m += 1;
+                continue;
             }
+            m = match visit(&min_t, m)? {
+                Some(next) if next > m => next,
+                Some(_) => m + 1,
+                None => break,
+            };
         }
         Ok(acc
             .into_iter()
@@ -1898,30 +1906,34 @@ fn drop_minutes_below<V: redb::Value + 'static>(
     Ok(doomed.len() as u64)
 }
 
-/// The sealed parts holding raw events of `[m0, m1)` that are no longer hot.
+/// The sealed parts holding raw events of `[m0, m1)` that are no longer hot
+/// (one pass over the parts of the range's hours, however wide the range).
 fn cold_parts(tx: &redb::ReadTransaction, m0: u32, m1: u32) -> Result<Vec<ColdPart>> {
     let t = tx.open_table(AUDIT_PARTS).map_err(se)?;
     let mut out = Vec::new();
     if m1 <= m0 {
         return Ok(out);
     }
-    for h in m0 / 60..=(m1 - 1) / 60 {
-        for r in t.range((h, "", 0u32)..(h + 1, "", 0u32)).map_err(se)? {
-            let (k, v) = r.map_err(se)?;
-            let Ok(p) = serde_json::from_str::<SealedPart>(v.value()) else {
-                continue;
-            };
-            let lo = m0.max(h * 60);
-            let hi = m1.min(h * 60 + p.cold_below as u32);
-            if lo < hi {
-                out.push(ColdPart {
-                    gateway: k.value().1.to_owned(),
-                    object: p.object,
-                    bytes: p.bytes,
-                    m0: lo,
-                    m1: hi,
-                });
-            }
+    let (h0, h1) = (m0 / 60, (m1 - 1) / 60);
+    for r in t.range((h0, "", 0u32)..).map_err(se)? {
+        let (k, v) = r.map_err(se)?;
+        let (h, gw, _) = k.value();
+        if h > h1 {
+            break;
+        }
+        let Ok(p) = serde_json::from_str::<SealedPart>(v.value()) else {
+            continue;
+        };
+        let lo = m0.max(h * 60);
+        let hi = m1.min(h * 60 + p.cold_below as u32);
+        if lo < hi {
+            out.push(ColdPart {
+                gateway: gw.to_owned(),
+                object: p.object,
+                bytes: p.bytes,
+                m0: lo,
+                m1: hi,
+            });
         }
     }
     Ok(out)

@@ -108,4 +108,8 @@ fn buckets_merge_sketches_and_reconciled_minutes_are_rebuilt() {
     );
     let per_day = uniques(&store, day_start, day_start + day, day);
     assert_eq!(per_day.values().copied().collect::<Vec<_>>(), vec![90]);
+    // A range of 56 years of minutes (empty stretches are skipped in one
+    // step, not visited a minute at a time).
+    let all = uniques(&store, 0, s0 + day, day);
+    assert_eq!(all.values().copied().collect::<Vec<_>>(), vec![90]);
 }
