@@ -60,8 +60,15 @@ const AUDIT_HOT: TableDefinition<(u32, &str, u32), ()> = TableDefinition::new("a
 /// first minute.
 const UNIQ_MIN: TableDefinition<&[u8], &[u8]> = TableDefinition::new("uniques_by_minute");
 const UNIQ_HOUR: TableDefinition<&[u8], &[u8]> = TableDefinition::new("uniques_by_hour");
-/// Hours whose hour sketches are merged from their minutes.
-const UNIQ_ROLLED: TableDefinition<u32, ()> = TableDefinition::new("uniques_rolled_up");
+/// Hours merged from their minutes (rows and sketches) once reconciliation
+/// passed them: a query takes such an hour whole.
+const ROLLED: TableDefinition<u32, ()> = TableDefinition::new("hours_rolled_up");
+/// Hour rows: the sum of an hour's minute rows per dimension tuple, keyed as
+/// rows with the hour's first minute; kept equal to that sum by every
+/// change to a minute row of a merged hour.
+const ROWS_HOUR: TableDefinition<&[u8], &[u8]> = TableDefinition::new("rows_by_hour");
+/// (hour, hour row key): the hour rows of each hour, for retention.
+const HOUR_ROWS: TableDefinition<(u32, &[u8]), ()> = TableDefinition::new("hour_rows");
 const MINUTE_REV: TableDefinition<u32, u64> = TableDefinition::new("minute_rev");
 /// Reconciled minutes changed since: minute -> the sequence number of the
 /// change (0: a minute before it changed its click set).
@@ -163,7 +170,9 @@ fn open_db(path: &Path) -> Result<Database> {
     tx.open_table(AUDIT_HOT).map_err(se)?;
     tx.open_table(UNIQ_MIN).map_err(se)?;
     tx.open_table(UNIQ_HOUR).map_err(se)?;
-    tx.open_table(UNIQ_ROLLED).map_err(se)?;
+    tx.open_table(ROLLED).map_err(se)?;
+    tx.open_table(ROWS_HOUR).map_err(se)?;
+    tx.open_table(HOUR_ROWS).map_err(se)?;
     tx.open_table(EXPORT).map_err(se)?;
     tx.commit().map_err(se)?;
     Ok(db)
@@ -558,7 +567,7 @@ impl Store {
             let mut export = tx.open_table(EXPORT).map_err(se)?;
             let mut uniq_min = tx.open_table(UNIQ_MIN).map_err(se)?;
             let mut uniq_hour = tx.open_table(UNIQ_HOUR).map_err(se)?;
-            let uniq_rolled = tx.open_table(UNIQ_ROLLED).map_err(se)?;
+            let uniq_rolled = tx.open_table(ROLLED).map_err(se)?;
             let revision = meta_get(&meta, "revision")? + 1;
             let mut exported = false;
             let mut wm = self.watermark_in(&sources, &meta, now_ms)?;
@@ -612,6 +621,9 @@ impl Store {
                                 RowChange::Merge { row, correction } => {
                                     rows.insert(kb.as_slice(), row.encode().as_slice())
                                         .map_err(se)?;
+                                    if uniq_rolled.get(k.minute / 60).map_err(se)?.is_some() {
+                                        hour_row_change(&tx, k, current, row)?;
+                                    }
                                     if current.is_none() {
                                         minute_rows
                                             .insert((k.minute, kb.as_slice()), ())
@@ -729,35 +741,59 @@ impl Store {
             self.watermark_in(&s, &m, now_ms)?
         };
         let t = tx.open_table(ROWS).map_err(se)?;
+        let hour_t = tx.open_table(ROWS_HOUR).map_err(se)?;
         let m0 = (q.start_s.max(0) / 60) as u32;
         let m1 = (q.end_s.max(0) as u64).div_ceil(60).min(u32::MAX as u64) as u32;
         let states = MinuteStates::read(&tx, m0, m1)?;
-        let lo = prefix(&q.advertiser_id, m0);
-        let hi = prefix(&q.advertiser_id, m1);
         let mut out = Series::new();
-        for r in t.range(lo.as_slice()..hi.as_slice()).map_err(se)? {
-            let (k, v) = r.map_err(se)?;
-            let Some(key) = decode_key(k.value()) else {
-                continue;
-            };
-            if q.campaign_id
-                .as_ref()
-                .is_some_and(|c| *c != key.campaign_id)
-                || q.ad_id.as_ref().is_some_and(|a| *a != key.ad_id)
-            {
-                continue;
+        // Sums the advertiser's rows of `t` in minutes `[a, b)` into buckets.
+        let mut scan = |t: &redb::ReadOnlyTable<&[u8], &[u8]>, a: u32, b: u32| -> Result<()> {
+            let lo = prefix(&q.advertiser_id, a);
+            let hi = prefix(&q.advertiser_id, b);
+            for r in t.range(lo.as_slice()..hi.as_slice()).map_err(se)? {
+                let (k, v) = r.map_err(se)?;
+                let Some(key) = decode_key(k.value()) else {
+                    continue;
+                };
+                if q.campaign_id
+                    .as_ref()
+                    .is_some_and(|c| *c != key.campaign_id)
+                    || q.ad_id.as_ref().is_some_and(|a| *a != key.ad_id)
+                {
+                    continue;
+                }
+                let row = Row::decode(v.value());
+                let t_s = key.minute as i64 * 60;
+                let bucket = t_s - t_s.rem_euclid(q.bucket_s);
+                let e = out.entry((bucket, key.ad_id)).or_insert((
+                    Counts::default(),
+                    PointState::Reconciled,
+                    0,
+                ));
+                e.0.merge(&row.counts);
+                e.2 = e.2.max(row.version);
             }
-            let row = Row::decode(v.value());
-            let t_s = key.minute as i64 * 60;
-            let bucket = t_s - t_s.rem_euclid(q.bucket_s);
-            let e = out.entry((bucket, key.ad_id)).or_insert((
-                Counts::default(),
-                PointState::Reconciled,
-                0,
-            ));
-            e.0.merge(&row.counts);
-            e.2 = e.2.max(row.version);
+            Ok(())
+        };
+        // Whole hours inside the range that are merged are read as one
+        // row per dimension tuple; the rest a minute row at a time.
+        let mut from = m0;
+        if q.bucket_s >= 3600 {
+            let rolled: Vec<u32> = tx
+                .open_table(ROLLED)
+                .map_err(se)?
+                .range(m0.div_ceil(60)..m1 / 60)
+                .map_err(se)?
+                .map(|r| r.map(|(k, _)| k.value()))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(se)?;
+            for h in rolled {
+                scan(&t, from, h * 60)?;
+                scan(&hour_t, h * 60, h * 60 + 1)?;
+                from = h * 60 + 60;
+            }
         }
+        scan(&t, from, m1)?;
         // A bucket is final only if its last minute is (a bucket with rows
         // in early minutes only may still get rows in later ones), and
         // reconciled only if every minute in it is.
@@ -788,7 +824,7 @@ impl Store {
         let tx = db.begin_read().map_err(se)?;
         let min_t = tx.open_table(UNIQ_MIN).map_err(se)?;
         let hour_t = tx.open_table(UNIQ_HOUR).map_err(se)?;
-        let rolled = tx.open_table(UNIQ_ROLLED).map_err(se)?;
+        let rolled = tx.open_table(ROLLED).map_err(se)?;
         let m0 = (q.start_s.max(0) / 60) as u32;
         let m1 = (q.end_s.max(0) as u64).div_ceil(60).min(u32::MAX as u64) as u32;
         let mut acc: BTreeMap<(i64, String), Acc> = BTreeMap::new();
@@ -861,6 +897,24 @@ impl Store {
                 (k, n)
             })
             .collect())
+    }
+
+    /// The hour rows of hour `h` (merged once reconciliation passed it).
+    pub fn hour_rows(&self, h: u32) -> Result<Vec<(RowKey, Row)>> {
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(se)?;
+        let idx = tx.open_table(HOUR_ROWS).map_err(se)?;
+        let t = tx.open_table(ROWS_HOUR).map_err(se)?;
+        let empty: &[u8] = &[];
+        let mut out = Vec::new();
+        for r in idx.range((h, empty)..(h + 1, empty)).map_err(se)? {
+            let (k, _) = r.map_err(se)?;
+            let kb = k.value().1;
+            if let (Some(key), Some(v)) = (decode_key(kb), t.get(kb).map_err(se)?) {
+                out.push((key, Row::decode(v.value())));
+            }
+        }
+        Ok(out)
     }
 
     /// (sketches, bytes) of the minute and of the hour unique-user tables.
@@ -1164,7 +1218,29 @@ impl Store {
             let budget = max.saturating_sub(doomed.len());
             d.marks += drop_sketches_below(&tx, UNIQ_MIN, below, budget)?;
             d.marks += drop_sketches_below(&tx, UNIQ_HOUR, below - below % 60, budget)?;
-            d.marks += drop_minutes_below(&tx, UNIQ_ROLLED, below / 60, budget)?;
+            d.marks += drop_minutes_below(&tx, ROLLED, below / 60, budget)?;
+            {
+                // Hour rows of hours wholly below the cut-off.
+                let mut idx = tx.open_table(HOUR_ROWS).map_err(se)?;
+                let mut hour_rows = tx.open_table(ROWS_HOUR).map_err(se)?;
+                let doomed: Vec<(u32, Vec<u8>)> = idx
+                    .range((0u32, empty)..(below / 60, empty))
+                    .map_err(se)?
+                    .take(budget)
+                    .map(|r| {
+                        r.map(|(k, _)| {
+                            let (h, kb) = k.value();
+                            (h, kb.to_vec())
+                        })
+                    })
+                    .collect::<std::result::Result<_, _>>()
+                    .map_err(se)?;
+                for (h, kb) in &doomed {
+                    hour_rows.remove(kb.as_slice()).map_err(se)?;
+                    idx.remove((*h, kb.as_slice())).map_err(se)?;
+                }
+                d.marks += doomed.len() as u64;
+            }
             d.marks += drop_minutes_below(&tx, MINUTE_REV, below, budget)?;
             d.marks += drop_minutes_below(&tx, DIRTY, below, budget)?;
             d.marks += drop_minutes_below(&tx, RECONCILED, below, budget)?;
@@ -1498,6 +1574,7 @@ impl Store {
             let mut dirty = tx.open_table(DIRTY).map_err(se)?;
             let mut marks = tx.open_table(RECONCILED).map_err(se)?;
             let mut failed = tx.open_table(RECON_FAILED).map_err(se)?;
+            let rolled_t = tx.open_table(ROLLED).map_err(se)?;
             let revision = meta_get(&meta, "revision")? + 1;
             if self.settings.export && !c.fixes.is_empty() {
                 meta.insert("revision", revision).map_err(se)?;
@@ -1511,6 +1588,9 @@ impl Store {
                 let r = merge::corrected(old, *counts);
                 rows.insert(kb.as_slice(), r.encode().as_slice())
                     .map_err(se)?;
+                if rolled_t.get(k.minute / 60).map_err(se)?.is_some() {
+                    hour_row_change(&tx, k, old, r)?;
+                }
                 if old.is_none() {
                     minute_rows
                         .insert((k.minute, kb.as_slice()), ())
@@ -1557,6 +1637,8 @@ impl Store {
                     .insert(id, json)
                     .map_err(se)?;
             }
+            // Close the tables the merges below open again.
+            drop((rows, minute_rows, rolled_t));
             if let (Some(m), Some(users)) = (c.minute, c.users) {
                 rebuild_users(&tx, m, users)?;
             }
@@ -1568,7 +1650,7 @@ impl Store {
                 let mut h = frontier_before / 60;
                 while h < to / 60 {
                     let lo = (h * 60).to_be_bytes();
-                    let next = tx
+                    let by_sketch = tx
                         .open_table(UNIQ_MIN)
                         .map_err(se)?
                         .range(lo.as_slice()..)
@@ -1577,6 +1659,20 @@ impl Store {
                         .transpose()
                         .map_err(se)?
                         .map(|(k, _)| u32::from_be_bytes(k.value()[..4].try_into().unwrap()) / 60);
+                    let empty: &[u8] = &[];
+                    let by_row = tx
+                        .open_table(MINUTE_ROWS)
+                        .map_err(se)?
+                        .range((h * 60, empty)..)
+                        .map_err(se)?
+                        .next()
+                        .transpose()
+                        .map_err(se)?
+                        .map(|(k, _)| k.value().0 / 60);
+                    let next = match (by_sketch, by_row) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
                     match next {
                         Some(n) if n < to / 60 => {
                             roll_up_hour(&tx, n)?;
@@ -1793,7 +1889,7 @@ fn rebuild_users(
     }
     let h0 = m - m % 60;
     if tx
-        .open_table(UNIQ_ROLLED)
+        .open_table(ROLLED)
         .map_err(se)?
         .get(m / 60)
         .map_err(se)?
@@ -1832,6 +1928,42 @@ fn rebuild_users(
     Ok(())
 }
 
+/// Keeps a merged hour's row equal to the sum of its minute rows when the
+/// minute row of `k` changes from `old` to `new`.
+fn hour_row_change(
+    tx: &redb::WriteTransaction,
+    k: &RowKey,
+    old: Option<Row>,
+    new: Row,
+) -> Result<()> {
+    let h = k.minute / 60;
+    let mut hk = k.clone();
+    hk.minute = h * 60;
+    let kb = encode_key(&hk);
+    let mut t = tx.open_table(ROWS_HOUR).map_err(se)?;
+    let mut row = t
+        .get(kb.as_slice())
+        .map_err(se)?
+        .map(|v| Row::decode(v.value()))
+        .unwrap_or_default();
+    let old = old.unwrap_or_default().counts;
+    let (c, n) = (&mut row.counts, &new.counts);
+    // The hour holds the old minute row, so no field goes below zero.
+    c.clicks = c.clicks - old.clicks + n.clicks;
+    c.impressions = c.impressions - old.impressions + n.impressions;
+    c.spend_micros = c.spend_micros - old.spend_micros + n.spend_micros;
+    c.duplicates = c.duplicates - old.duplicates + n.duplicates;
+    c.invalid = c.invalid - old.invalid + n.invalid;
+    row.version = row.version.max(new.version);
+    t.insert(kb.as_slice(), row.encode().as_slice())
+        .map_err(se)?;
+    tx.open_table(HOUR_ROWS)
+        .map_err(se)?
+        .insert((h, kb.as_slice()), ())
+        .map_err(se)?;
+    Ok(())
+}
+
 /// Merges hour `h`'s minute sketches into its hour sketches and marks it
 /// merged: from then on a query takes the hour whole.
 fn roll_up_hour(tx: &redb::WriteTransaction, h: u32) -> Result<()> {
@@ -1856,7 +1988,35 @@ fn roll_up_hour(tx: &redb::WriteTransaction, h: u32) -> Result<()> {
             .insert(k.as_slice(), s.encode().as_slice())
             .map_err(se)?;
     }
-    tx.open_table(UNIQ_ROLLED)
+    // The hour rows: each dimension tuple's minute rows summed.
+    let idx = tx.open_table(MINUTE_ROWS).map_err(se)?;
+    let rows = tx.open_table(ROWS).map_err(se)?;
+    let mut sums: BTreeMap<Vec<u8>, Row> = BTreeMap::new();
+    let empty: &[u8] = &[];
+    for r in idx
+        .range((h * 60, empty)..(h * 60 + 60, empty))
+        .map_err(se)?
+    {
+        let (k, _) = r.map_err(se)?;
+        let kb = k.value().1;
+        let (Some(mut key), Some(v)) = (decode_key(kb), rows.get(kb).map_err(se)?) else {
+            continue;
+        };
+        let row = Row::decode(v.value());
+        key.minute = h * 60;
+        let e = sums.entry(encode_key(&key)).or_default();
+        e.counts.merge(&row.counts);
+        e.version = e.version.max(row.version);
+    }
+    let mut hour_rows = tx.open_table(ROWS_HOUR).map_err(se)?;
+    let mut hour_idx = tx.open_table(HOUR_ROWS).map_err(se)?;
+    for (kb, row) in sums {
+        hour_rows
+            .insert(kb.as_slice(), row.encode().as_slice())
+            .map_err(se)?;
+        hour_idx.insert((h, kb.as_slice()), ()).map_err(se)?;
+    }
+    tx.open_table(ROLLED)
         .map_err(se)?
         .insert(h, ())
         .map_err(se)?;
