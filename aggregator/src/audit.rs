@@ -56,6 +56,10 @@ pub struct Settings {
     pub interval_ms: u64,
     /// zstd level of the Parquet pages. Default 3.
     pub zstd_level: i32,
+    /// How often the files under the prefix are checked against the
+    /// manifest (objects nobody sealed, sealed files missing or of another
+    /// size), ms; 0 turns it off. Default 3600000.
+    pub verify_interval_ms: u64,
 }
 
 impl Default for Settings {
@@ -70,6 +74,7 @@ impl Default for Settings {
             allow_http: false,
             interval_ms: 5000,
             zstd_level: 3,
+            verify_interval_ms: 3_600_000,
         }
     }
 }
@@ -94,6 +99,7 @@ impl std::fmt::Debug for Settings {
             .field("allow_http", &self.allow_http)
             .field("interval_ms", &self.interval_ms)
             .field("zstd_level", &self.zstd_level)
+            .field("verify_interval_ms", &self.verify_interval_ms)
             .finish()
     }
 }
@@ -416,6 +422,67 @@ pub struct SealStats {
     pub backlog_hours: AtomicU64,
     /// The last upload error, for /readyz; empty once one succeeds.
     pub last_error: std::sync::Mutex<String>,
+    /// From the last check of the files under the prefix (gauges).
+    pub foreign_objects: AtomicU64,
+    pub missing_objects: AtomicU64,
+}
+
+/// What a check of the files under the prefix against the manifest found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Verified {
+    /// Sealed files found as recorded.
+    pub files: u64,
+    /// Objects under `raw/` that no part names: reported, never read.
+    pub foreign: Vec<String>,
+    /// Sealed parts whose object is absent, or of another size than sealed.
+    pub missing: Vec<String>,
+}
+
+/// Lists the files under the prefix and checks them against the manifest.
+pub async fn verify(
+    store: &Arc<Store>,
+    objects: &Arc<dyn ObjectStore>,
+    prefix: &ObjectPath,
+) -> Result<Verified, String> {
+    use futures_util::StreamExt;
+    let st = store.clone();
+    let parts = tokio::task::spawn_blocking(move || st.all_audit_parts())
+        .await
+        .expect("store task")
+        .map_err(|e| e.to_string())?;
+    // Object name -> Some(bytes) once sealed, None while an intent.
+    let mut known: BTreeMap<String, Option<u64>> = parts
+        .into_iter()
+        .filter_map(|(_, j)| serde_json::from_str::<SealedPart>(&j).ok())
+        .map(|p| (p.object, (p.state == "sealed").then_some(p.bytes)))
+        .collect();
+    let base = prefix.to_string();
+    let raw = ObjectPath::from(format!("{base}/raw").trim_start_matches('/'));
+    let mut out = Verified::default();
+    let mut list = objects.list(Some(&raw));
+    while let Some(meta) = list.next().await {
+        let meta = meta.map_err(|e| format!("listing {raw}: {e}"))?;
+        let full = meta.location.to_string();
+        let name = full
+            .strip_prefix(&base)
+            .map(|n| n.trim_start_matches('/'))
+            .unwrap_or(&full)
+            .to_owned();
+        match known.remove(&name) {
+            None => out.foreign.push(name),
+            Some(Some(bytes)) if bytes != meta.size => out
+                .missing
+                .push(format!("{name} ({} bytes, sealed {bytes})", meta.size)),
+            Some(_) => out.files += 1,
+        }
+    }
+    out.missing.extend(
+        known
+            .into_iter()
+            .filter(|(_, b)| b.is_some())
+            .map(|(n, _)| format!("{n} (absent)")),
+    );
+    Ok(out)
 }
 
 /// One pass: finishes recorded intents, then seals up to `max` pending
@@ -591,7 +658,27 @@ pub async fn run(
     stop: Arc<AtomicBool>,
 ) {
     let mut backoff = Duration::from_secs(1);
+    let mut verified_at: Option<tokio::time::Instant> = None;
     while !stop.load(Relaxed) {
+        let every = Duration::from_millis(cfg.verify_interval_ms);
+        if cfg.verify_interval_ms > 0 && verified_at.is_none_or(|t| t.elapsed() >= every) {
+            verified_at = Some(tokio::time::Instant::now());
+            match verify(&store, &objects, &prefix).await {
+                Ok(v) => {
+                    stats.foreign_objects.store(v.foreign.len() as u64, Relaxed);
+                    stats.missing_objects.store(v.missing.len() as u64, Relaxed);
+                    if !v.foreign.is_empty() || !v.missing.is_empty() {
+                        tracing::warn!(
+                            foreign = ?v.foreign.iter().take(10).collect::<Vec<_>>(),
+                            missing = ?v.missing.iter().take(10).collect::<Vec<_>>(),
+                            files = v.files,
+                            "audit files under the prefix differ from the manifest; foreign objects are never read"
+                        );
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "checking the audit files failed; will retry"),
+            }
+        }
         let pause = match seal_pass(&store, &objects, &prefix, &cfg, &stats, crate::now_ms(), 64)
             .await
         {

@@ -234,6 +234,12 @@ impl Metrics {
         ] {
             let _ = writeln!(s, "# HELP clickgate_aggregator_{name} {help}\n# TYPE clickgate_aggregator_{name} counter\nclickgate_aggregator_{name} {v}");
         }
+        for (name, help, v) in [
+            ("audit_foreign_objects", "Objects under the audit prefix that no sealed part names (last check): reported, never read.", &a.foreign_objects),
+            ("audit_missing_objects", "Sealed parts whose object is absent or of another size (last check).", &a.missing_objects),
+        ] {
+            let _ = writeln!(s, "# HELP clickgate_aggregator_{name} {help}\n# TYPE clickgate_aggregator_{name} gauge\nclickgate_aggregator_{name} {}", v.load(Relaxed));
+        }
         let _ = writeln!(s, "# HELP clickgate_aggregator_audit_backlog_hours (hour, gateway) pairs with raw events not yet sealed.\n# TYPE clickgate_aggregator_audit_backlog_hours gauge\nclickgate_aggregator_audit_backlog_hours {}", a.backlog_hours.load(Relaxed));
         let r = &self.retention;
         for (name, help, v) in [

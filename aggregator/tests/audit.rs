@@ -309,6 +309,17 @@ async fn minutes_dropped_from_the_hot_store_are_recounted_from_their_sealed_file
         out
     };
     std::fs::write(&file_b, &foreign).unwrap();
+    // The check of the prefix names it (another size than sealed), and an
+    // object nobody sealed, which is never read.
+    std::fs::write(dir.join("gateway=gwb/stray.parquet"), &foreign).unwrap();
+    let v = audit::verify(&store, &objects, &prefix).await.unwrap();
+    assert_eq!(
+        v.foreign,
+        vec!["raw/2026-11-24/05/gateway=gwb/stray.parquet".to_string()]
+    );
+    assert_eq!(v.missing.len(), 1, "{v:?}");
+    assert!(v.missing[0].starts_with("raw/2026-11-24/05/gateway=gwb/part-00000.parquet"));
+    assert_eq!(v.files, 1, "gwa's file as sealed: {v:?}");
     late.click("late-4", T + 5 * 60_000 + 40);
     late.ship(&store, now);
     let r = reconcile_until_idle(new_reconciler(Some(cold.clone())), now).await;
@@ -326,4 +337,7 @@ async fn minutes_dropped_from_the_hot_store_are_recounted_from_their_sealed_file
     drop(r);
     assert!(store.failed_minutes(m0, m1).unwrap().is_empty());
     assert_eq!(billed(&store, m0, m1), (86, 1));
+    std::fs::remove_file(dir.join("gateway=gwb/stray.parquet")).unwrap();
+    let v = audit::verify(&store, &objects, &prefix).await.unwrap();
+    assert!(v.foreign.is_empty() && v.missing.is_empty(), "{v:?}");
 }
