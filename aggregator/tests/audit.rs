@@ -7,10 +7,9 @@
 use std::sync::Arc;
 
 use aggregator::audit::{self, SealStats, SealedPart};
-use aggregator::merge::Rules;
 use aggregator::metrics::ReconcileStats;
-use aggregator::reconcile::{self, Reconciler, Turn};
-use aggregator::store::{Settings, Store};
+use aggregator::reconcile::{self, Reconciler};
+use aggregator::store::Store;
 
 mod common;
 use common::{click_ids, Gw, H, T};
@@ -18,19 +17,7 @@ use common::{click_ids, Gw, H, T};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_hours_are_sealed_once_and_late_events_go_to_addenda() {
     let d = tempfile::tempdir().unwrap();
-    let store = Arc::new(
-        Store::open(
-            &d.path().join("s.redb"),
-            Settings {
-                rules: Rules {
-                    lateness_ms: 60_000,
-                    ..Rules::default()
-                },
-                export: false,
-            },
-        )
-        .unwrap(),
-    );
+    let store = common::open_store(d.path());
     let cfg = audit::Settings::default();
     let target = cfg.target(&d.path().join("s.redb")).unwrap();
     let (objects, prefix) = audit::open(&cfg, &target).unwrap();
@@ -50,20 +37,10 @@ async fn closed_hours_are_sealed_once_and_late_events_go_to_addenda() {
             .unwrap(),
         0
     );
-    let mut r = Reconciler::new(
-        store.clone(),
-        reconcile::Settings::default(),
-        Arc::new(ReconcileStats::default()),
-    );
+    let mut r = common::reconciler(&store);
     let rs = store.clone();
     tokio::task::spawn_blocking(move || {
-        let mut idle = 0;
-        while idle < 3 {
-            match r.turn(now).unwrap() {
-                Turn::Worked(_) => idle = 0,
-                _ => idle += 1,
-            }
-        }
+        common::reconcile_until_idle(&mut r, now);
         drop(rs);
     })
     .await
@@ -141,13 +118,7 @@ async fn closed_hours_are_sealed_once_and_late_events_go_to_addenda() {
 async fn reconcile_until_idle(r: Reconciler, now: i64) -> Reconciler {
     tokio::task::spawn_blocking(move || {
         let mut r = r;
-        let mut idle = 0;
-        while idle < 3 {
-            match r.turn(now).unwrap() {
-                Turn::Worked(_) => idle = 0,
-                _ => idle += 1,
-            }
-        }
+        common::reconcile_until_idle(&mut r, now);
         r
     })
     .await
@@ -168,19 +139,7 @@ fn billed(store: &Store, m0: u32, m1: u32) -> (u64, u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn minutes_dropped_from_the_hot_store_are_recounted_from_their_sealed_files() {
     let d = tempfile::tempdir().unwrap();
-    let store = Arc::new(
-        Store::open(
-            &d.path().join("s.redb"),
-            Settings {
-                rules: Rules {
-                    lateness_ms: 60_000,
-                    ..Rules::default()
-                },
-                export: false,
-            },
-        )
-        .unwrap(),
-    );
+    let store = common::open_store(d.path());
     let cfg = audit::Settings::default();
     let target = cfg.target(&d.path().join("s.redb")).unwrap();
     let (objects, prefix) = audit::open(&cfg, &target).unwrap();

@@ -7,28 +7,15 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use aggregator::merge::Rules;
-use aggregator::metrics::ReconcileStats;
-use aggregator::reconcile::{self, Reconciler, Turn};
-use aggregator::store::{Query, Settings, Store};
+use aggregator::store::{Query, Store};
 use wire::record::{Counts, RowKey};
 
 mod common;
 use common::{Gw, H, T};
 
 fn reconcile_until_idle(store: &Arc<Store>, now: i64) {
-    let mut r = Reconciler::new(
-        store.clone(),
-        reconcile::Settings::default(),
-        Arc::new(ReconcileStats::default()),
-    );
-    let mut idle = 0;
-    while idle < 3 {
-        match r.turn(now).unwrap() {
-            Turn::Worked(_) => idle = 0,
-            _ => idle += 1,
-        }
-    }
+    let mut r = common::reconciler(store);
+    common::reconcile_until_idle(&mut r, now);
 }
 
 /// Every hour's rows equal its minute rows summed, and the answers of the
@@ -88,19 +75,7 @@ fn check(store: &Store, now: i64) {
 #[test]
 fn hour_rows_stay_the_sum_of_their_minutes_through_late_data_and_corrections() {
     let d = tempfile::tempdir().unwrap();
-    let store = Arc::new(
-        Store::open(
-            &d.path().join("s.redb"),
-            Settings {
-                rules: Rules {
-                    lateness_ms: 60_000,
-                    ..Rules::default()
-                },
-                export: false,
-            },
-        )
-        .unwrap(),
-    );
+    let store = common::open_store(d.path());
     let now = T + 4 * 3_600_000;
     let (mut a, mut b) = (Gw::new("gwa"), Gw::new("gwb"));
     for i in 0..180 {

@@ -12,8 +12,6 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aggregator::metrics::ReconcileStats;
-use aggregator::reconcile::{self, Reconciler, Turn};
 use aggregator::store::{Settings, Store};
 
 mod common;
@@ -44,18 +42,8 @@ fn prepare(path: &Path) -> Vec<(String, Vec<String>)> {
     }
     a.ship(&store, now);
     b.ship(&store, now);
-    let mut r = Reconciler::new(
-        store.clone(),
-        reconcile::Settings::default(),
-        Arc::new(ReconcileStats::default()),
-    );
-    let mut idle = 0;
-    while idle < 3 {
-        match r.turn(now).unwrap() {
-            Turn::Worked(_) => idle = 0,
-            _ => idle += 1,
-        }
-    }
+    let mut r = common::reconciler(&store);
+    common::reconcile_until_idle(&mut r, now);
     want.sort();
     want
 }

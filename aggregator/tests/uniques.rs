@@ -4,12 +4,8 @@
 //! from the deduplicated events.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
-use aggregator::merge::Rules;
-use aggregator::metrics::ReconcileStats;
-use aggregator::reconcile::{self, Reconciler, Turn};
-use aggregator::store::{Query, Settings, Store};
+use aggregator::store::{Query, Store};
 
 mod common;
 use common::{Gw, T};
@@ -35,19 +31,7 @@ fn uniques(s: &Store, start_s: i64, end_s: i64, bucket_s: i64) -> BTreeMap<i64, 
 #[test]
 fn buckets_merge_sketches_and_reconciled_minutes_are_rebuilt() {
     let d = tempfile::tempdir().unwrap();
-    let store = Arc::new(
-        Store::open(
-            &d.path().join("s.redb"),
-            Settings {
-                rules: Rules {
-                    lateness_ms: 60_000,
-                    ..Rules::default()
-                },
-                export: false,
-            },
-        )
-        .unwrap(),
-    );
+    let store = common::open_store(d.path());
     let now = T + 7_200_000;
     let (mut a, mut b) = (Gw::new("gwa"), Gw::new("gwb"));
     // Minute 0: users 0..50; minute 1: users 30..90 (30 seen in both).
@@ -86,18 +70,8 @@ fn buckets_merge_sketches_and_reconciled_minutes_are_rebuilt() {
         BTreeMap::from([(0, 62)])
     );
 
-    let mut r = Reconciler::new(
-        store.clone(),
-        reconcile::Settings::default(),
-        Arc::new(ReconcileStats::default()),
-    );
-    let mut idle = 0;
-    while idle < 3 {
-        match r.turn(now).unwrap() {
-            Turn::Worked(_) => idle = 0,
-            _ => idle += 1,
-        }
-    }
+    let mut r = common::reconciler(&store);
+    common::reconcile_until_idle(&mut r, now);
     // Reconciled: the copy at the other PoP is a duplicate, and its user
     // is gone from the minute and from the hour.
     let by_minute = uniques(&store, s0, s0 + hour, 60);

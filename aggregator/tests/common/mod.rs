@@ -59,6 +59,43 @@ pub fn get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
     (status, body)
 }
 
+/// A store in `dir` whose minutes are final a minute after they end.
+pub fn open_store(dir: &Path) -> Arc<Store> {
+    Arc::new(
+        Store::open(
+            &dir.join("s.redb"),
+            aggregator::store::Settings {
+                rules: aggregator::merge::Rules {
+                    lateness_ms: 60_000,
+                    ..aggregator::merge::Rules::default()
+                },
+                export: false,
+            },
+        )
+        .unwrap(),
+    )
+}
+
+/// A reconciler with the default settings.
+pub fn reconciler(store: &Arc<Store>) -> aggregator::reconcile::Reconciler {
+    aggregator::reconcile::Reconciler::new(
+        store.clone(),
+        aggregator::reconcile::Settings::default(),
+        Arc::new(aggregator::metrics::ReconcileStats::default()),
+    )
+}
+
+/// Turns `r` until it has nothing left to do.
+pub fn reconcile_until_idle(r: &mut aggregator::reconcile::Reconciler, now: i64) {
+    let mut idle = 0;
+    while idle < 3 {
+        match r.turn(now).unwrap() {
+            aggregator::reconcile::Turn::Worked(_) => idle = 0,
+            _ => idle += 1,
+        }
+    }
+}
+
 pub const H: u32 = 498_749; // 2026-11-24T05:00Z, in hours
 pub const T: i64 = H as i64 * 3_600_000;
 
