@@ -177,6 +177,7 @@ fn sealed_files_reach_s3_once_through_bad_credentials_outages_and_kill_9() {
     let log = std::fs::read_to_string(&agg.log).unwrap();
     assert!(log.contains("audit sealing failed"), "{log}");
     assert!(!log.contains("not-the-secret"), "a secret in the log");
+    assert!(!log.contains('\x1b'), "colour codes in a log file");
     assert!(s3.objects(BUCKET).is_empty());
     drop(agg);
 

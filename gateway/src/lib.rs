@@ -9,8 +9,10 @@
 //! The cores are plain state machines, driven by tests without sockets:
 //! [`http`] (framing, in place), [`token`] (HMAC verification), [`dedup`],
 //! [`preagg`], [`limiter`], and [`app`] (what one request does). [`shard`]
-//! and [`server`] are the shells. Not here: TLS, HTTP/3 and the PROXY
-//! protocol (issue 6), and the shipper (its own crate).
+//! and [`server`] are the shells; [`tls`] (rustls over the shard's io_uring),
+//! [`h3`] (HTTP/3 on quinn beside the shards) and [`edge`] (PROXY protocol,
+//! trusted forwarded addresses) sit at the edge. The shipper is its own
+//! crate.
 
 pub mod app;
 pub mod config;
