@@ -1251,32 +1251,39 @@ impl Store {
     }
 
     /// One bounded step of the late table's retention: drops up to `max`
-    /// late rows of minutes below `below` (the table is keyed by
-    /// advertiser, so a step reads it whole; it holds only data that came
-    /// past the correction horizon).
+    /// late rows of minutes below `below`. The table is keyed by
+    /// advertiser, so the rows due are found in a read snapshot (no write
+    /// held while it is read whole), then removed in one short write.
     pub fn drop_late_step(&self, below: u32, max: usize) -> Result<u64> {
         let db = self.db()?;
-        let tx = db.begin_write().map_err(se)?;
-        let n;
-        {
-            let mut late = tx.open_table(LATE).map_err(se)?;
-            let mut doomed = Vec::new();
+        let doomed: Vec<Vec<u8>> = {
+            let tx = db.begin_read().map_err(se)?;
+            let late = tx.open_table(LATE).map_err(se)?;
+            let mut out = Vec::new();
             for r in late.iter().map_err(se)? {
                 let (k, _) = r.map_err(se)?;
                 if decode_key(k.value()).is_some_and(|key| key.minute < below) {
-                    doomed.push(k.value().to_vec());
-                    if doomed.len() >= max {
+                    out.push(k.value().to_vec());
+                    if out.len() >= max {
                         break;
                     }
                 }
             }
+            out
+        };
+        if doomed.is_empty() {
+            return Ok(0);
+        }
+        let tx = db.begin_write().map_err(se)?;
+        {
+            // A key found due stays due (its minute is in the key).
+            let mut late = tx.open_table(LATE).map_err(se)?;
             for k in &doomed {
                 late.remove(k.as_slice()).map_err(se)?;
             }
-            n = doomed.len() as u64;
         }
         tx.commit().map_err(se)?;
-        Ok(n)
+        Ok(doomed.len() as u64)
     }
 
     /// One bounded step of the hot audit's retention: for sealed parts
@@ -2281,6 +2288,34 @@ mod tests {
         s.drop_rows_step(m0 + 5, 2).unwrap();
         assert_eq!(s.rows_in(0, m0 + 5).unwrap().len(), 0);
         assert_eq!(total(&s, "a").clicks, 5);
+    }
+
+    #[test]
+    fn late_rows_past_retention_go_in_bounded_steps() {
+        let (_d, s) = store();
+        let m0 = (T0 / 60_000) as u32;
+        // The watermark first, then rows one to four hours behind it: past
+        // the one-hour horizon, into the late table (the last one is not).
+        let wm = T0 + 600_000;
+        let ack = apply(&s, &partials("gw", 0, &[(1, 0, wm, vec![])]), T0);
+        assert_eq!(ack.status, Status::Applied);
+        let rows: Vec<(RowKey, Counts)> = (0..5)
+            .map(|i| (key("a", "ad", m0 - 240 + i * 60), clicks(1)))
+            .collect();
+        let ack = apply(&s, &partials("gw", 0, &[(2, 1, wm, rows)]), T0);
+        assert_eq!(ack.status, Status::Applied);
+        assert_eq!(s.late_rows().unwrap().len(), 4);
+        // Below m0 - 90: the rows of m0 - 240, - 180 and - 120, two a step.
+        assert_eq!(s.drop_late_step(m0 - 90, 2).unwrap(), 2);
+        assert_eq!(s.drop_late_step(m0 - 90, 2).unwrap(), 1);
+        assert_eq!(s.drop_late_step(m0 - 90, 2).unwrap(), 0);
+        let left: Vec<u32> = s
+            .late_rows()
+            .unwrap()
+            .iter()
+            .map(|(k, _)| k.minute)
+            .collect();
+        assert_eq!(left, vec![m0 - 60]);
     }
 
     fn total(s: &Store, adv: &str) -> Counts {
