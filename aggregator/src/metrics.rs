@@ -192,9 +192,15 @@ impl Metrics {
                 &self.ch_errors,
             ),
         ] {
-            let _ = writeln!(s, "# HELP clickgate_aggregator_{name} {help}\n# TYPE clickgate_aggregator_{name} counter\nclickgate_aggregator_{name} {}", v.load(Relaxed));
+            metric(&mut s, name, help, "counter", v.load(Relaxed));
         }
-        let _ = writeln!(s, "# HELP clickgate_aggregator_watermark_lag_seconds Now minus the global event-time watermark.\n# TYPE clickgate_aggregator_watermark_lag_seconds gauge\nclickgate_aggregator_watermark_lag_seconds {}", watermark_lag_ms as f64 / 1000.0);
+        metric(
+            &mut s,
+            "watermark_lag_seconds",
+            "Now minus the global event-time watermark.",
+            "gauge",
+            watermark_lag_ms as f64 / 1000.0,
+        );
         let _ = writeln!(
             s,
             "# TYPE clickgate_aggregator_sources gauge\nclickgate_aggregator_sources {sources}"
@@ -232,15 +238,21 @@ impl Metrics {
                 a.upload_errors.load(Relaxed),
             ),
         ] {
-            let _ = writeln!(s, "# HELP clickgate_aggregator_{name} {help}\n# TYPE clickgate_aggregator_{name} counter\nclickgate_aggregator_{name} {v}");
+            metric(&mut s, name, help, "counter", v);
         }
         for (name, help, v) in [
             ("audit_foreign_objects", "Objects under the audit prefix that no sealed part names (last check): reported, never read.", &a.foreign_objects),
             ("audit_missing_objects", "Sealed parts whose object is absent or of another size (last check).", &a.missing_objects),
         ] {
-            let _ = writeln!(s, "# HELP clickgate_aggregator_{name} {help}\n# TYPE clickgate_aggregator_{name} gauge\nclickgate_aggregator_{name} {}", v.load(Relaxed));
+            metric(&mut s, name, help, "gauge", v.load(Relaxed));
         }
-        let _ = writeln!(s, "# HELP clickgate_aggregator_audit_backlog_hours (hour, gateway) pairs with raw events not yet sealed.\n# TYPE clickgate_aggregator_audit_backlog_hours gauge\nclickgate_aggregator_audit_backlog_hours {}", a.backlog_hours.load(Relaxed));
+        metric(
+            &mut s,
+            "audit_backlog_hours",
+            "(hour, gateway) pairs with raw events not yet sealed.",
+            "gauge",
+            a.backlog_hours.load(Relaxed),
+        );
         let r = &self.retention;
         for (name, help, v) in [
             (
@@ -269,13 +281,13 @@ impl Metrics {
                 &r.errors,
             ),
         ] {
-            let _ = writeln!(s, "# HELP clickgate_aggregator_{name} {help}\n# TYPE clickgate_aggregator_{name} counter\nclickgate_aggregator_{name} {}", v.load(Relaxed));
+            metric(&mut s, name, help, "counter", v.load(Relaxed));
         }
         for (name, help, v) in [
             ("rows_kept_from_seconds", "Rows of minutes before this time are dropped; queries before it go to ClickHouse or are refused.", &r.rows_kept_from_s),
             ("store_file_bytes", "The store file's size.", &r.store_bytes),
         ] {
-            let _ = writeln!(s, "# HELP clickgate_aggregator_{name} {help}\n# TYPE clickgate_aggregator_{name} gauge\nclickgate_aggregator_{name} {}", v.load(Relaxed));
+            metric(&mut s, name, help, "gauge", v.load(Relaxed));
         }
         s
     }
@@ -372,7 +384,7 @@ impl ReconcileStats {
                 &self.errors,
             ),
         ] {
-            let _ = writeln!(s, "# HELP clickgate_aggregator_{name} {help}\n# TYPE clickgate_aggregator_{name} counter\nclickgate_aggregator_{name} {}", v.load(Relaxed));
+            metric(s, name, help, "counter", v.load(Relaxed));
         }
         for (name, help, v) in [
             (
@@ -396,7 +408,7 @@ impl ReconcileStats {
                 self.frontier_lag_ms.load(Relaxed) as f64 / 1000.0,
             ),
         ] {
-            let _ = writeln!(s, "# HELP clickgate_aggregator_{name} {help}\n# TYPE clickgate_aggregator_{name} gauge\nclickgate_aggregator_{name} {v}");
+            metric(s, name, help, "gauge", v);
         }
         self.write_held
             .render("clickgate_aggregator_reconcile_write_held_seconds", s);
@@ -405,4 +417,12 @@ impl ReconcileStats {
         self.delay
             .render("clickgate_aggregator_reconcile_delay_seconds", s);
     }
+}
+
+/// One metric in the text exposition format: HELP, TYPE and its value.
+fn metric(s: &mut String, name: &str, help: &str, kind: &str, v: impl std::fmt::Display) {
+    let _ = writeln!(
+        s,
+        "# HELP clickgate_aggregator_{name} {help}\n# TYPE clickgate_aggregator_{name} {kind}\nclickgate_aggregator_{name} {v}"
+    );
 }

@@ -567,7 +567,18 @@ impl Store {
             let mut export = tx.open_table(EXPORT).map_err(se)?;
             let mut uniq_min = tx.open_table(UNIQ_MIN).map_err(se)?;
             let mut uniq_hour = tx.open_table(UNIQ_HOUR).map_err(se)?;
-            let uniq_rolled = tx.open_table(ROLLED).map_err(se)?;
+            let rolled_t = tx.open_table(ROLLED).map_err(se)?;
+            // Whether an hour is merged, looked up once per transaction
+            // (a batch's rows are nearly all of one or two hours).
+            let mut rolled_memo: BTreeMap<u32, bool> = BTreeMap::new();
+            let mut rolled = |h: u32| -> Result<bool> {
+                if let Some(&r) = rolled_memo.get(&h) {
+                    return Ok(r);
+                }
+                let r = rolled_t.get(h).map_err(se)?.is_some();
+                rolled_memo.insert(h, r);
+                Ok(r)
+            };
             let revision = meta_get(&meta, "revision")? + 1;
             let mut exported = false;
             let mut wm = self.watermark_in(&sources, &meta, now_ms)?;
@@ -621,7 +632,7 @@ impl Store {
                                 RowChange::Merge { row, correction } => {
                                     rows.insert(kb.as_slice(), row.encode().as_slice())
                                         .map_err(se)?;
-                                    if uniq_rolled.get(k.minute / 60).map_err(se)?.is_some() {
+                                    if rolled(k.minute / 60)? {
                                         hour_row_change(&tx, k, current, row)?;
                                     }
                                     if current.is_none() {
@@ -668,7 +679,7 @@ impl Store {
                             add_users(&mut uniq_min, k, hashes)?;
                             let m = u32::from_be_bytes(k[..4].try_into().expect("a sketch key"));
                             // Late users of an hour already merged.
-                            if uniq_rolled.get(m / 60).map_err(se)?.is_some() {
+                            if rolled(m / 60)? {
                                 add_users(&mut uniq_hour, &hour_key(k), hashes)?;
                             }
                         }

@@ -1,12 +1,11 @@
 //! The aggregator as a process: who may connect over QUIC (mutual TLS and
 //! the pops file), and the query API's answers to good and bad requests.
 
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{agg_bin, get, port, udp_port};
+use common::{agg_bin, get, port, post, udp_port};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -215,29 +214,6 @@ fn query_api_authorizes_per_advertiser_and_explains_bad_requests() {
         "{m}"
     );
     assert_eq!(get(&agg.http, "/healthz", None).0, 200);
-}
-
-/// POST `body` with an optional bearer token: (status, body).
-fn post(addr: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut b = String::new();
-    s.read_to_string(&mut b).unwrap();
-    let status = b[9..12].parse().unwrap();
-    let body = b
-        .split_once("\r\n\r\n")
-        .map(|x| x.1)
-        .unwrap_or("")
-        .to_owned();
-    (status, body)
 }
 
 #[test]
