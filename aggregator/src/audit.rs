@@ -231,7 +231,7 @@ fn name_part(s: &str) -> String {
 /// `raw/2026-11-24/05/gateway=gw-a/part-00000.parquet` (part 0 is the
 /// hour's file, 1.. its addenda).
 pub fn object_name(hour: u32, gateway: &str, part: u32) -> String {
-    let day = crate::rows::format_time(hour as i64 * 3600);
+    let day = wire::time::format_time(hour as i64 * 3600);
     format!(
         "raw/{}/{}/gateway={}/part-{part:05}.parquet",
         &day[..10],
@@ -626,7 +626,7 @@ async fn seal_one(
             why: e.to_string(),
         });
     }
-    wire::failpoint::hit("aggregator_audit_uploaded_before_manifest");
+    daemon::faults::crash_point("aggregator_audit_uploaded_before_manifest");
     part.state = "sealed".into();
     part.rows = rows;
     part.bytes = n;

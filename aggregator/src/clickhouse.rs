@@ -320,7 +320,7 @@ pub async fn run_sink(
             let rows = tokio::task::spawn_blocking(move || st.export_pending(max)).await??;
             if !rows.is_empty() {
                 client.insert_rows(&rows).await?;
-                wire::failpoint::hit("aggregator_exported_before_forget");
+                daemon::faults::crash_point("aggregator_exported_before_forget");
                 let done = ExportRow::done(&rows);
                 let st = store.clone();
                 tokio::task::spawn_blocking(move || st.export_done(&done)).await??;

@@ -12,6 +12,10 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// How the process writes its log to stderr: "text" (colour only on a
+    /// terminal) or "json" (one object per line, for log shippers).
+    /// Default "text".
+    pub log_format: daemon::logging::LogFormat,
     /// The embedded store's file. Default "./aggregator.redb".
     pub store_path: PathBuf,
     /// QUIC (shippers). Default "127.0.0.1:7400".
@@ -145,6 +149,7 @@ impl ClickHouse {
 impl Default for Config {
     fn default() -> Self {
         Config {
+            log_format: Default::default(),
             store_path: "./aggregator.redb".into(),
             listen_quic: "127.0.0.1:7400".parse().unwrap(),
             listen_http: "127.0.0.1:7401".parse().unwrap(),

@@ -15,8 +15,8 @@ use serde_json::json;
 
 use crate::config::{Bearer, Tokens};
 use crate::metrics::Metrics;
-use crate::rows::{format_time, parse_time};
 use crate::store::{self, Store};
+use wire::time::{format_time, parse_time};
 
 pub const OPENAPI: &str = include_str!("../../docs/openapi.yaml");
 /// The advertiser dashboard: one static page; its data comes from the query

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use aggregator::config::{Config, Pops, Tokens};
-use aggregator::{certs, http, reconcile, rows, server, store};
+use aggregator::{certs, http, reconcile, server, store};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
@@ -104,15 +104,12 @@ enum Cmd {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        // Colour only on a terminal: a log file or a journal gets plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match Cli::parse().cmd {
+    let cli = Cli::parse();
+    // `run` writes its log as its config says; the other commands as text.
+    if !matches!(cli.cmd, Cmd::Run { .. }) {
+        daemon::logging::init(daemon::logging::LogFormat::Text);
+    }
+    match cli.cmd {
         Cmd::Run {
             config,
             store,
@@ -171,6 +168,7 @@ fn main() -> anyhow::Result<()> {
                     .collect::<anyhow::Result<_>>()?;
             }
             cfg.validate().map_err(anyhow::Error::msg)?;
+            daemon::logging::init(cfg.log_format);
             run(cfg)
         }
         Cmd::DevCerts {
@@ -238,8 +236,8 @@ fn main() -> anyhow::Result<()> {
                 Some(p) => Config::load(&p).map_err(anyhow::Error::msg)?,
                 None => Config::default(),
             };
-            let s = rows::parse_time(&start).map_err(anyhow::Error::msg)?;
-            let e = rows::parse_time(&end).map_err(anyhow::Error::msg)?;
+            let s = wire::time::parse_time(&start).map_err(anyhow::Error::msg)?;
+            let e = wire::time::parse_time(&end).map_err(anyhow::Error::msg)?;
             let (m0, m1) = reconcile::job_range(
                 &reconcile::Settings {
                     job_span_max_ms: i64::MAX,
@@ -282,7 +280,7 @@ fn main() -> anyhow::Result<()> {
             for (k, now, want) in &r.diffs {
                 println!(
                     "{} {}/{}/{} {:?} {}: rows clicks {} spend {} | recount clicks {} spend {} dup {} invalid {}",
-                    rows::format_time(k.minute as i64 * 60),
+                    wire::time::format_time(k.minute as i64 * 60),
                     k.advertiser_id,
                     k.campaign_id,
                     k.ad_id,
@@ -299,7 +297,7 @@ fn main() -> anyhow::Result<()> {
             for (m, why) in &r.failed {
                 println!(
                     "{} not reconciled: {why}",
-                    rows::format_time(*m as i64 * 60)
+                    wire::time::format_time(*m as i64 * 60)
                 );
             }
             if write {

@@ -693,7 +693,7 @@ impl Reconciler {
             fixes.chunks(self.cfg.rows_per_txn_max).collect()
         };
         let n = chunks.len();
-        wire::failpoint::hit("aggregator_reconcile_before_commit");
+        daemon::faults::crash_point("aggregator_reconcile_before_commit");
         for (i, chunk) in chunks.into_iter().enumerate() {
             let last = i + 1 == n;
             let c = ReconCommit {
@@ -718,7 +718,7 @@ impl Reconciler {
             if !last {
                 // Some corrections written, the minute not yet marked: a
                 // crash here recounts it after the restart.
-                wire::failpoint::hit("aggregator_reconcile_chunk_committed");
+                daemon::faults::crash_point("aggregator_reconcile_chunk_committed");
             }
         }
         // The windows learn this minute's clicks.
@@ -748,7 +748,7 @@ impl Reconciler {
         }
         if !fixes.is_empty() {
             tracing::info!(
-                minute = %crate::rows::format_time(m as i64 * 60),
+                minute = %wire::time::format_time(m as i64 * 60),
                 rows_corrected = fixes.len(),
                 events = out.events,
                 "reconciled"
@@ -771,7 +771,7 @@ impl Reconciler {
         job: Option<&mut Job>,
         frontier: bool,
     ) -> Result<MinuteOutcome, ReconcileError> {
-        tracing::error!(minute = %crate::rows::format_time(m as i64 * 60), reason = %reason, "reconcile: minute not reconciled; nothing of it corrected");
+        tracing::error!(minute = %wire::time::format_time(m as i64 * 60), reason = %reason, "reconcile: minute not reconciled; nothing of it corrected");
         let json = job.map(|j| {
             j.minutes_failed += 1;
             if j.failures.len() < FAILURES_KEPT {

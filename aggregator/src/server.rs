@@ -10,7 +10,7 @@ use anyhow::Context;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::{mpsc, oneshot};
-use wire::batch::{Ack, BatchKind, Status, ALPN};
+use wire::batch::{Ack, Batch, BatchKind, Status, ALPN};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -24,7 +24,7 @@ pub struct Job {
 }
 
 fn kind_of(frame: &[u8]) -> usize {
-    match frame.get(10).copied().and_then(BatchKind::from_u8) {
+    match Batch::peek_kind(frame) {
         Some(BatchKind::Hello | BatchKind::Join) => 0,
         Some(BatchKind::Partials) => 1,
         Some(BatchKind::Events) => 2,
@@ -54,7 +54,7 @@ pub fn spawn_writer(store: Arc<Store>, metrics: Arc<Metrics>, group: usize) -> m
                     .map(|j| (j.frame.as_slice(), j.allowed.as_slice()))
                     .collect();
                 let answers = store.apply_many(&input, crate::now_ms());
-                wire::failpoint::hit("aggregator_committed_before_answer");
+                daemon::faults::crash_point("aggregator_committed_before_answer");
                 metrics
                     .commit_latency
                     .observe(t0.elapsed().as_micros() as u64);

@@ -4,9 +4,6 @@
 //! a newer one, leaves the same final rows; corrections show as new
 //! versions; and a query answered from ClickHouse equals the store's.
 
-use std::path::Path;
-use std::process::Command;
-
 use aggregator::clickhouse::Client;
 use aggregator::config::ClickHouse;
 use aggregator::store::{ExportRow, Query, Settings, Store};
@@ -15,47 +12,6 @@ use wire::record::{Counts, Device, PartialRecord, RowKey};
 use wire::segment::RecordType;
 
 const M0: u32 = 29_925_000; // a minute in 2026
-
-struct Server {
-    pid: i32,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on the server this test started.
-        unsafe { libc::kill(self.pid, libc::SIGKILL) };
-    }
-}
-
-fn start_clickhouse() -> Option<Server> {
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/clickhouse-local");
-    let out = Command::new(script)
-        .arg(dir.path())
-        .arg(port.to_string())
-        .output()
-        .unwrap();
-    if !out.status.success() {
-        eprintln!(
-            "SKIPPED: no ClickHouse server: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        return None;
-    }
-    let pid = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
-    Some(Server {
-        pid,
-        port,
-        _dir: dir,
-    })
-}
 
 fn key(ad: &str, minute: u32, device: Device) -> RowKey {
     RowKey {
@@ -109,7 +65,7 @@ async fn final_state(c: &Client) -> String {
 
 #[test]
 fn rows_land_once_through_resends_and_corrections_and_queries_agree() {
-    let Some(server) = start_clickhouse() else {
+    let Some(server) = test_support::clickhouse::ClickHouse::start() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

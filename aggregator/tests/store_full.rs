@@ -2,36 +2,13 @@
 //! Retry (never Applied) while it is full, nothing half-applied remains, and
 //! once space returns the same batches apply and the totals are exact.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-
 use aggregator::store::{Query, Settings, Store};
+use test_support::fs::SmallFs;
 use wire::batch::{push_item, Batch, BatchKind, Status};
 use wire::record::{Counts, Device, PartialRecord, RowKey};
 use wire::segment::RecordType;
 
 const T0: i64 = 1_795_496_400_000;
-
-struct SmallFs(PathBuf);
-
-impl SmallFs {
-    fn mount(dir: &Path, bytes: usize) -> Option<SmallFs> {
-        std::fs::create_dir_all(dir).unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
-            .arg(dir)
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then(|| SmallFs(dir.to_owned()))
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
 
 /// Partials batch `i` of one shard: partial seq 2i+2 covering (2i, 2i+1], with
 /// 300 rows of distinct ads (so the store grows), one click each.

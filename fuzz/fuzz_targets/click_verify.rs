@@ -5,5 +5,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    gateway::fuzzing::click_verify(data);
+    gateway_core::fuzzing::click_verify(data);
 });

@@ -4,5 +4,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    gateway::fuzzing::http_parse(data);
+    gateway_core::fuzzing::http_parse(data);
 });

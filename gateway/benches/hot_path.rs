@@ -6,25 +6,25 @@
 //! Prints `name ns_per_click` lines; `bench/run` collects them.
 
 use std::hint::black_box;
-use std::sync::atomic::{AtomicU64, AtomicU8};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
-use gateway::app::{App, KeysHandle, Shared, READY};
 use gateway::config::Config;
-use gateway::dedup::DedupTable;
-use gateway::http::{self, Limits, Parse, ResponseWriter};
 use gateway::log::{LogConfig, ShardLog};
-use gateway::metrics::Registry;
-use gateway::preagg::PreAgg;
-use gateway::token::{self, encode_component as enc, KeyRing, Policy};
+use gateway_core::app::{App, Shared, State};
+use gateway_core::dedup::DedupTable;
+use gateway_core::http::{self, Limits, Parse, ResponseWriter};
+use gateway_core::limiter::VelocityTable;
+use gateway_core::preagg::PreAgg;
+use gateway_core::token::{self, KeyRing, Policy};
 use wire::record::{Device, EventKind, EventRef, Source, Verdict};
+use wire::signed::{encode_component as enc, sign};
 
 const SECRET: [u8; 32] = [7; 32];
 
 fn keys() -> KeyRing {
     use base64::Engine;
-    let s = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(SECRET);
+    let s = wire::signed::B64.encode(SECRET);
     KeyRing::parse(
         &format!("[[key]]\nkid=\"k1\"\nsecret=\"{s}\"\n"),
         0,
@@ -35,7 +35,7 @@ fn keys() -> KeyRing {
 }
 
 fn now_ms() -> i64 {
-    gateway::shard::now_ms()
+    gateway::clock::now_ms()
 }
 
 /// A realistic ~400-byte click request.
@@ -51,7 +51,7 @@ fn request(i: u64) -> Vec<u8> {
     );
     format!(
         "GET /api/v1/clicks?{} HTTP/1.1\r\nHost: click.example.net\r\nUser-Agent: Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) Mobile/15E148\r\nX-Country: DE\r\n\r\n",
-        token::sign(&q, &SECRET)
+        sign(&q, &SECRET)
     )
     .into_bytes()
 }
@@ -131,23 +131,27 @@ fn whole_click<'r>(
     // one of 100 000 client addresses, so that (address, ad) pairs are about
     // as spread as real traffic's and none is over the per-minute limit.
     let cfg = Config::default();
-    let shared = Arc::new(Shared {
-        dedup: DedupTable::new(cfg.dedup.entries_max, 15),
-        velocity: gateway::limiter::VelocityTable::new(
+    // The tables as the server makes them (on huge pages).
+    let shared = Arc::new(Shared::new(
+        DedupTable::new_in(cfg.dedup.entries_max, 15, gateway::sys::huge_dedup_slots),
+        VelocityTable::new_in(
             cfg.traffic.velocity_per_minute_max,
             cfg.traffic.velocity_entries_max,
+            gateway::sys::huge_atomic_words,
         ),
-        registry: Registry::new(1),
-        state: AtomicU8::new(READY),
-        keys: KeysHandle {
-            version: AtomicU64::new(1),
-            ring: Mutex::new(Arc::new(keys())),
-        },
-        tls: None,
-        shards_failed: AtomicU64::new(0),
-    });
+        1,
+        keys(),
+    ));
+    shared.state.set(State::Ready);
     let (log, _) = ShardLog::open(&log_config(dir, shard), now).unwrap();
-    let mut app = App::new(0, &cfg, log, PreAgg::new(100_000, 0), shared);
+    let mut app = App::new(
+        0,
+        cfg.core_settings(),
+        log,
+        PreAgg::new(100_000, 0),
+        shared,
+        gateway::clock::mono_ms(),
+    );
     let mut out = Vec::with_capacity(1 << 20);
     bench(name, n, |i| {
         let mut b = next(i).clone();
@@ -228,17 +232,17 @@ fn main() {
         b"Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Mobile Safari/537.36",
     ];
     bench("user-agent class", n, |i| {
-        black_box(gateway::limiter::device_of(uas[(i % 3) as usize]));
+        black_box(gateway_core::limiter::device_of(uas[(i % 3) as usize]));
     });
 
-    let velocity = gateway::limiter::VelocityTable::new(30, 1 << 20);
+    let velocity = VelocityTable::new_in(30, 1 << 20, gateway::sys::huge_atomic_words);
     let ad_ids: Vec<String> = (0..100).map(|i| format!("ad-{i}")).collect();
     bench("velocity (100 000 addresses x 100 ads)", n, |i| {
         let addr = client_addr(i);
         black_box(velocity.check(&addr, &ad_ids[(i % 100) as usize], 29_000_000));
     });
 
-    let dedup = DedupTable::new(4 << 20, 15);
+    let dedup = DedupTable::new_in(4 << 20, 15, gateway::sys::huge_dedup_slots);
     bench("dedup", n, |i| {
         let id = format!("{i:016}");
         let fp = dedup.fingerprint(1, id.as_bytes());

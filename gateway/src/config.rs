@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use gateway_core::token::Policy;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -20,6 +21,10 @@ pub struct Config {
     /// CPUs to run one shard on each: "auto" (every CPU the process may use)
     /// or a list such as [1, 2]. Default "auto".
     pub cpus: Cpus,
+    /// How the process writes its log to stderr: "text" (colour only on a
+    /// terminal) or "json" (one object per line, for log shippers).
+    /// Default "text".
+    pub log_format: daemon::logging::LogFormat,
     pub listen: Listen,
     pub durability: Durability,
     pub log: Log,
@@ -284,6 +289,7 @@ impl Default for Config {
             data_dir: "./data".into(),
             keys_file: "./keys.toml".into(),
             cpus: Cpus::Auto(AutoWord::Auto),
+            log_format: Default::default(),
             listen: Listen::default(),
             durability: Durability::default(),
             log: Log::default(),
@@ -475,10 +481,10 @@ impl Config {
             return Err("durability.syncs_in_flight_max: 1 to 16".into());
         }
         let l = &self.limits;
-        if l.headers_max == 0 || l.headers_max > crate::http::HEADERS_HARD_MAX {
+        if l.headers_max == 0 || l.headers_max > gateway_core::http::HEADERS_HARD_MAX {
             return Err(format!(
                 "limits.headers_max: 1 to {}",
-                crate::http::HEADERS_HARD_MAX
+                gateway_core::http::HEADERS_HARD_MAX
             ));
         }
         if l.header_bytes_max < 256 {
@@ -507,10 +513,10 @@ impl Config {
             return Err("durability.writer_nice: -20 to 19".into());
         }
         let v = self.traffic.velocity_entries_max;
-        if self.traffic.velocity_per_minute_max > crate::limiter::VELOCITY_MAX {
+        if self.traffic.velocity_per_minute_max > gateway_core::limiter::VELOCITY_MAX {
             return Err(format!(
                 "traffic.velocity_per_minute_max: at most {}",
-                crate::limiter::VELOCITY_MAX
+                gateway_core::limiter::VELOCITY_MAX
             ));
         }
         if self.traffic.velocity_per_minute_max > 0 && !(1..=1 << 26).contains(&v) {
@@ -536,6 +542,41 @@ impl Config {
             return Err("tls.min_version: \"1.2\" or \"1.3\"".into());
         }
         Ok(())
+    }
+
+    /// What a shard's request handler reads of this config.
+    pub fn core_settings(&self) -> gateway_core::app::Settings {
+        let click = Policy {
+            max_age_ms: self.tokens.max_age_s as i64 * 1000,
+            future_skew_ms: self.tokens.future_skew_s as i64 * 1000,
+            id_bytes_max: self.limits.id_bytes_max,
+            url_bytes_max: self.limits.url_bytes_max,
+            cost_micros_max: self.limits.cost_micros_max,
+            need_redirect: true,
+        };
+        let impression = Policy {
+            need_redirect: false,
+            ..click
+        };
+        let batch_age = self.tokens.batch_max_age_s as i64 * 1000;
+        gateway_core::app::Settings {
+            click_policy: click,
+            impression_policy: impression,
+            batch_click_policy: Policy {
+                max_age_ms: batch_age,
+                ..click
+            },
+            batch_impression_policy: Policy {
+                max_age_ms: batch_age,
+                ..impression
+            },
+            batch_items_max: self.limits.batch_items_max,
+            flush_interval_ms: self.aggregate.flush_interval_ms as i64,
+            rate_per_s: self.traffic.rate_per_s,
+            rate_burst: self.traffic.rate_burst,
+            rate_entries_max: self.traffic.rate_entries_max,
+            scratch_bytes: self.limits.header_bytes_max.max(self.limits.body_bytes_max),
+        }
     }
 
     /// The CPUs to run shards on.

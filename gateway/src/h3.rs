@@ -25,8 +25,10 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::{Buf, Bytes};
 
-use crate::app::{Shared, DRAINING};
+use gateway_core::app::{Shared, State};
+
 use crate::config::Config;
+use crate::tls::TlsHandle;
 
 /// One request from the companion to its shard.
 pub struct H3Request {
@@ -172,8 +174,7 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
     Ok(s.into())
 }
 
-fn server_config(cfg: &Config, shared: &Shared) -> anyhow::Result<quinn::ServerConfig> {
-    let tls = shared.tls.as_ref().context("HTTP/3 needs [tls]")?;
+fn server_config(cfg: &Config, tls: &TlsHandle) -> anyhow::Result<quinn::ServerConfig> {
     let mut c = (*tls.current().1).clone();
     // QUIC is TLS 1.3 only; rustls checks that when quinn wraps the config.
     c.alpn_protocols = vec![crate::tls::ALPN_H3.to_vec()];
@@ -201,10 +202,11 @@ pub fn spawn(
     cpu: usize,
     cfg: &Config,
     shared: Arc<Shared>,
+    tls: Arc<TlsHandle>,
     socket: std::net::UdpSocket,
     outbox: Outbox,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
-    let server = server_config(cfg, &shared)?;
+    let server = server_config(cfg, &tls)?;
     let limits = Limits {
         body_bytes_max: cfg.limits.body_bytes_max,
         field_section_max: 2 * cfg.limits.header_bytes_max as u64,
@@ -228,6 +230,7 @@ pub fn spawn(
                 cfg,
                 server,
                 shared,
+                tls,
                 socket,
                 outbox.clone(),
                 limits,
@@ -240,11 +243,13 @@ pub fn spawn(
         })?)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     shard: usize,
     cfg: Config,
     server: quinn::ServerConfig,
     shared: Arc<Shared>,
+    tls: Arc<TlsHandle>,
     socket: std::net::UdpSocket,
     outbox: Outbox,
     limits: Limits,
@@ -263,10 +268,7 @@ async fn serve(
     };
     let open = Arc::new(AtomicUsize::new(0));
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
-    let mut tls_version = shared
-        .tls
-        .as_ref()
-        .map_or(0, |t| t.version.load(Ordering::Acquire));
+    let mut tls_version = tls.version.load(Ordering::Acquire);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tokio::select! {
@@ -290,17 +292,15 @@ async fn serve(
                 });
             }
             _ = tick.tick() => {
-                if shared.state.load(Ordering::Acquire) == DRAINING {
+                if shared.state.get() == State::Draining {
                     break;
                 }
-                if let Some(t) = &shared.tls {
-                    let v = t.version.load(Ordering::Acquire);
-                    if v != tls_version {
-                        tls_version = v;
-                        match server_config(&cfg, &shared) {
-                            Ok(sc) => endpoint.set_server_config(Some(sc)),
-                            Err(e) => tracing::error!(shard, error = %format!("{e:#}"), "HTTP/3 certificate not reloaded"),
-                        }
+                let v = tls.version.load(Ordering::Acquire);
+                if v != tls_version {
+                    tls_version = v;
+                    match server_config(&cfg, &tls) {
+                        Ok(sc) => endpoint.set_server_config(Some(sc)),
+                        Err(e) => tracing::error!(shard, error = %format!("{e:#}"), "HTTP/3 certificate not reloaded"),
                     }
                 }
             }
@@ -459,12 +459,13 @@ mod tests {
             String::from_utf8(raw.clone()).unwrap(),
             "GET /api/v1/clicks?a=1&b=%2F HTTP/1.1\r\nHost: gw.example\r\nuser-agent: UA\r\nx-country: DE\r\n\r\n"
         );
-        let limits = crate::http::Limits {
+        let limits = gateway_core::http::Limits {
             header_bytes_max: 8192,
             headers_max: 64,
             body_bytes_max: 100,
         };
-        let crate::http::Parse::Request(r) = crate::http::parse(&mut raw, &limits, "x-country")
+        let gateway_core::http::Parse::Request(r) =
+            gateway_core::http::parse(&mut raw, &limits, "x-country")
         else {
             panic!("the shard's parser takes it")
         };
@@ -478,15 +479,17 @@ mod tests {
             .unwrap();
         let mut raw = to_http1(&post, b"{}", 2);
         assert!(raw.ends_with(b"Content-Length: 2\r\n\r\n{}"));
-        let crate::http::Parse::Request(r) = crate::http::parse(&mut raw, &limits, "") else {
+        let gateway_core::http::Parse::Request(r) =
+            gateway_core::http::parse(&mut raw, &limits, "")
+        else {
             panic!()
         };
         assert_eq!(&raw[r.body.clone()], b"{}");
         // A body cut at the limit declares its real length: 413 from the parser.
         let mut raw = to_http1(&post, b"", 5000);
         assert_eq!(
-            crate::http::parse(&mut raw, &limits, ""),
-            crate::http::Parse::Error(crate::http::HttpError::BodyTooLarge)
+            gateway_core::http::parse(&mut raw, &limits, ""),
+            gateway_core::http::Parse::Error(gateway_core::http::HttpError::BodyTooLarge)
         );
     }
 

@@ -201,7 +201,7 @@ fn micros(m: u64) -> String {
 }
 
 fn minute_label(m: u32) -> String {
-    let s = crate::shard::http_date(m as i64 * 60);
+    let s = wire::time::http_date(m as i64 * 60);
     // "Mon, 23 Nov 2026 01:10:00 GMT" -> "23 Nov 2026 01:10"
     s.get(5..22).unwrap_or(&s).to_string()
 }

@@ -22,6 +22,8 @@ use memmap2::{Mmap, MmapMut};
 use wire::record::{EventRef, PartialRecord};
 use wire::segment::{self, Frame, RecordType, SegmentHeader, Tail, HEADER_LEN};
 
+pub use gateway_core::log::{AppendError, Log};
+
 use crate::sys;
 
 #[derive(Debug, thiserror::Error)]
@@ -35,32 +37,6 @@ pub enum OpenError {
         what: String,
         quarantined: PathBuf,
     },
-}
-
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum AppendError {
-    /// The disk budget for unshipped segments is used up (answer 503).
-    #[error("disk budget for unshipped segments is full")]
-    Budget,
-    /// The file system refused to allocate a new segment (answer 503).
-    #[error("could not create segment: {0}")]
-    Io(#[from] io::Error),
-    #[error("record of {0} bytes does not fit in a segment")]
-    TooLarge(usize),
-}
-
-impl AppendError {
-    /// The budget, or the file system, has no room for another segment.
-    pub fn is_no_space(&self) -> bool {
-        match self {
-            AppendError::Budget => true,
-            AppendError::Io(e) => {
-                e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT)
-            }
-            AppendError::TooLarge(_) => false,
-        }
-    }
 }
 
 struct Active {
@@ -708,6 +684,7 @@ impl ShardLog {
                 p.to_seq + 1,
                 "rotation must not change the partial's seq"
             );
+            daemon::faults::crash_point("gateway_partial_staged");
         }
         r
     }
@@ -1013,6 +990,37 @@ fn quarantine(dir: &Path, path: &Path, what: &str, _at: usize) -> OpenError {
             Err(e) => format!("{what}; moving it to quarantine failed: {e}"),
         },
         quarantined: dest,
+    }
+}
+
+/// The request handler's view of the log (its inherent methods, by name).
+impl Log for ShardLog {
+    fn ensure_room(&mut self, payload: usize, now_ms: i64) -> Result<(), AppendError> {
+        ShardLog::ensure_room(self, payload, now_ms)
+    }
+
+    fn append_event(&mut self, e: &EventRef<'_>, now_ms: i64) -> Result<u64, AppendError> {
+        ShardLog::append_event(self, e, now_ms)
+    }
+
+    fn append_partial(&mut self, p: &PartialRecord, now_ms: i64) -> Result<u64, AppendError> {
+        ShardLog::append_partial(self, p, now_ms)
+    }
+
+    fn next_seq(&self) -> u64 {
+        ShardLog::next_seq(self)
+    }
+
+    fn last_seq(&self) -> u64 {
+        ShardLog::last_seq(self)
+    }
+
+    fn segments(&self) -> usize {
+        ShardLog::segments(self)
+    }
+
+    fn disk_bytes(&self) -> u64 {
+        ShardLog::disk_bytes(self)
     }
 }
 

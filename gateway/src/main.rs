@@ -107,14 +107,6 @@ enum Cmd {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        // Colour only on a terminal: a log file or a journal gets plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     if let Err(e) = real_main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -122,7 +114,11 @@ fn main() {
 }
 
 fn real_main() -> anyhow::Result<()> {
-    match Cli::parse().cmd {
+    let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Run { .. }) {
+        daemon::logging::init(daemon::logging::LogFormat::Text);
+    }
+    match cli.cmd {
         Cmd::Run {
             config,
             listen,
@@ -163,6 +159,7 @@ fn real_main() -> anyhow::Result<()> {
                 };
             }
             cfg.validate().map_err(|m| anyhow::anyhow!("config: {m}"))?;
+            daemon::logging::init(cfg.log_format);
             gateway::server::run(cfg, takeover)
         }
         Cmd::Inspect { data_dir, events } => {
@@ -174,7 +171,7 @@ fn real_main() -> anyhow::Result<()> {
             let mut secret = [0u8; 32];
             ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
                 .map_err(|_| anyhow::anyhow!("no randomness"))?;
-            let s = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret);
+            let s = wire::signed::B64.encode(secret);
             let text = format!(
                 "# Clickgate signing keys: kid -> base64url secret (32+ bytes).\n\
                  # Remove a key (or set retired_at = <unix seconds>) to retire it;\n\
@@ -224,25 +221,24 @@ fn real_main() -> anyhow::Result<()> {
                 .with_context(|| format!("reading {}", keys.display()))?;
             let secret = secret_of(&text, &kid)
                 .with_context(|| format!("{}: no key {kid:?}", keys.display()))?;
-            let ts = timestamp.unwrap_or_else(|| gateway::shard::now_ms() / 1000);
+            let ts = timestamp.unwrap_or_else(|| gateway::clock::now_ms() / 1000);
             let click_id = click_id.unwrap_or_else(|| {
                 let mut b = [0u8; 9];
                 let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
-                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+                wire::signed::B64.encode(b)
             });
-            use gateway::token::encode_component as enc;
-            let q = format!(
-                "ad_id={}&advertiser_id={}&campaign_id={}&click_id={}&user_id={}&cost_per_click={}&timestamp={ts}&redirect_url={}&kid={}",
-                enc(&ad_id),
-                enc(&advertiser_id),
-                enc(&campaign_id),
-                enc(&click_id),
-                enc(&user_id),
-                enc(&cost_per_click),
-                enc(&redirect_url),
-                enc(&kid)
-            );
-            println!("{base}?{}", gateway::token::sign(&q, &secret));
+            let click = wire::signed::Click {
+                ad_id: &ad_id,
+                advertiser_id: &advertiser_id,
+                campaign_id: &campaign_id,
+                click_id: &click_id,
+                user_id: &user_id,
+                cost_per_click: &cost_per_click,
+                timestamp: ts,
+                redirect_url: &redirect_url,
+                kid: &kid,
+            };
+            println!("{base}?{}", click.signed_query(&secret));
             Ok(())
         }
     }
@@ -257,8 +253,6 @@ fn secret_of(text: &str, kid: &str) -> Option<Vec<u8>> {
             return None;
         }
         let s = k.get("secret")?.as_str()?.trim_end_matches('=');
-        base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(s)
-            .ok()
+        wire::signed::B64.decode(s).ok()
     })
 }

@@ -3,25 +3,25 @@
 //! SIGHUP reloads keys and the TLS certificate), keys-file polling, and exit codes.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
+use gateway_core::app::{App, Shared, State};
+use gateway_core::dedup::DedupTable;
+use gateway_core::limiter::VelocityTable;
+use gateway_core::preagg::PreAgg;
+use gateway_core::token::KeyRing;
 use wire::record::EventRef;
 use wire::segment::RecordType;
 
-use crate::app::{App, KeysHandle, Shared, DRAINING, READY, STARTING};
+use crate::clock::{mono_ms, now_ms};
 use crate::config::Config;
-use crate::dedup::DedupTable;
-use crate::limiter::VelocityTable;
 use crate::log::{shard_dir, LogConfig, ShardLog};
-use crate::metrics::Registry;
-use crate::preagg::PreAgg;
-use crate::shard::{bind_listener, now_ms, Listener, ShardLoop};
+use crate::shard::{bind_listener, Listener, ShardLoop};
 use crate::sys;
 use crate::tls::TlsHandle;
-use crate::token::KeyRing;
 
 /// Locked memory io_uring may need (rings and, on older kernels, their
 /// accounting); raised where the process may, documented in deploy/.
@@ -94,36 +94,24 @@ pub fn run(cfg: Config, takeover: bool) -> anyhow::Result<()> {
         (lock, bind_listeners(&cfg, cpus.len())?)
     };
     let tls = if cfg.listen.https.is_some() || cfg.listen.http3.is_some() {
-        Some(TlsHandle::load(&cfg.tls).context("loading the TLS certificate")?)
+        Some(Arc::new(
+            TlsHandle::load(&cfg.tls).context("loading the TLS certificate")?,
+        ))
     } else {
         None
     };
-    let shared = Arc::new(Shared {
-        dedup: DedupTable::new(
-            cfg.dedup.entries_max,
-            cfg.dedup.horizon_s.div_ceil(60) as u32,
-        ),
-        velocity: VelocityTable::new(
-            cfg.traffic.velocity_per_minute_max,
-            cfg.traffic.velocity_entries_max,
-        ),
-        registry: Registry::new(cpus.len()),
-        state: AtomicU8::new(STARTING),
-        keys: KeysHandle {
-            version: AtomicU64::new(1),
-            ring: Mutex::new(Arc::new(ring)),
-        },
-        tls,
-        shards_failed: AtomicU64::new(0),
-    });
-    shared
-        .registry
-        .dedup_capacity
-        .store(shared.dedup.capacity() as u64, Ordering::Relaxed);
-    shared.registry.keys_loaded.store(
-        shared.keys.ring.lock().unwrap().len() as u64,
-        Ordering::Relaxed,
+    // The host-wide tables, on transparent huge pages.
+    let dedup = DedupTable::new_in(
+        cfg.dedup.entries_max,
+        cfg.dedup.horizon_s.div_ceil(60) as u32,
+        sys::huge_dedup_slots,
     );
+    let velocity = VelocityTable::new_in(
+        cfg.traffic.velocity_per_minute_max,
+        cfg.traffic.velocity_entries_max,
+        sys::huge_atomic_words,
+    );
+    let shared = Arc::new(Shared::new(dedup, velocity, cpus.len(), ring));
 
     // Signals first, so a SIGTERM during recovery is not lost.
     let mut signals = signal_hook::iterator::Signals::new([
@@ -153,18 +141,19 @@ pub fn run(cfg: Config, takeover: bool) -> anyhow::Result<()> {
         let listeners = std::mem::take(&mut listeners[i]);
         let shared = shared.clone();
         let shared_go = shared.clone();
+        let tls = tls.clone();
         let tx = started_tx.clone();
         let h = std::thread::Builder::new()
             .name(format!("shard-{i}"))
             .spawn(move || -> anyhow::Result<()> {
-                let lp = match start_shard(i, cpu, &cfg, shared, listeners, inbox) {
+                let lp = match start_shard(i, cpu, &cfg, shared, tls, listeners, inbox) {
                     Ok(lp) => {
                         let _ = tx.send((i, Ok(())));
                         // Answer nothing until every shard has refilled the
                         // host-wide dedup table from its log: a shard that
                         // accepted early could take a retried click whose
                         // first copy is in a log not yet read.
-                        while shared_go.state.load(Ordering::Acquire) == crate::app::STARTING {
+                        while shared_go.state.get() == State::Starting {
                             std::thread::sleep(Duration::from_millis(1));
                         }
                         lp
@@ -184,51 +173,44 @@ pub fn run(cfg: Config, takeover: bool) -> anyhow::Result<()> {
             .recv()
             .context("a shard thread died during start-up")?;
         if let Err(e) = r {
-            shared.state.store(DRAINING, Ordering::Release);
+            shared.state.set(State::Draining);
             bail!("shard {i} failed to start: {e:#}");
         }
     }
-    shared.state.store(READY, Ordering::Release);
+    shared.state.set(State::Ready);
     let mut h3_handles = Vec::new();
     for (i, (socket, outbox)) in h3_parts.into_iter().enumerate() {
+        let tls = tls.clone().context("HTTP/3 needs [tls]")?;
         h3_handles.push(crate::h3::spawn(
             i,
             cpus[i],
             &cfg,
             shared.clone(),
+            tls,
             socket,
             outbox,
         )?);
     }
     tracing::info!(listen = %cfg.listen.http, "ready");
 
-    let clock_file = std::env::var_os("CLICKGATE_INJECT_CLOCK_FILE").map(std::path::PathBuf::from);
     let mut keys_mtime = mtime(&cfg.keys_file);
     let mut last_poll = Instant::now();
     // A pass over the dedup table every ~10 s (500 loop turns of 20 ms), a
     // slice per turn, so that counting never stalls the shard on this core.
-    let mut live_scan = crate::dedup::LiveScan::default();
+    let mut live_scan = gateway_core::dedup::LiveScan::default();
     let scan_slice = shared.dedup.capacity().div_ceil(500);
     let mut drain_started: Option<Instant> = None;
     loop {
-        if let Some(f) = &clock_file {
-            if let Some(off) = std::fs::read_to_string(f)
-                .ok()
-                .and_then(|t| t.trim().parse::<i64>().ok())
-            {
-                crate::shard::CLOCK_OFFSET_MS.store(off, Ordering::Relaxed);
-            }
-        }
         for sig in signals.pending() {
             match sig {
                 signal_hook::consts::SIGHUP => {
                     reload_keys(&cfg, &shared, grace_ms, "SIGHUP");
-                    reload_tls(&shared);
+                    reload_tls(tls.as_deref());
                 }
                 _ => {
                     if drain_started.is_none() {
                         tracing::info!(signal = sig, "draining");
-                        shared.state.store(DRAINING, Ordering::Release);
+                        shared.state.set(State::Draining);
                         drain_started = Some(Instant::now());
                     }
                 }
@@ -254,7 +236,7 @@ pub fn run(cfg: Config, takeover: bool) -> anyhow::Result<()> {
         }
         if drain_started.is_none() && handles.iter().any(|h| h.is_finished()) {
             // A shard stopped on its own: that is a failure; stop the rest.
-            shared.state.store(DRAINING, Ordering::Release);
+            shared.state.set(State::Draining);
             drain_started = Some(Instant::now());
             tracing::error!("a shard stopped unexpectedly; draining the others");
         }
@@ -342,8 +324,8 @@ fn bind_listeners(cfg: &Config, shards: usize) -> anyhow::Result<Vec<Vec<Listene
         .collect()
 }
 
-fn reload_tls(shared: &Shared) {
-    if let Some(tls) = &shared.tls {
+fn reload_tls(tls: Option<&TlsHandle>) {
+    if let Some(tls) = tls {
         match tls.reload() {
             Ok(()) => tracing::info!("TLS certificate reloaded"),
             Err(e) => {
@@ -360,6 +342,7 @@ fn start_shard(
     cpu: usize,
     cfg: &Config,
     shared: Arc<Shared>,
+    tls: Option<Arc<TlsHandle>>,
     listeners: Vec<Listener>,
     h3: Option<crate::h3::Inbox>,
 ) -> anyhow::Result<ShardLoop> {
@@ -410,7 +393,14 @@ fn start_shard(
             rebuilt += 1;
         }
     })?;
-    let mut app = App::new(i, cfg, log, PreAgg::new(cfg.aggregate.rows_max, 0), shared);
+    let mut app = App::new(
+        i,
+        cfg.core_settings(),
+        log,
+        PreAgg::new(cfg.aggregate.rows_max, 0),
+        shared,
+        mono_ms(),
+    );
     app.preagg = preagg;
     // Write the rebuilt partial now, so live sums start from a clean slate.
     app.append_partial(now)
@@ -433,5 +423,5 @@ fn start_shard(
         "recovered"
     );
     app.publish();
-    Ok(ShardLoop::new(cfg, app, listeners, h3)?)
+    Ok(ShardLoop::new(cfg, app, tls, listeners, h3)?)
 }

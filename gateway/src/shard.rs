@@ -15,15 +15,20 @@
 use std::io;
 use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use gateway_core::app::{App, Endpoint, State};
+use gateway_core::http::{self, Parse, ResponseWriter};
+use gateway_core::metrics::DropReason;
 use io_uring::{opcode, squeue, types, IoUring};
 use rustls::ServerConnection;
 
-use crate::app::{App, DRAINING};
+use crate::clock::{mono_ms, now_ms};
 use crate::config::{Config, DurabilityMode};
 use crate::edge::{self, ProxyParse, TrustedProxies};
-use crate::http::{self, Parse, ResponseWriter};
+use crate::log::ShardLog;
+use crate::tls::TlsHandle;
 
 const OP_ACCEPT: u64 = 1;
 const OP_RECV: u64 = 2;
@@ -54,26 +59,6 @@ fn ud(op: u64, slot: usize, gen: u32) -> u64 {
 fn ud_parts(u: u64) -> (u64, usize, u32) {
     (u >> 56, ((u >> 32) & 0xFF_FFFF) as usize, u as u32)
 }
-
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-        + CLOCK_OFFSET_MS.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-/// Milliseconds on a monotonic clock (since the process first asked): what
-/// timers and intervals are measured by, so a wall-clock step (NTP, a VM
-/// resumed) neither stalls nor fires them. Event times use [`now_ms`].
-pub fn mono_ms() -> i64 {
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as i64
-}
-
-/// Added to the system clock: 0, except under the test-only fault injection
-/// `CLICKGATE_INJECT_CLOCK_FILE` (a file holding a signed offset in ms, read
-/// by the server every 20 ms), which plays a clock that is off or jumps.
-pub static CLOCK_OFFSET_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
 
 #[derive(Default)]
 struct Conn {
@@ -129,7 +114,8 @@ impl DateCache {
             self.second = s;
             self.line.clear();
             self.line.extend_from_slice(b"Date: ");
-            self.line.extend_from_slice(http_date(s).as_bytes());
+            self.line
+                .extend_from_slice(wire::time::http_date(s).as_bytes());
             self.line.extend_from_slice(b"\r\n");
             self.line.extend_from_slice(&self.alt_svc);
         }
@@ -161,41 +147,13 @@ struct ListenerState {
     proxy_protocol: bool,
 }
 
-/// RFC 9110 IMF-fixdate for a Unix time.
-pub fn http_date(secs: i64) -> String {
-    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil from days (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{}, {:02} {} {} {:02}:{:02}:{:02} GMT",
-        DAYS[days.rem_euclid(7) as usize],
-        d,
-        MONTHS[(m - 1) as usize],
-        y,
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 pub struct ShardLoop {
     ring: IoUring,
     listeners: Vec<ListenerState>,
-    /// The TLS config new connections get, and the shared version it is of.
-    tls_config: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// The certificate (HTTPS), when configured; the config new connections
+    /// get, and the version of it that is.
+    tls: Option<Arc<TlsHandle>>,
+    tls_config: Option<Arc<rustls::ServerConfig>>,
     tls_version: u64,
     trusted_proxies: TrustedProxies,
     proxy_header_max: usize,
@@ -203,7 +161,9 @@ pub struct ShardLoop {
     conns: Vec<Conn>,
     free: Vec<usize>,
     open: usize,
-    app: App,
+    app: App<ShardLog>,
+    /// Shipped segments older than this may be deleted, ms (`log.retention_s`).
+    retention_ms: i64,
     limits: http::Limits,
     country_header: String,
     connections_max: usize,
@@ -225,10 +185,6 @@ pub struct ShardLoop {
     /// workers get (`durability.writer_nice`); None when off, or once the
     /// kernel refused it (warned once).
     writer_nice: Option<(i32, i32)>,
-    /// Fault injection for tests (`CLICKGATE_INJECT_WRITE_ERROR_AFTER=N`, unset
-    /// in production): durable writes left to succeed before one is reported
-    /// failed (EIO), as a failing disk would.
-    inject_write_error_after: Option<u64>,
     waiters: Vec<(usize, u32)>,
     dirty: Vec<usize>,
     timespec: Box<types::Timespec>,
@@ -246,6 +202,8 @@ pub struct ShardLoop {
     last_second_ms: i64,
     mono: i64,
     drain_deadline_ms: Option<i64>,
+    /// When a deferred partial was last warned of (monotonic).
+    last_partial_warn_ms: i64,
     shard_dir: std::path::PathBuf,
     /// `<shard dir>/durable`: the durable seq, published for the shipper.
     durable_file: Option<std::fs::File>,
@@ -255,7 +213,8 @@ pub struct ShardLoop {
 impl ShardLoop {
     pub fn new(
         cfg: &Config,
-        app: App,
+        app: App<ShardLog>,
+        tls: Option<Arc<TlsHandle>>,
         listeners: Vec<Listener>,
         h3: Option<crate::h3::Inbox>,
     ) -> io::Result<Self> {
@@ -275,7 +234,7 @@ impl ShardLoop {
             .open(shard_dir.join(wire::layout::DURABLE_FILE))
             .map_err(|e| tracing::error!(error = %e, "cannot publish the durable seq; the shipper will not ship"))
             .ok();
-        let (tls_version, tls_config) = match &app.shared.tls {
+        let (tls_version, tls_config) = match &tls {
             Some(t) => {
                 let (v, c) = t.current();
                 (v, Some(c))
@@ -302,6 +261,7 @@ impl ShardLoop {
                     proxy_protocol: l.proxy_protocol,
                 })
                 .collect(),
+            tls,
             tls_config,
             tls_version,
             trusted_proxies: TrustedProxies::parse(&cfg.listen.trusted_proxies)
@@ -317,6 +277,7 @@ impl ShardLoop {
             free: Vec::new(),
             open: 0,
             app,
+            retention_ms: cfg.log.retention_s as i64 * 1000,
             limits: http::Limits {
                 header_bytes_max: l.header_bytes_max,
                 headers_max: l.headers_max,
@@ -337,9 +298,6 @@ impl ShardLoop {
             writer_nice: (cfg.durability.mode == DurabilityMode::Sync
                 && cfg.durability.writer_nice != 0)
                 .then(|| (crate::sys::gettid(), cfg.durability.writer_nice)),
-            inject_write_error_after: std::env::var("CLICKGATE_INJECT_WRITE_ERROR_AFTER")
-                .ok()
-                .and_then(|v| v.parse().ok()),
             waiters: Vec::new(),
             dirty: Vec::new(),
             timespec: Box::new(types::Timespec::from(Duration::from_millis(TICK_MS))),
@@ -357,6 +315,7 @@ impl ShardLoop {
             last_second_ms: 0,
             mono: mono_ms(),
             drain_deadline_ms: None,
+            last_partial_warn_ms: i64::MIN / 2,
             shard_dir,
             durable_file,
             durable_published: u64::MAX,
@@ -607,7 +566,7 @@ impl ShardLoop {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "TLS connection not created");
-                    self.app.counters.drop("tls_error");
+                    self.app.counters.drop(DropReason::TlsError);
                     // SAFETY: a fresh fd from accept that nothing else refers to.
                     unsafe { libc::close(fd) };
                     return;
@@ -784,13 +743,10 @@ impl ShardLoop {
             .position(|s| s.0 == id)
             .expect("completion for a write that was not in flight");
         let (_, len, started) = self.syncs.swap_remove(i);
-        let res = match self.inject_write_error_after.as_mut() {
-            Some(0) => -libc::EIO,
-            Some(n) => {
-                *n -= 1;
-                res
-            }
-            None => res,
+        let res = if daemon::faults::fail_durable_write() {
+            -libc::EIO
+        } else {
+            res
         };
         if res < 0 || res as usize != len {
             // The kernel may have dropped the dirty pages: nothing since the
@@ -825,7 +781,7 @@ impl ShardLoop {
     /// cache); the connections waiting on it may now be answered.
     fn made_durable(&mut self, seq: u64) {
         self.app.durable_seq = seq;
-        wire::failpoint::hit("gateway_durable_before_answer");
+        daemon::faults::crash_point("gateway_durable_before_answer");
         for w in std::mem::take(&mut self.waiters) {
             self.dirty.push(w.0);
         }
@@ -1038,8 +994,17 @@ impl ShardLoop {
 
     fn on_tick(&mut self, now: i64) {
         self.date.refresh(now);
-        self.app.tick(now);
-        let draining = self.app.shared.state.load(Ordering::Relaxed) == DRAINING;
+        self.app.log.prefault();
+        let report = self.app.tick(now, self.mono);
+        if let Some(e) = report.partial_deferred {
+            // Once a minute at most: a full disk would otherwise log this
+            // every flush interval. Counted every time.
+            if self.mono - self.last_partial_warn_ms >= 60_000 {
+                self.last_partial_warn_ms = self.mono;
+                tracing::warn!(shard = self.app.shard, error = %e, "partial not appended; will retry");
+            }
+        }
+        let draining = self.app.shared.state.get() == State::Draining;
         if draining && self.drain_deadline_ms.is_none() {
             self.drain_deadline_ms = Some(self.mono + self.drain_timeout_ms);
             for i in 0..self.listeners.len() {
@@ -1055,7 +1020,7 @@ impl ShardLoop {
                 }
             }
         }
-        if let Some(t) = &self.app.shared.tls {
+        if let Some(t) = &self.tls {
             if t.version.load(Ordering::Acquire) != self.tls_version {
                 let (v, c) = t.current();
                 self.tls_version = v;
@@ -1069,7 +1034,8 @@ impl ShardLoop {
             self.last_second_ms = self.mono;
             self.renice_writers();
             if let Some(seq) = wire::layout::read_shipped(&self.shard_dir) {
-                self.app.recycle(seq, now);
+                let n = self.app.log.recycle(seq, self.retention_ms, now);
+                self.app.counters.segments_recycled += n as u64;
             }
         }
         self.publish_durable();
@@ -1088,7 +1054,7 @@ impl ShardLoop {
             use std::os::unix::fs::FileExt;
             match f.write_at(&seq.to_le_bytes(), 0) {
                 Ok(8) => self.durable_published = seq,
-                Ok(_) | Err(_) => self.app.counters.drop("durable_publish_failed"),
+                Ok(_) | Err(_) => self.app.counters.drop(DropReason::DurablePublishFailed),
             }
         }
     }
@@ -1126,8 +1092,8 @@ impl ShardLoop {
             let idle =
                 c.rlen == 0 && nothing_queued && now - c.last_active_ms > self.idle_timeout_ms;
             if header_late {
-                self.app.counters.drop("header_timeout");
-                self.app.counters.request(6, 408);
+                self.app.counters.drop(DropReason::HeaderTimeout);
+                self.app.counters.request(Endpoint::Other, 408);
                 c.closing_soon();
             } else if idle || (draining && c.rlen == 0 && nothing_queued) {
                 if idle {
@@ -1201,12 +1167,12 @@ impl Conn {
     /// Takes `nbuf[..nlen]` through the PROXY header and TLS into `rbuf`.
     /// Returns whether the peer closed its side (TLS close_notify), or the
     /// drop reason that ends the connection.
-    fn unlayer(&mut self, rbuf_max: usize, proxy_max: usize) -> Result<bool, &'static str> {
+    fn unlayer(&mut self, rbuf_max: usize, proxy_max: usize) -> Result<bool, DropReason> {
         let mut start = 0;
         if self.proxy_pending {
             match edge::parse_proxy(&self.nbuf[..self.nlen], proxy_max) {
                 ProxyParse::Partial => return Ok(false),
-                ProxyParse::Invalid => return Err("proxy_header_invalid"),
+                ProxyParse::Invalid => return Err(DropReason::ProxyHeaderInvalid),
                 ProxyParse::Done { len, client } => {
                     if let Some(a) = client {
                         self.peer = a;
@@ -1235,10 +1201,10 @@ impl Conn {
         let mut eof = false;
         while !input.is_empty() {
             if tls.read_tls(&mut input).is_err() {
-                return Err("tls_error");
+                return Err(DropReason::TlsError);
             }
             if tls.process_new_packets().is_err() {
-                return Err("tls_error");
+                return Err(DropReason::TlsError);
             }
             loop {
                 if self.rlen == self.rbuf.len() {
@@ -1256,7 +1222,7 @@ impl Conn {
                     }
                     Ok(k) => self.rlen += k,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(_) => return Err("tls_error"),
+                    Err(_) => return Err(DropReason::TlsError),
                 }
             }
         }
@@ -1323,13 +1289,6 @@ pub fn bind_listener(addr: std::net::SocketAddr, backlog: u32) -> io::Result<soc
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn http_date_is_imf_fixdate() {
-        assert_eq!(http_date(0), "Thu, 01 Jan 1970 00:00:00 GMT");
-        assert_eq!(http_date(1_795_400_000), "Mon, 23 Nov 2026 02:13:20 GMT");
-        assert_eq!(http_date(951_782_400), "Tue, 29 Feb 2000 00:00:00 GMT");
-    }
 
     #[test]
     fn user_data_round_trips() {

@@ -88,9 +88,11 @@ pub fn allowed_cpus() -> Vec<usize> {
 /// probed at random otherwise pays a TLB miss on nearly every lookup), then
 /// faulted in.
 ///
+/// # Safety
+///
 /// Only for types whose all-zero bit pattern is a valid value (atomics and
-/// integers); the dedup table's `Slot` is one.
-pub(crate) fn zeroed_huge_slice<T>(n: usize) -> Box<[T]> {
+/// integers).
+unsafe fn zeroed_huge_slice<T>(n: usize) -> Box<[T]> {
     assert!(n > 0 && std::mem::size_of::<T>() > 0);
     let layout = std::alloc::Layout::array::<T>(n).expect("table size overflows");
     // SAFETY: the layout has non-zero size (asserted above).
@@ -120,19 +122,17 @@ pub(crate) fn zeroed_huge_slice<T>(n: usize) -> Box<[T]> {
     unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, n)) }
 }
 
-/// Starts loading the cache line of `v` (a hash table slot about to be
-/// probed), so that its miss to memory overlaps other work.
-#[inline]
-pub(crate) fn prefetch<T>(v: &T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is a hint; it never faults and reads nothing into
-    // the program's state, whatever the address (this one is a reference).
-    unsafe {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        _mm_prefetch::<_MM_HINT_T0>((v as *const T).cast());
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = v;
+/// `n` empty dedup slots on huge pages (for `DedupTable::new_in`).
+pub fn huge_dedup_slots(n: usize) -> Box<[gateway_core::dedup::Slot]> {
+    // SAFETY: a Slot holds only atomics, and all-zero bytes are an empty
+    // slot (its documented contract).
+    unsafe { zeroed_huge_slice(n) }
+}
+
+/// `n` zeroed atomic words on huge pages (for `VelocityTable::new_in`).
+pub fn huge_atomic_words(n: usize) -> Box<[std::sync::atomic::AtomicU64]> {
+    // SAFETY: zero is a valid AtomicU64.
+    unsafe { zeroed_huge_slice(n) }
 }
 
 /// Takes an exclusive, non-blocking flock on `path` (created if missing) and

@@ -27,7 +27,7 @@ fn start_tls(listen_extra: &str) -> TlsGateway {
 
 fn start_tls_with(extra: &str, listen_extra: &str) -> TlsGateway {
     let certs = tempfile::tempdir().unwrap();
-    let der = write_cert(certs.path(), "gw");
+    let der = CertificateDer::from(write_cert(certs.path(), "gw"));
     let https: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let extra = format!(
         "{extra}\n[tls]\ncert_file = \"{0}/gw.pem\"\nkey_file = \"{0}/gw.key\"\n",
@@ -184,7 +184,7 @@ fn a_reloaded_certificate_serves_new_connections_and_open_ones_keep_going() {
     let mut open = tls_connect(t.https, &old);
     assert_eq!(tls_get(&mut open, &click("rl-1")).status, 302);
 
-    let new_der = write_cert(t.certs.path(), "gw");
+    let new_der = CertificateDer::from(write_cert(t.certs.path(), "gw"));
     assert_ne!(new_der, t.der);
     t.g.signal(libc::SIGHUP);
     std::thread::sleep(Duration::from_millis(400));
@@ -522,8 +522,7 @@ fn a_browser_clicks_a_signed_ad_and_lands_with_the_click_counted() {
     }
     .target();
     let ad_url = format!("https://localhost:{}{target}", t.https.port());
-    let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
-    std::fs::create_dir_all(&artifacts).unwrap();
+    let artifacts = test_support::artifacts_dir();
     let shot = artifacts.join("browser-click-landing.png");
     let _ = std::fs::remove_file(&shot);
     let out = Command::new("python3")

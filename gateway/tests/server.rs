@@ -3,11 +3,10 @@
 mod common;
 
 use std::io::Write;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use test_support::fs::SmallFs;
 
 #[test]
 fn click_redirects_with_the_signed_url_and_no_cache() {
@@ -46,7 +45,7 @@ fn duplicate_is_redirected_but_not_counted_across_shards() {
 fn a_click_id_is_the_same_click_escaped_or_not() {
     // The shard fingerprints a plain click id before the MAC (to prefetch its
     // dedup slot) and an escaped one after decoding: both must agree.
-    use gateway::token::{encode_component as enc, sign};
+    use wire::signed::{encode_component as enc, sign};
     let g = Gateway::start("");
     let target = |id: &str| {
         let q = format!(
@@ -793,29 +792,6 @@ fn idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     std::thread::sleep(Duration::from_millis(100));
     assert!(metric(&g.metrics(), "clickgate_connections_idle_closed_total") >= 1);
-}
-
-/// A tmpfs of a few hundred KiB mounted on the data directory (root only;
-/// the test says it skipped otherwise), unmounted on drop.
-struct SmallFs(PathBuf);
-
-impl SmallFs {
-    fn mount(dir: &std::path::Path, bytes: usize) -> Option<SmallFs> {
-        std::fs::create_dir_all(dir).unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
-            .arg(dir)
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then(|| SmallFs(dir.to_owned()))
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }
 
 #[test]

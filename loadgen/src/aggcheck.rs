@@ -123,8 +123,7 @@ pub fn fetch_states(
             .ok_or_else(|| anyhow!("no series in the answer"))?
         {
             let ts = p["timestamp"].as_str().unwrap_or_default();
-            let minute =
-                (aggregator::rows::parse_time(ts).map_err(anyhow::Error::msg)? / 60) as u32;
+            let minute = (wire::time::parse_time(ts).map_err(anyhow::Error::msg)? / 60) as u32;
             if p["state"].as_str() != Some("reconciled") {
                 not_reconciled += 1;
             }

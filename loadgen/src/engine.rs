@@ -225,11 +225,7 @@ pub fn run_worker(plan: &Plan, requests: &[Vec<u8>]) -> anyhow::Result<WorkerRes
         .setup_taskrun_flag()
         .build((plan.connections * 2).next_power_of_two().max(64) as u32)?;
     let (sa, salen) = sockaddr(&plan.addr);
-    let family = if plan.addr.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
+    let family = socket2::Domain::for_address(plan.addr);
     let mut hist = Histogram::<u64>::new_with_bounds(1_000, 60_000_000_000, 3)?;
     let mut statuses = BTreeMap::new();
     let mut errors = Errors::default();
@@ -262,12 +258,12 @@ pub fn run_worker(plan: &Plan, requests: &[Vec<u8>]) -> anyhow::Result<WorkerRes
 
     // Opens a connection: a blocking socket(2), then an async connect.
     let connect = |c: &mut Conn, slot: usize, ring: &mut IoUring| -> bool {
-        // SAFETY: plain socket(2) call.
-        let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
+        // Requests are whole messages: Nagle's algorithm would only delay them.
+        let Ok(sock) = socket2::Socket::new(family, socket2::Type::STREAM.cloexec(), None) else {
             return false;
-        }
-        gateway::sys::set_nodelay(fd);
+        };
+        let _ = sock.set_nodelay(true);
+        let fd = std::os::fd::IntoRawFd::into_raw_fd(sock);
         c.fd = fd;
         c.st = St::Connecting;
         c.gen = c.gen.wrapping_add(1);

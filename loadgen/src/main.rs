@@ -411,7 +411,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             let secure = secure.clone();
             std::thread::spawn(
                 move || -> anyhow::Result<(workload::Pool, engine::WorkerResult)> {
-                    let _ = gateway::sys::pin_to_cpu(cpu);
+                    core_affinity::set_for_current(core_affinity::CoreId { id: cpu });
                     let pool = model.generate(a.pool, w, now_s);
                     let conns = a.connections / workers + usize::from(w < a.connections % workers);
                     let plan = engine::Plan {

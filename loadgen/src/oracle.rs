@@ -177,8 +177,10 @@ pub fn read_click_records(data: &Path) -> anyhow::Result<Vec<ClickRecord>> {
         else {
             continue;
         };
-        for (_, path) in gateway::log::list_segments(&dir)? {
-            let map = gateway::log::map_readonly(&path)?;
+        for (_, path) in wire::layout::list_segments(&dir)? {
+            // Read, not mapped: a segment is a few MiB to a few hundred, and
+            // the oracle reads each once.
+            let map = std::fs::read(&path)?;
             let h = SegmentHeader::decode(&map)?;
             let scan = segment::scan(&map, h.base_seq);
             for f in segment::frames(&map, scan.end) {

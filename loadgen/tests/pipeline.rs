@@ -8,100 +8,14 @@ use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
 
 use common::{bin, free_port, free_udp_port};
-
-/// GET on loopback; the status code, or None if nothing answers.
-fn http_status(addr: &str, path: &str) -> Option<u16> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut b = Vec::new();
-    let _ = s.read_to_end(&mut b);
-    std::str::from_utf8(b.get(9..12)?).ok()?.parse().ok()
-}
-
-struct Proc {
-    name: &'static str,
-    bin: PathBuf,
-    args: Vec<OsString>,
-    log: PathBuf,
-    /// (address, path) that answers 200 once the process is ready.
-    ready: (String, &'static str),
-    child: Option<Child>,
-    starts: u32,
-    /// Milliseconds from spawn to ready, per start.
-    ready_ms: Vec<u64>,
-    env: Vec<(String, String)>,
-}
-
-impl Proc {
-    fn start(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(&self.bin)
-            .args(&self.args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        self.starts += 1;
-        let t = Instant::now();
-        while http_status(&self.ready.0, self.ready.1) != Some(200) {
-            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("{} exited ({st}):\n{}", self.name, self.log_text());
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "{} not ready:\n{}",
-                self.name,
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        self.ready_ms.push(t.elapsed().as_millis() as u64);
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: kill(2) on our own child.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let t = Instant::now();
-            while c.try_wait().unwrap().is_none() {
-                if t.elapsed() > Duration::from_secs(15) {
-                    let _ = c.kill();
-                    panic!("{} did not stop on SIGTERM", self.name);
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-
-    fn log_text(&self) -> String {
-        let t = std::fs::read_to_string(&self.log).unwrap_or_default();
-        t[t.len().saturating_sub(4000)..].to_string()
-    }
-}
+use test_support::clickhouse::ClickHouse;
+use test_support::process::Proc;
 
 struct Pipeline {
     dir: tempfile::TempDir,
@@ -116,44 +30,7 @@ struct Pipeline {
     /// The second aggregator's query API, with two aggregators.
     agg2_http: Option<String>,
     /// The ClickHouse server the aggregator's sink writes to, if any.
-    clickhouse: Option<ClickHouseServer>,
-}
-
-/// A private clickhouse-server (scripts/clickhouse-local).
-struct ClickHouseServer {
-    pid: i32,
-    addr: String,
-    _dir: tempfile::TempDir,
-}
-
-impl ClickHouseServer {
-    /// None when no server can be had (not root, no package).
-    fn start() -> Option<ClickHouseServer> {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/clickhouse-local");
-        let out = Command::new(script)
-            .arg(dir.path())
-            .arg(port.to_string())
-            .output()
-            .unwrap();
-        if !out.status.success() {
-            eprintln!("no ClickHouse: {}", String::from_utf8_lossy(&out.stderr));
-            return None;
-        }
-        Some(ClickHouseServer {
-            pid: String::from_utf8_lossy(&out.stdout).trim().parse().unwrap(),
-            addr: format!("127.0.0.1:{port}"),
-            _dir: dir,
-        })
-    }
-}
-
-impl Drop for ClickHouseServer {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on the server this test started.
-        unsafe { libc::kill(self.pid, libc::SIGKILL) };
-    }
+    clickhouse: Option<ClickHouse>,
 }
 
 const AGG: usize = 0;
@@ -169,7 +46,7 @@ impl Pipeline {
     /// With the aggregator's ClickHouse sink on a private server; None when
     /// no ClickHouse server can be had.
     fn with_clickhouse(envs: &[(usize, &str, &str)]) -> Option<Pipeline> {
-        let ch = ClickHouseServer::start()?;
+        let ch = ClickHouse::start()?;
         Some(Self::build_with(envs, None, Some(ch), false))
     }
 
@@ -197,7 +74,7 @@ impl Pipeline {
     fn build_with(
         envs: &[(usize, &str, &str)],
         proxy: Option<&mut Option<Proxy>>,
-        clickhouse: Option<ClickHouseServer>,
+        clickhouse: Option<ClickHouse>,
         two_aggregators: bool,
     ) -> Pipeline {
         let dir = tempfile::tempdir().unwrap();
@@ -292,7 +169,7 @@ impl Pipeline {
             ]);
             if let Some(ch) = &clickhouse {
                 a.push("--clickhouse".into());
-                a.push(format!("http://{}", ch.addr).into());
+                a.push(format!("http://{}", ch.addr()).into());
             }
             if two_aggregators {
                 a.extend(os(&[
@@ -317,57 +194,41 @@ impl Pipeline {
             os(&["--aggregator", &ship_to])
         };
         let mut procs = vec![
-            Proc {
-                name: "aggregator",
-                bin: agg_bin.clone(),
-                args: agg_args("agg/store.redb", &agg_quic, &agg_http, "agg-a"),
-                log: d.join("aggregator.log"),
-                ready: (agg_http.clone(), "/readyz"),
-                child: None,
-                starts: 0,
-                ready_ms: Vec::new(),
-                env: Vec::new(),
-            },
-            Proc {
-                name: "gateway",
-                bin: gw_bin,
-                args: os(&["run", "--config", &p("gateway.toml")]),
-                log: d.join("gateway.log"),
-                ready: (gateway_addr.clone(), "/readyz"),
-                child: None,
-                starts: 0,
-                ready_ms: Vec::new(),
-                env: Vec::new(),
-            },
-            Proc {
-                name: "shipper",
-                bin: ship_bin,
-                args: [
+            Proc::new(
+                "aggregator",
+                agg_bin.clone(),
+                agg_args("agg/store.redb", &agg_quic, &agg_http, "agg-a"),
+                d.join("aggregator.log"),
+                (agg_http.clone(), "/readyz"),
+            ),
+            Proc::new(
+                "gateway",
+                gw_bin,
+                os(&["run", "--config", &p("gateway.toml")]),
+                d.join("gateway.log"),
+                (gateway_addr.clone(), "/readyz"),
+            ),
+            Proc::new(
+                "shipper",
+                ship_bin,
+                [
                     os(&["run", "--data-dir", &p("data"), "--certs", &p("certs")]),
                     os(&["--metrics-listen", &ship_metrics]),
                     ship_targets,
                 ]
                 .concat(),
-                log: d.join("shipper.log"),
-                ready: (ship_metrics.clone(), "/healthz"),
-                child: None,
-                starts: 0,
-                ready_ms: Vec::new(),
-                env: Vec::new(),
-            },
+                d.join("shipper.log"),
+                (ship_metrics.clone(), "/healthz"),
+            ),
         ];
         if two_aggregators {
-            procs.push(Proc {
-                name: "aggregator-b",
-                bin: agg_bin,
-                args: agg_args("agg2/store.redb", &agg2_quic, &agg2_http, "agg-b"),
-                log: d.join("aggregator-b.log"),
-                ready: (agg2_http.clone(), "/readyz"),
-                child: None,
-                starts: 0,
-                ready_ms: Vec::new(),
-                env: Vec::new(),
-            });
+            procs.push(Proc::new(
+                "aggregator-b",
+                agg_bin,
+                agg_args("agg2/store.redb", &agg2_quic, &agg2_http, "agg-b"),
+                d.join("aggregator-b.log"),
+                (agg2_http.clone(), "/readyz"),
+            ));
         }
         let mut pl = Pipeline {
             dir,
@@ -426,7 +287,7 @@ impl Pipeline {
             .args(
                 self.clickhouse
                     .iter()
-                    .flat_map(|c| ["--clickhouse".to_string(), c.addr.clone()]),
+                    .flat_map(|c| ["--clickhouse".to_string(), c.addr()]),
             )
             .output()
             .unwrap();
@@ -1044,8 +905,7 @@ fn the_dashboard_in_a_browser_shows_what_was_counted() {
         eprintln!("SKIPPED: no headless browser could be installed");
         return;
     }
-    let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
-    std::fs::create_dir_all(&artifacts).unwrap();
+    let artifacts = test_support::artifacts_dir();
     let shot = artifacts.join("dashboard-adv-0.png");
     let _ = std::fs::remove_file(&shot);
     let out = Command::new("python3")
@@ -1183,17 +1043,13 @@ fn growing_from_one_aggregator_to_two_under_load_counts_every_click_once() {
         let i = b_args.iter().position(|a| a == flag).unwrap();
         b_args[i + 1] = value.into();
     }
-    pl.procs.push(Proc {
-        name: "aggregator-b",
-        bin: pl.procs[AGG].bin.clone(),
-        args: b_args,
-        log: pl.path("aggregator-b.log"),
-        ready: (b_http.clone(), "/readyz"),
-        child: None,
-        starts: 0,
-        ready_ms: Vec::new(),
-        env: Vec::new(),
-    });
+    pl.procs.push(Proc::new(
+        "aggregator-b",
+        pl.procs[AGG].bin.clone(),
+        b_args,
+        pl.path("aggregator-b.log"),
+        (b_http.clone(), "/readyz"),
+    ));
     pl.procs[AGG2].start();
     let ship = &mut pl.procs[SHIP];
     let i = ship.args.iter().position(|a| a == "--aggregator").unwrap();
@@ -1316,16 +1172,14 @@ fn a_click_retried_at_another_pop_is_billed_once_once_reconciled() {
     )
     .unwrap();
     let os = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
-    let proc = |name, bin: &PathBuf, args: Vec<OsString>, ready: (String, &'static str)| Proc {
-        name,
-        bin: bin.clone(),
-        args,
-        log: d.join(format!("{name}.log")),
-        ready,
-        child: None,
-        starts: 0,
-        ready_ms: Vec::new(),
-        env: Vec::new(),
+    let proc = |name, bin: &PathBuf, args: Vec<OsString>, ready: (String, &'static str)| {
+        Proc::new(
+            name,
+            bin.clone(),
+            args,
+            d.join(format!("{name}.log")),
+            ready,
+        )
     };
     let mut agg = proc(
         "aggregator",

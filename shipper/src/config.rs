@@ -9,6 +9,10 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// How the process writes its log to stderr: "text" (colour only on a
+    /// terminal) or "json" (one object per line, for log shippers).
+    /// Default "text".
+    pub log_format: daemon::logging::LogFormat,
     /// The gateway's data directory (its `shard-<n>` directories are tailed).
     /// Default "./data".
     pub data_dir: PathBuf,
@@ -74,6 +78,7 @@ pub struct Stream {
 impl Default for Config {
     fn default() -> Self {
         Config {
+            log_format: Default::default(),
             data_dir: "./data".into(),
             aggregator: "127.0.0.1:7400".parse().unwrap(),
             cluster: Vec::new(),

@@ -520,7 +520,7 @@ async fn run_stream(
         let Some(ack) = sh.send_until_answered(link, &frame, &what, ki).await else {
             break;
         };
-        wire::failpoint::hit("shipper_answered_before_cursor");
+        daemon::faults::crash_point("shipper_answered_before_cursor");
         sh.metrics.batches[ki][ack.status as usize].fetch_add(1, Ordering::Relaxed);
         if ack.status == Status::Applied {
             sh.metrics.records[ki].fetch_add(batch.count as u64, Ordering::Relaxed);

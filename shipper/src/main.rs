@@ -97,15 +97,12 @@ fn build(c: Common) -> anyhow::Result<Config> {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        // Colour only on a terminal: a log file or a journal gets plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match Cli::parse().cmd {
+    let cli = Cli::parse();
+    // `run` writes its log as its config says; the other commands as text.
+    if !matches!(cli.cmd, Cmd::Run { .. }) {
+        daemon::logging::init(daemon::logging::LogFormat::Text);
+    }
+    match cli.cmd {
         Cmd::Run {
             common,
             data_dir,
@@ -119,6 +116,7 @@ fn main() -> anyhow::Result<()> {
                 cfg.metrics_listen = m;
             }
             cfg.validate().map_err(anyhow::Error::msg)?;
+            daemon::logging::init(cfg.log_format);
             run(cfg)
         }
         Cmd::Check {

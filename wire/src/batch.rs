@@ -27,6 +27,9 @@ pub const MAGIC: [u8; 8] = *b"CLKGBAT\0";
 pub const ACK_MAGIC: [u8; 8] = *b"CLKGACK\0";
 pub const VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 48;
+/// Where the header's fields are (the layout is in the module comment).
+const VERSION_AT: usize = 8;
+const KIND_AT: usize = 10;
 const ITEM_HEADER_LEN: usize = 16;
 const ACK_FIXED: usize = 34;
 /// Longest reason an answer carries; longer ones are cut.
@@ -233,6 +236,19 @@ impl Batch {
         b
     }
 
+    /// The kind a frame says it is, from its header alone (nothing else is
+    /// checked: for routing and metrics before the whole frame is decoded).
+    /// None when it is too short, not a batch, of another version or kind.
+    pub fn peek_kind(b: &[u8]) -> Option<BatchKind> {
+        if b.len() < HEADER_LEN || b[..MAGIC.len()] != MAGIC {
+            return None;
+        }
+        if u16::from_le_bytes([b[VERSION_AT], b[VERSION_AT + 1]]) != VERSION {
+            return None;
+        }
+        BatchKind::from_u8(b[KIND_AT])
+    }
+
     /// Decodes and checks a whole batch; `raw_max` bounds the decompressed size.
     pub fn decode(b: &[u8], raw_max: usize) -> Result<Batch, BatchError> {
         if b.len() < HEADER_LEN {
@@ -241,11 +257,11 @@ impl Batch {
         if b[0..8] != MAGIC {
             return Err(BatchError::Magic);
         }
-        let version = u16::from_le_bytes([b[8], b[9]]);
+        let version = u16::from_le_bytes([b[VERSION_AT], b[VERSION_AT + 1]]);
         if version != VERSION {
             return Err(BatchError::Version(version));
         }
-        let kind = BatchKind::from_u8(b[10]).ok_or(BatchError::Kind(b[10]))?;
+        let kind = BatchKind::from_u8(b[KIND_AT]).ok_or(BatchError::Kind(b[KIND_AT]))?;
         if b[14..16] != [0, 0] {
             return Err(BatchError::Reserved);
         }
@@ -410,6 +426,24 @@ impl Ack {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_frames_kind_is_read_from_its_header_alone() {
+        let b = Batch::hello("gw", 3).encode();
+        assert_eq!(Batch::peek_kind(&b), Some(BatchKind::Hello));
+        let j = Batch::join("gw", 3, 5, 9).encode();
+        assert_eq!(Batch::peek_kind(&j), Some(BatchKind::Join));
+        assert_eq!(Batch::peek_kind(&b[..HEADER_LEN - 1]), None);
+        let mut other = b.clone();
+        other[0] ^= 1;
+        assert_eq!(Batch::peek_kind(&other), None);
+        let mut later = b.clone();
+        later[VERSION_AT] = 2;
+        assert_eq!(Batch::peek_kind(&later), None);
+        let mut unknown = b;
+        unknown[KIND_AT] = 0xEE;
+        assert_eq!(Batch::peek_kind(&unknown), None);
+    }
 
     fn sample() -> Batch {
         let mut raw = Vec::new();

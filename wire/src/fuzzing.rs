@@ -1,9 +1,7 @@
 //! Bodies of the fuzz targets (`fuzz/`) for this crate's decoders, kept here
 //! so the normal tests replay the kept corpus through the same code
-//! (`tests/fuzz_corpus.rs`). Each must never panic on any input, and checks
+//! (test-support's `tests/fuzz_corpus.rs`). Each must never panic on any input, and checks
 //! what must hold of what it accepts.
-
-use std::path::Path;
 
 use crate::batch::{items, Ack, Batch};
 use crate::record::{EventRef, PartialRecord};
@@ -58,17 +56,4 @@ pub fn batch_decode(data: &[u8]) {
     }
     let _ = EventRef::decode(data);
     let _ = PartialRecord::decode(data);
-}
-
-/// Runs `f` on every file of the kept corpus of `target` (`fuzz/corpus/`
-/// under the workspace root `root`); returns how many. For the normal tests.
-pub fn replay_corpus(root: &Path, target: &str, f: fn(&[u8])) -> usize {
-    let dir = root.join("fuzz/corpus").join(target);
-    let mut n = 0;
-    for e in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
-        let data = std::fs::read(e.unwrap().path()).unwrap();
-        f(&data);
-        n += 1;
-    }
-    n
 }

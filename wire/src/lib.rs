@@ -15,17 +15,20 @@
 //! - [`layout`]: file names in a gateway's data directory, shared by gateway and
 //!   shipper.
 //! - [`partition`]: which aggregator instance owns an advertiser.
-//! - [`failpoint`]: named crash points for tests (`CLICKGATE_CRASH_AT`).
+//! - [`signed`]: the signed click URL, as the ad server writes it.
+//! - [`time`]: UTC civil time as the query API and HTTP write it.
 
 #![forbid(unsafe_code)]
 
 pub mod batch;
-pub mod failpoint;
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod layout;
 pub mod partition;
 pub mod record;
 pub mod segment;
+pub mod signed;
+pub mod time;
 
 /// Milliseconds since the Unix epoch, UTC.
 pub type UnixMs = i64;

@@ -1,12 +1,10 @@
 //! What the aggregator's integration tests share: a gateway shard that
 //! ships events and partials into a store, reading click ids back from a
 //! sealed file, and a real S3-compatible server.
-#![allow(dead_code)] // each test crate uses its own part
+#![allow(dead_code, unused_imports)] // each test crate uses its own part
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
@@ -21,65 +19,9 @@ pub fn agg_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_clickgate-aggregator"))
 }
 
-pub fn port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-pub fn udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// GET with an optional bearer token: (status, body).
-pub fn get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
-    request(addr, "GET", path, token, None)
-}
-
-/// POST a JSON `body` with an optional bearer token: (status, body).
-pub fn post(addr: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
-    request(addr, "POST", path, token, Some(body))
-}
-
-fn request(
-    addr: &str,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&str>,
-) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let content = body.map_or(String::new(), |b| {
-        format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            b.len()
-        )
-    });
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}{content}Connection: close\r\n\r\n{}",
-        body.unwrap_or("")
-    )
-    .unwrap();
-    let mut b = String::new();
-    s.read_to_string(&mut b).unwrap();
-    let status = b[9..12].parse().unwrap();
-    let body = b
-        .split_once("\r\n\r\n")
-        .map(|x| x.1)
-        .unwrap_or("")
-        .to_owned();
-    (status, body)
-}
+pub use test_support::free_port as port;
+pub use test_support::free_udp_port as udp_port;
+pub use test_support::net::{get, post};
 
 /// A store in `dir` whose minutes are final a minute after they end.
 pub fn open_store(dir: &Path) -> Arc<Store> {

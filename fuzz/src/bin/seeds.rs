@@ -67,7 +67,7 @@ fn partial(from: u64, to: u64) -> Vec<u8> {
 fn main() {
     // HTTP requests.
     let q = "ad_id=ad-1&advertiser_id=adv-1&campaign_id=camp-1&click_id=c1&user_id=u1&cost_per_click=0.25&timestamp=1795496400&redirect_url=https%3A%2F%2Fexample.com%2F&kid=k1";
-    let signed = gateway::token::sign(q, &[7u8; 32]);
+    let signed = wire::signed::sign(q, &[7u8; 32]);
     for (name, req) in [
         ("get", format!("GET /api/v1/clicks?{signed} HTTP/1.1\r\nHost: x\r\nUser-Agent: Mozilla/5.0 (iPhone) Mobile\r\nX-Country: de\r\n\r\n")),
         ("pipelined", format!("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /api/v1/clicks?{signed} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")),

@@ -1,42 +1,18 @@
 //! Runs the real gateway binary on loopback for integration tests.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)] // each test file uses a part
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
+pub use test_support::keys::{keys_toml, write_cert, write_keys};
+pub use test_support::net::{read_response, Response};
+pub use test_support::{free_port, metric, now_s};
 
 pub const SECRET1: [u8; 32] = [1; 32];
 pub const SECRET2: [u8; 32] = [2; 32];
-
-pub fn keys_toml(keys: &[(&str, &[u8])]) -> String {
-    keys.iter()
-        .map(|(kid, s)| {
-            format!(
-                "[[key]]\nkid = \"{kid}\"\nsecret = \"{}\"\n",
-                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
-            )
-        })
-        .collect()
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-pub fn now_s() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
 
 pub struct Gateway {
     pub child: Option<Child>,
@@ -178,8 +154,7 @@ impl Gateway {
     }
 
     pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.pid(), sig) };
+        test_support::process::kill(self.pid(), sig);
     }
 
     pub fn kill9(&mut self) {
@@ -255,64 +230,6 @@ impl Drop for Gateway {
     }
 }
 
-#[derive(Debug)]
-pub struct Response {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
-
-impl Response {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    pub fn body_str(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-/// Reads exactly one response (Content-Length framed) from a stream, and not
-/// a byte more, so pipelined responses can be read one after another.
-pub fn read_response(s: &mut impl Read) -> std::io::Result<Response> {
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        if s.read(&mut byte)? == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "eof",
-            ));
-        }
-        buf.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&buf).into_owned();
-    let mut lines = head.trim_end().split("\r\n");
-    let status: u16 = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad status line: {head}")))?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
-        .collect();
-    let len: usize = headers
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-        .map_or(0, |(_, v)| v.parse().unwrap());
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body)?;
-    Ok(Response {
-        status,
-        headers,
-        body,
-    })
-}
-
 pub struct Click<'a> {
     pub kind: &'a str,
     pub kid: &'a str,
@@ -349,16 +266,18 @@ pub fn click(id: &str) -> String {
 impl Click<'_> {
     /// `/api/v1/<kind>?<signed query>`
     pub fn target(&self) -> String {
-        use gateway::token::{encode_component as enc, sign};
-        let q = format!(
-            "ad_id={}&advertiser_id=adv-1&campaign_id=camp-1&click_id={}&user_id=u-1&cost_per_click=0.25&timestamp={}&redirect_url={}&kid={}",
-            enc(self.ad_id),
-            enc(self.click_id),
-            self.ts,
-            enc(self.redirect),
-            self.kid
-        );
-        format!("/api/v1/{}?{}", self.kind, sign(&q, self.secret))
+        let q = wire::signed::Click {
+            ad_id: self.ad_id,
+            advertiser_id: "adv-1",
+            campaign_id: "camp-1",
+            click_id: self.click_id,
+            user_id: "u-1",
+            cost_per_click: "0.25",
+            timestamp: self.ts,
+            redirect_url: self.redirect,
+            kid: self.kid,
+        };
+        format!("/api/v1/{}?{}", self.kind, q.signed_query(self.secret))
     }
 }
 
@@ -378,32 +297,4 @@ pub fn totals(inspect: &str) -> (u64, u64, u64, u64) {
         get("duplicates"),
         get("invalid"),
     )
-}
-
-pub fn metric(text: &str, name_and_labels: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse::<f64>().ok())
-        .unwrap_or(0.0) as u64
-}
-
-pub fn write_keys(path: &Path, keys: &[(&str, &[u8])]) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, keys_toml(keys)).unwrap();
-    std::fs::rename(tmp, path).unwrap();
-}
-
-/// A self-signed certificate for localhost / 127.0.0.1, written as
-/// `<name>.pem` and `<name>.key`; returns its DER.
-pub fn write_cert(dir: &Path, name: &str) -> rustls::pki_types::CertificateDer<'static> {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let params =
-        rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    let cert = params.self_signed(&key).unwrap();
-    let tmp = |ext: &str| dir.join(format!("{name}.{ext}.tmp"));
-    std::fs::write(tmp("pem"), cert.pem()).unwrap();
-    std::fs::write(tmp("key"), key.serialize_pem()).unwrap();
-    // Atomic replace, as an operator's deploy tool would.
-    std::fs::rename(tmp("pem"), dir.join(format!("{name}.pem"))).unwrap();
-    std::fs::rename(tmp("key"), dir.join(format!("{name}.key"))).unwrap();
-    cert.der().clone()
 }

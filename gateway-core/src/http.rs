@@ -8,6 +8,8 @@
 
 use std::ops::Range;
 
+use crate::metrics::DropReason;
+
 /// The most header lines any configuration may allow (the parser's stack array).
 pub const HEADERS_HARD_MAX: usize = 128;
 
@@ -74,19 +76,21 @@ impl HttpError {
         }
     }
 
-    /// Low-cardinality label for metrics.
-    pub fn reason(self) -> &'static str {
+    /// The drop it is counted as.
+    pub fn reason(self) -> DropReason {
         match self {
-            Self::Malformed => "malformed",
-            Self::HeaderTooLarge => "header_too_large",
-            Self::TooManyHeaders => "too_many_headers",
-            Self::BodyTooLarge => "body_too_large",
-            Self::DuplicateContentLength => "duplicate_content_length",
-            Self::ContentLengthWithTransferEncoding => "content_length_with_transfer_encoding",
-            Self::UnsupportedTransferEncoding => "unsupported_transfer_encoding",
-            Self::BadContentLength => "bad_content_length",
-            Self::BadChunk => "bad_chunk",
-            Self::UnsupportedVersion => "unsupported_version",
+            Self::Malformed => DropReason::Malformed,
+            Self::HeaderTooLarge => DropReason::HeaderTooLarge,
+            Self::TooManyHeaders => DropReason::TooManyHeaders,
+            Self::BodyTooLarge => DropReason::BodyTooLarge,
+            Self::DuplicateContentLength => DropReason::DuplicateContentLength,
+            Self::ContentLengthWithTransferEncoding => {
+                DropReason::ContentLengthWithTransferEncoding
+            }
+            Self::UnsupportedTransferEncoding => DropReason::UnsupportedTransferEncoding,
+            Self::BadContentLength => DropReason::BadContentLength,
+            Self::BadChunk => DropReason::BadChunk,
+            Self::UnsupportedVersion => DropReason::UnsupportedVersion,
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Bodies of the fuzz targets (`fuzz/`) for the gateway's parsers, kept here
 //! so the normal tests replay the kept corpus through the same code
-//! (`tests/fuzz_corpus.rs`). Never panic; check what must hold.
+//! (test-support's `tests/fuzz_corpus.rs`). Never panic; check what must hold.
 
 use std::sync::OnceLock;
 
@@ -70,7 +70,7 @@ pub fn click_verify(data: &[u8]) {
             return;
         };
         let secret = [7u8; 32];
-        token::sign(text, &secret).into_bytes()
+        wire::signed::sign(text, &secret).into_bytes()
     } else {
         rest.to_vec()
     };
@@ -84,7 +84,7 @@ pub fn click_verify(data: &[u8]) {
             .rfind("&sig=")
             .expect("a verified query has a signature");
         assert_eq!(
-            token::sign(&text[..at], &[7u8; 32]),
+            wire::signed::sign(&text[..at], &[7u8; 32]),
             text,
             "verified without the key's signature"
         );

@@ -12,6 +12,9 @@ use std::collections::HashMap;
 use base64::Engine;
 use ring::hmac;
 use serde::Deserialize;
+use wire::signed::{SIG_B64_LEN, SIG_PARAM};
+
+use crate::fast::{for_each_special, graphic_str};
 
 /// A secret must be at least this long (the HMAC-SHA256 block of security).
 pub const SECRET_BYTES_MIN: usize = 32;
@@ -77,9 +80,7 @@ pub enum KeysError {
 
 fn decode_secret(s: &str) -> Option<Vec<u8>> {
     let s = s.trim().trim_end_matches('=');
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(s)
-        .ok()
+    wire::signed::B64.decode(s).ok()
 }
 
 impl KeyRing {
@@ -203,10 +204,17 @@ impl Reject {
 
     /// Index into [`Self::REASONS`].
     pub fn index(self) -> usize {
-        Self::REASONS
-            .iter()
-            .position(|r| *r == self.reason())
-            .unwrap()
+        match self {
+            Self::MissingSignature => 0,
+            Self::MissingField(_) => 1,
+            Self::BadField(_) => 2,
+            Self::DuplicateField => 3,
+            Self::UnknownKid => 4,
+            Self::RetiredKid => 5,
+            Self::BadSignature => 6,
+            Self::Expired => 7,
+            Self::FutureTimestamp => 8,
+        }
     }
 
     /// 400 for requests that are malformed, 403 for ones that are well formed
@@ -263,8 +271,6 @@ pub struct Signed<'a> {
     pub timestamp_s: i64,
 }
 
-const SIG_B64_LEN: usize = 43;
-
 /// Verifies a signed query and decodes its fields into `scratch`.
 ///
 /// `scratch` must have at least `query.len()` bytes (decoding never grows).
@@ -312,17 +318,17 @@ pub fn split<'q>(query: &'q [u8]) -> Result<Split<'q>, Reject> {
     // The signature must be the final parameter. A well-formed query has it
     // exactly SIG_B64_LEN bytes from the end; only a malformed one pays for
     // the search (to tell missing from bad).
-    let at = match query.len().checked_sub(SIG_B64_LEN + 5) {
-        Some(at) if &query[at..at + 5] == b"&sig=" => at,
-        _ => rfind(query, b"&sig=").ok_or(Reject::MissingSignature)?,
+    let at = match query.len().checked_sub(SIG_B64_LEN + SIG_PARAM.len()) {
+        Some(at) if &query[at..at + SIG_PARAM.len()] == SIG_PARAM => at,
+        _ => rfind(query, SIG_PARAM).ok_or(Reject::MissingSignature)?,
     };
     let signed = &query[..at];
-    let sig_b64 = &query[at + 5..];
+    let sig_b64 = &query[at + SIG_PARAM.len()..];
     if sig_b64.len() != SIG_B64_LEN {
         return Err(Reject::BadSignature);
     }
     let mut sig = [0u8; 33];
-    let n = base64::engine::general_purpose::URL_SAFE_NO_PAD
+    let n = wire::signed::B64
         .decode_slice(sig_b64, &mut sig)
         .map_err(|_| Reject::BadSignature)?;
     if n != 32 {
@@ -509,57 +515,8 @@ fn all_graphic(v: &[u8]) -> bool {
         .fold(true, |ok, &b| ok & (b.wrapping_sub(b'!') <= b'~' - b'!'))
 }
 
-/// `v` as a `str`, once `all_graphic(v)` has been checked: printable ASCII
-/// is valid UTF-8, so validating it again would only repeat that scan.
-fn graphic_str(v: &[u8]) -> &str {
-    debug_assert!(all_graphic(v));
-    // SAFETY: every byte is in b'!'..=b'~' (checked by the caller, asserted in
-    // debug builds), and any sequence of ASCII bytes is valid UTF-8.
-    unsafe { std::str::from_utf8_unchecked(v) }
-}
-
 fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
     memchr::memmem::rfind(hay, needle)
-}
-
-/// Calls `f(position, byte)` for every `&`, `=` and `%` of `s`, in order:
-/// sixteen bytes compared at a time, then each hit taken from a bit mask
-/// (an iterator of memchr searches, one call per hit, measured slower).
-fn for_each_special(s: &[u8], mut f: impl FnMut(usize, u8)) {
-    let mut i = 0;
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{
-            _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128, _mm_set1_epi8,
-        };
-        // SAFETY: SSE2 is part of the x86_64 baseline, so every instruction
-        // here exists on any CPU this code runs on; the one load reads the
-        // 16 bytes of `chunk`, which are in bounds (it may be unaligned).
-        unsafe {
-            let amp = _mm_set1_epi8(b'&' as i8);
-            let eq = _mm_set1_epi8(b'=' as i8);
-            let pct = _mm_set1_epi8(b'%' as i8);
-            while let Some(chunk) = s.get(i..i + 16) {
-                let v = _mm_loadu_si128(chunk.as_ptr().cast());
-                let hits = _mm_or_si128(
-                    _mm_or_si128(_mm_cmpeq_epi8(v, amp), _mm_cmpeq_epi8(v, eq)),
-                    _mm_cmpeq_epi8(v, pct),
-                );
-                let mut bits = _mm_movemask_epi8(hits) as u32;
-                while bits != 0 {
-                    let at = i + bits.trailing_zeros() as usize;
-                    f(at, s[at]);
-                    bits &= bits - 1;
-                }
-                i += 16;
-            }
-        }
-    }
-    for (at, &b) in s.iter().enumerate().skip(i) {
-        if matches!(b, b'&' | b'=' | b'%') {
-            f(at, b);
-        }
-    }
 }
 
 /// Percent-decodes `src` into `dst` (`+` stays `+`: this is a URL query, not a
@@ -654,34 +611,10 @@ pub fn parse_micros(v: &[u8]) -> Option<u64> {
     Some(i * 1_000_000 + f)
 }
 
-/// Signs a query the way the ad server does: appends `&sig=` and the
-/// base64url HMAC-SHA256 of the query bytes. Used by tests, loadgen and the
-/// dev tooling.
-pub fn sign(query: &str, secret: &[u8]) -> String {
-    let key = hmac::Key::new(hmac::HMAC_SHA256, secret);
-    let tag = hmac::sign(&key, query.as_bytes());
-    format!(
-        "{query}&sig={}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(tag.as_ref())
-    )
-}
-
-/// Percent-encodes a value for a query (unreserved characters stay).
-pub fn encode_component(v: &str) -> String {
-    let mut out = String::with_capacity(v.len() * 3);
-    for b in v.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wire::signed::{encode_component, sign};
 
     const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
     const NOW_MS: i64 = 1_800_000_000_000;
@@ -691,7 +624,7 @@ mod tests {
     }
 
     fn keys_toml(kid: &str, secret: &[u8]) -> String {
-        let s = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret);
+        let s = wire::signed::B64.encode(secret);
         format!("[[key]]\nkid = \"{kid}\"\nsecret = \"{s}\"\n")
     }
 
@@ -867,6 +800,25 @@ mod tests {
             );
         }
         assert_eq!(tried, 3 * bytes.len());
+    }
+
+    #[test]
+    fn each_rejection_is_counted_under_its_own_label() {
+        let all = [
+            Reject::MissingSignature,
+            Reject::MissingField("f"),
+            Reject::BadField("f"),
+            Reject::DuplicateField,
+            Reject::UnknownKid,
+            Reject::RetiredKid,
+            Reject::BadSignature,
+            Reject::Expired,
+            Reject::FutureTimestamp,
+        ];
+        assert_eq!(all.len(), Reject::REASONS.len());
+        for r in all {
+            assert_eq!(Reject::REASONS[r.index()], r.reason());
+        }
     }
 
     #[test]

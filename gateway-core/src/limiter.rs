@@ -141,14 +141,27 @@ impl VelocityTable {
     /// a power of two). `per_minute_max == 0` disables the filter (and
     /// allocates nothing).
     pub fn new(per_minute_max: u32, entries_max: usize) -> Self {
+        Self::new_in(per_minute_max, entries_max, |n| {
+            (0..n).map(|_| AtomicU64::new(0)).collect()
+        })
+    }
+
+    /// As [`Self::new`], with the slots from `alloc(n)`: `n` zeroed words.
+    pub fn new_in(
+        per_minute_max: u32,
+        entries_max: usize,
+        alloc: impl FnOnce(usize) -> Box<[AtomicU64]>,
+    ) -> Self {
         assert!(per_minute_max <= VELOCITY_MAX);
         let n = if per_minute_max == 0 {
             1
         } else {
             (entries_max.max(VELOCITY_PROBE) * 2).next_power_of_two()
         };
+        let slots = alloc(n);
+        assert_eq!(slots.len(), n);
         Self {
-            slots: crate::sys::zeroed_huge_slice::<AtomicU64>(n),
+            slots,
             mask: n - 1,
             per_minute_max,
             hasher: Default::default(),
@@ -167,7 +180,7 @@ impl VelocityTable {
 
     /// Starts loading the slot of `key`, so the miss overlaps other work.
     pub fn prefetch(&self, key: u64) {
-        crate::sys::prefetch(&self.slots[key as usize & self.mask]);
+        crate::fast::prefetch(&self.slots[key as usize & self.mask]);
     }
 
     pub fn check(&self, addr: &[u8; 16], ad_id: &str, minute: u32) -> Pace {

@@ -24,9 +24,12 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 const PROBE: usize = 16;
 
-/// All-zero bytes are a valid, empty slot (see `sys::zeroed_huge_slice`).
+/// One entry of the table. All-zero bytes are a valid, empty slot (it holds
+/// only atomics), so a shell may hand [`DedupTable::new_in`] zeroed memory of
+/// its own choosing (the gateway's is on transparent huge pages).
 #[repr(C)]
-pub(crate) struct Slot {
+#[derive(Default)]
+pub struct Slot {
     fp: AtomicU64,
     /// Minute (since the epoch) the entry was last claimed; 0 = never.
     minute: AtomicU32,
@@ -53,9 +56,22 @@ impl DedupTable {
     /// or under one half and probe windows rarely fill. `horizon_min` is the
     /// dedup horizon in whole minutes (an entry lives for at least that long).
     pub fn new(entries_max: usize, horizon_min: u32) -> Self {
+        Self::new_in(entries_max, horizon_min, |n| {
+            (0..n).map(|_| Slot::default()).collect()
+        })
+    }
+
+    /// As [`Self::new`], with the slots from `alloc(n)`: `n` empty slots.
+    pub fn new_in(
+        entries_max: usize,
+        horizon_min: u32,
+        alloc: impl FnOnce(usize) -> Box<[Slot]>,
+    ) -> Self {
         let n = (entries_max.max(PROBE) * 2).next_power_of_two();
+        let slots = alloc(n);
+        assert_eq!(slots.len(), n);
         Self {
-            slots: crate::sys::zeroed_huge_slice::<Slot>(n),
+            slots,
             mask: n - 1,
             hasher: Default::default(),
             horizon_min: horizon_min.max(1),
@@ -85,7 +101,7 @@ impl DedupTable {
         const PER_LINE: usize = 64 / std::mem::size_of::<Slot>();
         let start = fp as usize;
         for i in (0..PROBE).step_by(PER_LINE).chain([PROBE - 1]) {
-            crate::sys::prefetch(&self.slots[(start + i) & self.mask]);
+            crate::fast::prefetch(&self.slots[(start + i) & self.mask]);
         }
     }
 

@@ -9,7 +9,7 @@ fn every_metric_the_grafana_dashboard_uses_exists() {
     assert!(dashboard["panels"].as_array().unwrap().len() >= 10);
 
     let mut gw = Vec::new();
-    gateway::metrics::Registry::new(1).render(&mut gw);
+    gateway_core::metrics::Registry::new(1).render(&mut gw);
     let agg = aggregator::metrics::Metrics::default().render(0, 0);
     let ship = shipper::Metrics::default();
     ship.shards.lock().unwrap().insert(0, [0; 3]);

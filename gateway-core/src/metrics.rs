@@ -10,53 +10,110 @@ use std::sync::Mutex;
 
 use wire::record::{EventKind, Verdict};
 
+use crate::app::Endpoint;
 use crate::token::Reject;
 
-pub const ENDPOINTS: &[&str] = &[
-    "clicks",
-    "impressions",
-    "events",
-    "healthz",
-    "readyz",
-    "metrics",
-    "other",
-];
 pub const STATUSES: &[u16] = &[
     200, 204, 302, 400, 403, 404, 405, 408, 413, 429, 431, 503, 505,
 ];
-/// Drops that are not a signature verdict: each is its own reason label.
-pub const DROPS: &[&str] = &[
-    "rate_limited",
-    "disk_full",
-    "log_error",
-    "too_many_items",
-    "unknown_path",
-    "bad_method",
-    "malformed",
-    "header_too_large",
-    "too_many_headers",
-    "body_too_large",
-    "duplicate_content_length",
-    "content_length_with_transfer_encoding",
-    "unsupported_transfer_encoding",
-    "bad_content_length",
-    "bad_chunk",
-    "unsupported_version",
-    "header_timeout",
-    "partial_deferred",
-    "durable_publish_failed",
-    "proxy_header_invalid",
-    "tls_error",
-];
+
+/// Why a request or an event was refused or lost outside signature
+/// verification (those are [`Reject`]s). Each is its own `reason` label of
+/// `clickgate_drops_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    RateLimited,
+    DiskFull,
+    LogError,
+    TooManyItems,
+    UnknownPath,
+    BadMethod,
+    Malformed,
+    HeaderTooLarge,
+    TooManyHeaders,
+    BodyTooLarge,
+    DuplicateContentLength,
+    ContentLengthWithTransferEncoding,
+    UnsupportedTransferEncoding,
+    BadContentLength,
+    BadChunk,
+    UnsupportedVersion,
+    HeaderTimeout,
+    PartialDeferred,
+    DurablePublishFailed,
+    ProxyHeaderInvalid,
+    TlsError,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 21] = [
+        Self::RateLimited,
+        Self::DiskFull,
+        Self::LogError,
+        Self::TooManyItems,
+        Self::UnknownPath,
+        Self::BadMethod,
+        Self::Malformed,
+        Self::HeaderTooLarge,
+        Self::TooManyHeaders,
+        Self::BodyTooLarge,
+        Self::DuplicateContentLength,
+        Self::ContentLengthWithTransferEncoding,
+        Self::UnsupportedTransferEncoding,
+        Self::BadContentLength,
+        Self::BadChunk,
+        Self::UnsupportedVersion,
+        Self::HeaderTimeout,
+        Self::PartialDeferred,
+        Self::DurablePublishFailed,
+        Self::ProxyHeaderInvalid,
+        Self::TlsError,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RateLimited => "rate_limited",
+            Self::DiskFull => "disk_full",
+            Self::LogError => "log_error",
+            Self::TooManyItems => "too_many_items",
+            Self::UnknownPath => "unknown_path",
+            Self::BadMethod => "bad_method",
+            Self::Malformed => "malformed",
+            Self::HeaderTooLarge => "header_too_large",
+            Self::TooManyHeaders => "too_many_headers",
+            Self::BodyTooLarge => "body_too_large",
+            Self::DuplicateContentLength => "duplicate_content_length",
+            Self::ContentLengthWithTransferEncoding => "content_length_with_transfer_encoding",
+            Self::UnsupportedTransferEncoding => "unsupported_transfer_encoding",
+            Self::BadContentLength => "bad_content_length",
+            Self::BadChunk => "bad_chunk",
+            Self::UnsupportedVersion => "unsupported_version",
+            Self::HeaderTimeout => "header_timeout",
+            Self::PartialDeferred => "partial_deferred",
+            Self::DurablePublishFailed => "durable_publish_failed",
+            Self::ProxyHeaderInvalid => "proxy_header_invalid",
+            Self::TlsError => "tls_error",
+        }
+    }
+}
+
+const _: () = {
+    let mut i = 0;
+    while i < DropReason::ALL.len() {
+        assert!(DropReason::ALL[i] as usize == i);
+        i += 1;
+    }
+};
+
 /// Flush (fdatasync) latency histogram bucket bounds, microseconds.
 pub const FLUSH_BUCKETS_US: &[u64] =
     &[50, 100, 200, 500, 1000, 2000, 5000, 10_000, 50_000, 250_000];
 
 #[derive(Debug, Clone, Default)]
 pub struct Counters {
-    pub requests: [[u64; 13]; 7],
-    pub rejects: [u64; 9],
-    pub drops: [u64; DROPS.len()],
+    pub requests: [[u64; STATUSES.len()]; Endpoint::ALL.len()],
+    pub rejects: [u64; Reject::REASONS.len()],
+    pub drops: [u64; DropReason::ALL.len()],
     /// [kind][verdict]
     pub events: [[u64; 3]; 2],
     pub bytes_appended: u64,
@@ -85,28 +142,23 @@ pub struct Counters {
     pub segments_recycled: u64,
 }
 
-const _: () = assert!(ENDPOINTS.len() == 7 && STATUSES.len() == 13);
 const _: () = assert!(FLUSH_BUCKETS_US.len() + 1 == 11);
 
 impl Counters {
-    pub fn request(&mut self, endpoint: usize, status: u16) {
+    pub fn request(&mut self, endpoint: Endpoint, status: u16) {
         let s = STATUSES
             .iter()
             .position(|&x| x == status)
-            .unwrap_or(STATUSES.len() - 1);
-        self.requests[endpoint][s] += 1;
+            .expect("every status the gateway answers is listed");
+        self.requests[endpoint as usize][s] += 1;
     }
 
     pub fn reject(&mut self, r: Reject) {
         self.rejects[r.index()] += 1;
     }
 
-    pub fn drop(&mut self, reason: &str) {
-        let i = DROPS
-            .iter()
-            .position(|&d| d == reason)
-            .expect("drop reason is listed");
-        self.drops[i] += 1;
+    pub fn drop(&mut self, reason: DropReason) {
+        self.drops[reason as usize] += 1;
     }
 
     pub fn event(&mut self, kind: EventKind, verdict: Verdict) {
@@ -242,7 +294,8 @@ impl Registry {
                 let _ = writeln!(
                     s,
                     "clickgate_requests_total{{endpoint=\"{}\",status=\"{}\"}} {n}",
-                    ENDPOINTS[e], STATUSES[i]
+                    Endpoint::ALL[e].name(),
+                    STATUSES[i]
                 );
             }
         }
@@ -265,8 +318,13 @@ impl Registry {
             "counter",
             "Requests refused before or outside verification, by reason.",
         );
-        for (i, r) in DROPS.iter().enumerate() {
-            let _ = writeln!(s, "clickgate_drops_total{{reason=\"{r}\"}} {}", t.drops[i]);
+        for r in DropReason::ALL {
+            let _ = writeln!(
+                s,
+                "clickgate_drops_total{{reason=\"{}\"}} {}",
+                r.as_str(),
+                t.drops[r as usize]
+            );
         }
         head(
             &mut s,
@@ -475,13 +533,13 @@ mod tests {
     fn render_sums_shards_and_is_prometheus_text() {
         let r = Registry::new(2);
         let mut a = Counters::default();
-        a.request(0, 302);
+        a.request(Endpoint::Clicks, 302);
         a.reject(Reject::BadSignature);
-        a.drop("rate_limited");
+        a.drop(DropReason::RateLimited);
         a.flush(120);
         a.event(EventKind::Click, Verdict::Duplicate);
         let mut b = a.clone();
-        b.request(0, 302);
+        b.request(Endpoint::Clicks, 302);
         r.publish(0, &a);
         r.publish(1, &b);
         let mut out = Vec::new();
