@@ -114,7 +114,7 @@ pub struct ClickHouse {
     /// One statement's time limit, ms. Default 10000.
     pub timeout_ms: u64,
     /// Answer queries for advertisers this instance does not own from
-    /// ClickHouse (see [cluster]). Default true.
+    /// ClickHouse (see `[cluster]`). Default true.
     pub serve_queries: bool,
     /// Answer every query from ClickHouse, own advertisers too: after a
     /// cluster grew, a moved advertiser's history is in ClickHouse (written

@@ -751,14 +751,7 @@ mod tests {
     };
 
     fn settings() -> Settings {
-        let click = Policy {
-            max_age_ms: 86_400_000,
-            future_skew_ms: 300_000,
-            id_bytes_max: 64,
-            url_bytes_max: 2048,
-            cost_micros_max: 1_000_000_000,
-            need_redirect: true,
-        };
+        let click = Policy::DEFAULT_CLICK;
         let impression = Policy {
             need_redirect: false,
             ..click

@@ -48,12 +48,8 @@ pub fn ring() -> &'static KeyRing {
 /// `deploy/gateway.toml`).
 pub fn policy(need_redirect: bool) -> Policy {
     Policy {
-        max_age_ms: 86_400_000,
-        future_skew_ms: 300_000,
-        id_bytes_max: 64,
-        url_bytes_max: 2048,
-        cost_micros_max: 1_000_000_000,
         need_redirect,
+        ..Policy::DEFAULT_CLICK
     }
 }
 

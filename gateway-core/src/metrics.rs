@@ -114,7 +114,7 @@ pub struct Counters {
     pub requests: [[u64; STATUSES.len()]; Endpoint::ALL.len()],
     pub rejects: [u64; Reject::REASONS.len()],
     pub drops: [u64; DropReason::ALL.len()],
-    /// [kind][verdict]
+    /// `[kind][verdict]`
     pub events: [[u64; 3]; 2],
     pub bytes_appended: u64,
     pub records_appended: u64,

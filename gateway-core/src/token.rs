@@ -256,6 +256,22 @@ pub struct Policy {
     pub need_redirect: bool,
 }
 
+impl Policy {
+    /// The click policy of the default configuration (`deploy/gateway.toml`:
+    /// `tokens.max_age_s` 86400, `tokens.future_skew_s` 300,
+    /// `limits.id_bytes_max` 64, `url_bytes_max` 2048, `cost_micros_max`
+    /// 1 000 000 000), for tests, benchmarks and the fuzz targets. The
+    /// gateway's config test checks that its defaults give exactly this.
+    pub const DEFAULT_CLICK: Policy = Policy {
+        max_age_ms: 86_400_000,
+        future_skew_ms: 300_000,
+        id_bytes_max: 64,
+        url_bytes_max: 2048,
+        cost_micros_max: 1_000_000_000,
+        need_redirect: true,
+    };
+}
+
 /// The decoded fields of a verified click. The strings live in the caller's
 /// scratch buffer (percent-decoded) for as long as it is borrowed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -696,14 +712,7 @@ mod tests {
         assert_eq!(&dst[..n], b"https://shop.example.com/p?a=1&b=%zz");
     }
 
-    const POLICY: Policy = Policy {
-        max_age_ms: 86_400_000,
-        future_skew_ms: 300_000,
-        id_bytes_max: 64,
-        url_bytes_max: 2048,
-        cost_micros_max: 1_000_000_000,
-        need_redirect: true,
-    };
+    const POLICY: Policy = Policy::DEFAULT_CLICK;
 
     fn query(ts: i64) -> String {
         format!(

@@ -198,14 +198,7 @@ fn main() {
     });
 
     let ring = keys();
-    let policy = Policy {
-        max_age_ms: 86_400_000,
-        future_skew_ms: 300_000,
-        id_bytes_max: 64,
-        url_bytes_max: 2048,
-        cost_micros_max: 1_000_000_000,
-        need_redirect: true,
-    };
+    let policy = Policy::DEFAULT_CLICK;
     let queries: Vec<Vec<u8>> = reqs
         .iter()
         .map(|r| {

@@ -59,9 +59,9 @@ pub struct Listen {
     /// listen(2) backlog per shard. Default 4096.
     pub backlog: u32,
     /// HTTPS (TLS 1.3 and 1.2, HTTP/1.1) address, every shard binds it with
-    /// SO_REUSEPORT; needs [tls]. Unset: no HTTPS. Default unset.
+    /// SO_REUSEPORT; needs `[tls]`. Unset: no HTTPS. Default unset.
     pub https: Option<SocketAddr>,
-    /// HTTP/3 (QUIC) UDP address; needs [tls]. Unset: no HTTP/3 and no
+    /// HTTP/3 (QUIC) UDP address; needs `[tls]`. Unset: no HTTP/3 and no
     /// Alt-Svc header. Default unset.
     pub http3: Option<SocketAddr>,
     /// Every connection on the plain HTTP listener starts with a PROXY
@@ -614,6 +614,15 @@ mod tests {
         assert!(parse("[traffic]\nvelocity_entries_max = 100000000\n").is_err());
         // Off needs no table.
         parse("[traffic]\nvelocity_per_minute_max = 0\nvelocity_entries_max = 0\n").unwrap();
+    }
+
+    #[test]
+    fn the_default_click_policy_is_the_default_configs() {
+        let s = Config::default().core_settings();
+        assert_eq!(
+            format!("{:?}", s.click_policy),
+            format!("{:?}", Policy::DEFAULT_CLICK)
+        );
     }
 
     #[test]

@@ -23,10 +23,10 @@ struct Common {
     #[arg(long)]
     aggregator: Option<SocketAddr>,
     /// An aggregator instance of a cluster, ID=HOST:PORT (repeat; replaces
-    /// the config's [[cluster]] list).
+    /// the config's `[[cluster]]` list).
     #[arg(long = "instance")]
     instances: Vec<String>,
-    /// An instance (by id) that joins the cluster now (see [[cluster]]
+    /// An instance (by id) that joins the cluster now (see `[[cluster]]`
     /// joining in deploy/shipper.toml; repeat).
     #[arg(long = "joining")]
     joining: Vec<String>,

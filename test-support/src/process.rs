@@ -1,8 +1,8 @@
 //! The workspace's binaries, and processes a test starts, waits for, kills
 //! and restarts.
 
-use std::ffi::OsString;
-use std::path::PathBuf;
+use std::ffi::{OsStr, OsString};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,31 @@ pub fn bin(name: &str, package: &str) -> PathBuf {
     }
     assert!(c.status().unwrap().success(), "building {package}");
     dir.join(name)
+}
+
+/// Spawns `bin` with `args` and `env`, stdout discarded, stderr to `log`
+/// (appended to, or started afresh).
+pub fn spawn_logged(
+    bin: &Path,
+    args: &[impl AsRef<OsStr>],
+    env: &[(String, String)],
+    log: &Path,
+    append: bool,
+) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(append)
+        .truncate(!append)
+        .open(log)
+        .unwrap();
+    Command::new(bin)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()))
 }
 
 /// kill(2).
@@ -76,19 +101,9 @@ impl Proc {
     /// Spawns it and waits (30 s at most) until it is ready; panics with
     /// the log's tail if it exits or never gets there.
     pub fn start(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(&self.bin)
-            .args(&self.args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
+        self.child = Some(spawn_logged(
+            &self.bin, &self.args, &self.env, &self.log, true,
+        ));
         self.starts += 1;
         let t = Instant::now();
         while crate::net::status(&self.ready.0, self.ready.1) != Some(200) {

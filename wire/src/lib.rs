@@ -6,7 +6,7 @@
 //!
 //! - [`segment`]: the segment file header, the record frame (length, CRC32C, seq,
 //!   type), and the recovery scan that tells a torn tail from mid-file damage.
-//! - [`record`]: the payloads carried in frames: [`record::ClickRecord`] (a
+//! - [`record`]: the payloads carried in frames: [`record::EventRef`] (a
 //!   click or impression, with its verdict) and [`record::PartialRecord`] (the
 //!   per-minute sums of a seq range of one shard).
 //!

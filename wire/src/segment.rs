@@ -47,7 +47,7 @@ const _: () = assert!(FRAME_HEADER_LEN.is_multiple_of(8));
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum RecordType {
-    /// A [`crate::record::ClickRecord`].
+    /// A [`crate::record::EventRef`].
     Event = 1,
     /// A [`crate::record::PartialRecord`] (also used, with no rows, as heartbeat).
     Partial = 2,

@@ -1,6 +1,7 @@
 //! Runs the real gateway binary on loopback for integration tests.
 #![allow(dead_code, unused_imports)] // each test file uses a part
 
+use std::ffi::OsStr;
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -114,16 +115,14 @@ impl Gateway {
         // `extra` may open tables; the [listen] table goes last so it does not
         // land inside them.
         std::fs::write(self.config_path(), cfg).unwrap();
-        let log = std::fs::File::create(self.dir.path().join("gateway.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_clickgate-gateway"))
-            .args(["run", "--config"])
-            .arg(self.config_path())
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
+        let config = self.config_path();
+        self.child = Some(test_support::process::spawn_logged(
+            Path::new(env!("CARGO_BIN_EXE_clickgate-gateway")),
+            &[OsStr::new("run"), OsStr::new("--config"), config.as_os_str()],
+            &self.env,
+            &self.dir.path().join("gateway.log"),
+            false,
+        ));
         self.wait_ready();
     }
 
