@@ -118,7 +118,11 @@ impl Gateway {
         let config = self.config_path();
         self.child = Some(test_support::process::spawn_logged(
             Path::new(env!("CARGO_BIN_EXE_clickgate-gateway")),
-            &[OsStr::new("run"), OsStr::new("--config"), config.as_os_str()],
+            &[
+                OsStr::new("run"),
+                OsStr::new("--config"),
+                config.as_os_str(),
+            ],
             &self.env,
             &self.dir.path().join("gateway.log"),
             false,
