@@ -87,6 +87,7 @@ fn batches(n: usize, per: usize, rows: usize, rng: &mut Rng) -> Vec<Vec<u8>> {
                         (k, c)
                     })
                     .collect(),
+                unrecorded: Vec::new(),
             };
             encode_partial(&p, seq, &mut raw);
         }
@@ -165,6 +166,7 @@ fn query_latency() {
             to_seq: seq - 1,
             watermark_ms: 0,
             rows,
+            unrecorded: Vec::new(),
         };
         encode_partial(&p, seq, &mut raw);
         count += 1;
@@ -398,6 +400,7 @@ fn uniques() {
         to_seq: last,
         watermark_ms: now,
         rows: Vec::new(),
+        unrecorded: Vec::new(),
     };
     encode_partial(&p, last + 1, &mut raw);
     let b = Batch::seal(BatchKind::Partials, "gw", 0, 0, last + 1, 1, &raw, 1).unwrap();

@@ -83,6 +83,7 @@ pub fn router(api: Arc<Api>) -> Router {
         )
         .route("/api/v1/admin/reconcile/{id}", get(reconcile_job))
         .route("/api/v1/admin/reconciled", get(reconciled))
+        .route("/api/v1/admin/unrecorded", get(unrecorded))
         .route(
             "/api/v1/openapi.yaml",
             get(|| async { ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI) }),
@@ -651,6 +652,49 @@ async fn reconciled(
                 "minute": format_time(*m as i64 * 60),
                 "reason": why,
             })).collect::<Vec<_>>(),
+        }))
+        .into_response(),
+    }
+}
+
+/// `GET /api/v1/admin/unrecorded?start_time=..&end_time=..`: per event
+/// minute, gateway and shard, the clicks and impressions answered without a
+/// record while that gateway's log was full (`log.on_full = "redirect"`).
+/// None of them is billed; this is what was given away.
+async fn unrecorded(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Query(p): Query<HashMap<String, String>>,
+) -> Response {
+    if let Err(r) = authorize_admin(&api, &headers) {
+        api.metrics.admin_errors.fetch_add(1, Relaxed);
+        return *r;
+    }
+    let range = (|| {
+        let t = |k: &str| {
+            parse_time(p.get(k).ok_or_else(|| format!("{k} is required"))?)
+                .map_err(|e| format!("{k}: {e}"))
+        };
+        crate::reconcile::job_range(&api.reconcile, t("start_time")?, t("end_time")?)
+    })();
+    let (m0, m1) = match range {
+        Ok(r) => r,
+        Err(e) => {
+            api.metrics.admin_errors.fetch_add(1, Relaxed);
+            return error(StatusCode::BAD_REQUEST, e);
+        }
+    };
+    let st = api.clone();
+    match blocking(move || st.store.unrecorded(m0, m1)).await {
+        Err(r) => r,
+        Ok(rows) => Json(json!({
+            "minutes": rows.iter().map(|(m, gw, shard, n)| json!({
+                "minute": format_time(*m as i64 * 60),
+                "gateway_id": gw,
+                "shard": shard,
+                "unrecorded": n,
+            })).collect::<Vec<_>>(),
+            "total": rows.iter().map(|r| r.3).sum::<u64>(),
         }))
         .into_response(),
     }

@@ -146,6 +146,9 @@ pub struct PartialsPlan {
     pub rows: Vec<(RowKey, Counts)>,
     pub cursor: u64,
     pub watermark_ms: i64,
+    /// (event minute, events) answered without a record at the gateway
+    /// (its log was full): reported, never billed.
+    pub unrecorded: Vec<(u32, u64)>,
 }
 
 /// The audit entries an events batch becomes: one batch frame per event
@@ -240,6 +243,7 @@ pub fn plan_partials(batch: &Batch, cursor: u64) -> Result<PartialsPlan, Refusal
         rows: Vec::new(),
         cursor,
         watermark_ms: 0,
+        unrecorded: Vec::new(),
     };
     let mut prev = batch.after_seq;
     for it in &its {
@@ -267,6 +271,7 @@ pub fn plan_partials(batch: &Batch, cursor: u64) -> Result<PartialsPlan, Refusal
         plan.cursor = it.seq;
         plan.watermark_ms = plan.watermark_ms.max(p.watermark_ms);
         plan.rows.extend(p.rows);
+        plan.unrecorded.extend(p.unrecorded);
     }
     if plan.cursor != batch.last_seq {
         return Err(Refusal::Bad(

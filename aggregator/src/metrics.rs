@@ -79,6 +79,8 @@ pub struct Metrics {
     pub late_rows: AtomicU64,
     pub corrections: AtomicU64,
     pub events_stored: AtomicU64,
+    /// Events gateways answered without a record (their log was full).
+    pub unrecorded: AtomicU64,
     pub connections: AtomicU64,
     pub refused_certificates: AtomicU64,
     pub stream_errors: AtomicU64,
@@ -135,6 +137,11 @@ impl Metrics {
                 "corrections_total",
                 "Rows changed after their minute was final (new version).",
                 &self.corrections,
+            ),
+            (
+                "unrecorded_redirects_total",
+                "Clicks and impressions gateways answered without a record while their log was full (log.on_full = \"redirect\"), as their partials reported them: never billed.",
+                &self.unrecorded,
             ),
             (
                 "events_stored_total",

@@ -1154,6 +1154,7 @@ mod tests {
                 to_seq: self.seq - 1,
                 watermark_ms: wm,
                 rows: std::mem::take(&mut self.rows).into_iter().collect(),
+                unrecorded: Vec::new(),
             }
             .encode(&mut b);
             push_item(&mut raw, self.seq, RecordType::Partial as u8, &b);

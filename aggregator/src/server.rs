@@ -65,6 +65,7 @@ pub fn spawn_writer(store: Arc<Store>, metrics: Arc<Metrics>, group: usize) -> m
                     metrics.late_rows.fetch_add(eff.late_rows, Relaxed);
                     metrics.corrections.fetch_add(eff.corrections, Relaxed);
                     metrics.events_stored.fetch_add(eff.events, Relaxed);
+                    metrics.unrecorded.fetch_add(eff.unrecorded, Relaxed);
                     if ack.status == Status::Refused {
                         tracing::warn!(reason = %ack.reason, "batch refused");
                     }

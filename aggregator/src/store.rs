@@ -81,6 +81,10 @@ const RECON_FAILED: TableDefinition<u32, &str> = TableDefinition::new("reconcile
 const JOBS: TableDefinition<u64, &str> = TableDefinition::new("reconcile_jobs");
 /// Named counters, the monotonic global watermark, the reconcile frontier.
 const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
+/// (event minute, gateway id, shard) -> clicks and impressions the gateway
+/// answered without a record while its log was full (`log.on_full =
+/// "redirect"`): never billed, reported.
+const UNRECORDED: TableDefinition<(u32, &str, u16), u64> = TableDefinition::new("unrecorded");
 /// Rows changed since they were last written to ClickHouse: row key -> the
 /// revision (`meta["revision"]`, one per write transaction) of the change.
 /// Filled only when a sink is configured (`Settings::export`).
@@ -104,6 +108,8 @@ pub struct Effect {
     pub late_rows: u64,
     pub corrections: u64,
     pub events: u64,
+    /// Events the gateways answered without a record (reported in partials).
+    pub unrecorded: u64,
 }
 
 pub struct Store {
@@ -174,6 +180,7 @@ fn open_db(path: &Path) -> Result<Database> {
     tx.open_table(ROWS_HOUR).map_err(se)?;
     tx.open_table(HOUR_ROWS).map_err(se)?;
     tx.open_table(EXPORT).map_err(se)?;
+    tx.open_table(UNRECORDED).map_err(se)?;
     tx.commit().map_err(se)?;
     Ok(db)
 }
@@ -565,6 +572,7 @@ impl Store {
             let mut audit = tx.open_table(AUDIT).map_err(se)?;
             let mut meta = tx.open_table(META).map_err(se)?;
             let mut export = tx.open_table(EXPORT).map_err(se)?;
+            let mut unrecorded = tx.open_table(UNRECORDED).map_err(se)?;
             let mut uniq_min = tx.open_table(UNIQ_MIN).map_err(se)?;
             let mut uniq_hour = tx.open_table(UNIQ_HOUR).map_err(se)?;
             let rolled_t = tx.open_table(ROLLED).map_err(se)?;
@@ -651,6 +659,12 @@ impl Store {
                                     eff.rows += 1;
                                 }
                             }
+                        }
+                        for &(m, n) in &plan.unrecorded {
+                            let k = (m, batch.gateway_id.as_str(), batch.shard);
+                            let old = unrecorded.get(k).map_err(se)?.map_or(0, |v| v.value());
+                            unrecorded.insert(k, old + n).map_err(se)?;
+                            eff.unrecorded += n;
                         }
                         let new = (plan.cursor, cur.1);
                         cursors.insert(key, new).map_err(se)?;
@@ -1720,6 +1734,21 @@ impl Store {
         Ok(out)
     }
 
+    /// Per event minute in `[m0, m1)`, gateway and shard: events answered
+    /// without a record while that gateway's log was full.
+    pub fn unrecorded(&self, m0: u32, m1: u32) -> Result<Vec<(u32, String, u16, u64)>> {
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(se)?;
+        let t = tx.open_table(UNRECORDED).map_err(se)?;
+        let mut out = Vec::new();
+        for r in t.range((m0, "", 0)..(m1, "", 0)).map_err(se)? {
+            let (k, v) = r.map_err(se)?;
+            let (m, gw, shard) = k.value();
+            out.push((m, gw.to_owned(), shard, v.value()));
+        }
+        Ok(out)
+    }
+
     /// Minutes in `[m0, m1)` that could not be reconciled, with why.
     pub fn failed_minutes(&self, m0: u32, m1: u32) -> Result<Vec<(u32, String)>> {
         let db = self.db()?;
@@ -2252,6 +2281,47 @@ mod tests {
     fn apply(s: &Store, frame: &[u8], now: i64) -> Ack {
         let gws = vec!["gw".to_string(), "gw2".to_string()];
         s.apply_many(&[(frame, &gws)], now).remove(0).0
+    }
+
+    #[test]
+    fn unrecorded_counts_are_kept_once_per_partial_whatever_is_resent() {
+        let (_d, s) = store();
+        let m0 = (T0 / 60_000) as u32;
+        let frame = |seq: u64, from: u64, unrecorded: Vec<(u32, u64)>| {
+            let mut b = Vec::new();
+            wire::record::PartialRecord {
+                from_seq: from,
+                to_seq: seq - 1,
+                watermark_ms: T0,
+                rows: vec![(key("a", "ad", m0), clicks(2))],
+                unrecorded,
+            }
+            .encode(&mut b);
+            let mut raw = Vec::new();
+            wire::batch::push_item(&mut raw, seq, RecordType::Partial as u8, &b);
+            Batch::seal(BatchKind::Partials, "gw", 3, from, seq, 1, &raw, 1)
+                .unwrap()
+                .encode()
+        };
+        let first = frame(5, 0, vec![(m0, 7), (m0 + 1, 1)]);
+        assert_eq!(apply(&s, &first, T0).status, Status::Applied);
+        // The same batch again (a lost answer): a duplicate, nothing added.
+        assert_eq!(apply(&s, &first, T0).status, Status::Duplicate);
+        assert_eq!(
+            apply(&s, &frame(9, 5, vec![(m0 + 1, 2)]), T0).status,
+            Status::Applied
+        );
+        let got = s.unrecorded(m0, m0 + 2).unwrap();
+        assert_eq!(
+            got,
+            vec![
+                (m0, "gw".to_string(), 3, 7),
+                (m0 + 1, "gw".to_string(), 3, 3)
+            ]
+        );
+        // Billed are only the rows: unrecorded events have no record.
+        assert_eq!(total(&s, "a").clicks, 4);
+        assert!(s.unrecorded(m0 + 2, m0 + 10).unwrap().is_empty());
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub(crate) fn partials(gw: &str, shard: u16, ps: &[P]) -> Vec<u8> {
             to_seq: seq - 1,
             watermark_ms: *wm,
             rows: rows.clone(),
+            unrecorded: Vec::new(),
         }
         .encode(&mut b);
         push_item(&mut raw, *seq, RecordType::Partial as u8, &b);

@@ -42,6 +42,7 @@ fn partial(after: u64, seq: u64, rows: Vec<(RowKey, Counts)>) -> Vec<u8> {
         to_seq: seq - 1,
         watermark_ms: M0 as i64 * 60_000,
         rows,
+        unrecorded: Vec::new(),
     }
     .encode(&mut b);
     let mut raw = Vec::new();

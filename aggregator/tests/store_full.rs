@@ -37,6 +37,7 @@ fn batch(i: u64) -> Vec<u8> {
         to_seq: 2 * i + 1,
         watermark_ms: T0,
         rows,
+        unrecorded: Vec::new(),
     };
     let mut enc = Vec::new();
     p.encode(&mut enc);

@@ -4,11 +4,14 @@
 //! output buffer, and holds each answer back until the log is durable up to
 //! the returned `wait_seq`.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use wire::record::{Device, EventKind, EventRef, Source, Verdict};
 
+use crate::buffer::BufferGauge;
 use crate::dedup::{DedupTable, Seen};
 use crate::http::{HttpError, Method, Request, ResponseWriter};
 use crate::limiter::{self, Admit, Pace, RateLimiter, VelocityTable};
@@ -143,6 +146,12 @@ pub struct Shared {
     pub keys: KeysHandle,
     /// Shards that stopped acknowledging: any makes the host not ready.
     pub shards_failed: AtomicU64,
+    /// Per shard: unshipped data past `log.unready_at_budget_share` (and not
+    /// yet back below the lower mark): any makes the host not ready.
+    pub stepped_aside: Box<[AtomicBool]>,
+    /// Per shard: unshipped bytes over the budget, in thousandths (for the
+    /// `/readyz` answer).
+    pub budget_permille: Box<[AtomicU32]>,
 }
 
 impl Shared {
@@ -165,8 +174,23 @@ impl Shared {
                 ring: Mutex::new(Arc::new(keys)),
             },
             shards_failed: AtomicU64::new(0),
+            stepped_aside: (0..shards).map(|_| AtomicBool::new(false)).collect(),
+            budget_permille: (0..shards).map(|_| AtomicU32::new(0)).collect(),
         }
     }
+}
+
+/// What a click or impression gets when the log has no room for its record
+/// (`log.on_full`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFull {
+    /// 503 with Retry-After: nothing is answered without its record.
+    #[default]
+    Refuse,
+    /// The 302 (an impression's 204) without a record: counted as
+    /// unrecorded, per minute, and never billed.
+    Redirect,
 }
 
 /// The per-shard settings the request path reads (the shell derives them
@@ -188,6 +212,12 @@ pub struct Settings {
     /// The decode buffer: at least the longest query or body a request may
     /// carry.
     pub scratch_bytes: usize,
+    /// When the log is full.
+    pub on_full: OnFull,
+    /// Step aside (`/readyz` 503) past this share of the disk budget held
+    /// by unshipped data; come back below the second.
+    pub unready_at_budget_share: f64,
+    pub ready_below_budget_share: f64,
 }
 
 /// What the periodic work did that the shell should know of.
@@ -196,6 +226,10 @@ pub struct TickReport {
     /// A partial was due and could not be appended (it is retried next
     /// tick, and counted under `partial_deferred`).
     pub partial_deferred: Option<AppendError>,
+    /// The shard just stepped aside (true) or came back (false).
+    pub stepped_aside: Option<bool>,
+    /// The buffer gauges as this tick found them.
+    pub buffer: Option<crate::buffer::BufferReport>,
 }
 
 /// What the event loop must do after a request.
@@ -217,7 +251,17 @@ enum Item {
     },
     Refused(Reject),
     Unavailable(AppendError),
+    /// Verified, but the log was full and `log.on_full` is `redirect`:
+    /// answered without a record.
+    Unrecorded {
+        redirect: (usize, usize),
+    },
 }
+
+/// Most minutes of unrecorded counts held for the next partial; past it the
+/// newest minute takes the rest (a week of minutes: partials that cannot be
+/// written for that long have bigger problems).
+const UNRECORDED_MINUTES_MAX: usize = 7 * 24 * 60;
 
 pub struct App<L> {
     pub shard: usize,
@@ -239,6 +283,10 @@ pub struct App<L> {
     msg: Vec<u8>,
     /// Seq up to which a sync has completed (kept by the event loop).
     pub durable_seq: u64,
+    /// Events answered without a record since the last partial, per
+    /// event-time minute (see [`OnFull::Redirect`]).
+    unrecorded: BTreeMap<u32, u64>,
+    buffer: BufferGauge,
 }
 
 impl<L: Log> App<L> {
@@ -255,6 +303,10 @@ impl<L: Log> App<L> {
         let keys = shared.keys.ring.lock().unwrap().clone();
         let keys_version = shared.keys.version.load(Ordering::Acquire);
         let durable_seq = log.last_seq();
+        let buffer = BufferGauge::new(
+            settings.unready_at_budget_share,
+            settings.ready_below_budget_share,
+        );
         Self {
             shard,
             limiter: RateLimiter::new(
@@ -274,6 +326,8 @@ impl<L: Log> App<L> {
             last_partial_mono: mono_ms,
             msg: Vec::with_capacity(128),
             durable_seq,
+            unrecorded: BTreeMap::new(),
+            buffer,
         }
     }
 
@@ -335,16 +389,45 @@ impl<L: Log> App<L> {
                 close
             }
             Endpoint::Readyz => {
-                let (status, body): (u16, &[u8]) = match self.shared.state.get() {
+                let aside = self
+                    .shared
+                    .stepped_aside
+                    .iter()
+                    .position(|a| a.load(Ordering::Relaxed));
+                self.msg.clear();
+                let status = match self.shared.state.get() {
                     _ if self.shared.shards_failed.load(Ordering::Relaxed) > 0 => {
-                        (503, b"failed: a shard's durable write failed\n")
+                        self.msg
+                            .extend_from_slice(b"failed: a shard's durable write failed\n");
+                        503
                     }
-                    State::Ready => (200, b"ready\n"),
-                    State::Draining => (503, b"draining\n"),
-                    State::Starting => (503, b"starting\n"),
+                    State::Ready if aside.is_some() => {
+                        let i = aside.unwrap_or(0);
+                        let permille = self.shared.budget_permille[i].load(Ordering::Relaxed);
+                        let _ = writeln!(
+                            self.msg,
+                            "stepping aside: shard {i} holds unshipped data at {}.{}% of log.disk_budget_bytes (ready again below {}%)",
+                            permille / 10,
+                            permille % 10,
+                            (self.settings.ready_below_budget_share * 100.0).round()
+                        );
+                        503
+                    }
+                    State::Ready => {
+                        self.msg.extend_from_slice(b"ready\n");
+                        200
+                    }
+                    State::Draining => {
+                        self.msg.extend_from_slice(b"draining\n");
+                        503
+                    }
+                    State::Starting => {
+                        self.msg.extend_from_slice(b"starting\n");
+                        503
+                    }
                 };
                 self.counters.request(ep, status);
-                w.text(status, body, keep, None, None);
+                w.text(status, &self.msg, keep, None, None);
                 close
             }
             Endpoint::Metrics => {
@@ -451,6 +534,16 @@ impl<L: Log> App<L> {
                 w.text(r.status(), &self.msg, keep, None, None);
                 close
             }
+            Item::Unrecorded { redirect: (s, e) } => {
+                if kind == EventKind::Click {
+                    w.redirect(&scratch[s..e], keep);
+                    self.counters.request(ep, 302);
+                } else {
+                    w.no_content(keep);
+                    self.counters.request(ep, 204);
+                }
+                close
+            }
             Item::Unavailable(e) => {
                 self.counters.request(ep, 503);
                 let body: &[u8] = match e {
@@ -535,22 +628,46 @@ impl<L: Log> App<L> {
         // Room in the log and in the row table first: once the click id is in
         // the dedup table, the event must be written, or a retry would be
         // taken for a duplicate of a click that was never stored.
-        if let Err(err) = self.log.ensure_room(e.encoded_len(), now_ms) {
-            self.counters.drop(if err.is_no_space() {
+        let full = |app: &mut Self, err: AppendError| {
+            // The redirect is inside the signed bytes just verified, so
+            // answering it without a record is never an open redirect.
+            if err.is_no_space()
+                && app.settings.on_full == OnFull::Redirect
+                && source == Source::Get
+            {
+                app.counters.unrecorded_redirects += 1;
+                let minute = wire::minute_of(now_ms);
+                if app.unrecorded.len() < UNRECORDED_MINUTES_MAX
+                    || app.unrecorded.contains_key(&minute)
+                {
+                    *app.unrecorded.entry(minute).or_default() += 1;
+                } else if let Some(mut last) = app.unrecorded.last_entry() {
+                    *last.get_mut() += 1;
+                }
+                let redirect = if e.redirect_url.is_empty() {
+                    (0, 0)
+                } else {
+                    let start = e.redirect_url.as_ptr() as usize - scratch_base;
+                    (start, start + e.redirect_url.len())
+                };
+                return Item::Unrecorded { redirect };
+            }
+            app.counters.drop(if err.is_no_space() {
                 DropReason::DiskFull
             } else {
                 DropReason::LogError
             });
-            return Item::Unavailable(err);
+            Item::Unavailable(err)
+        };
+        if let Err(err) = self.log.ensure_room(e.encoded_len(), now_ms) {
+            return full(self, err);
         }
         if !self.preagg.has_room_for(&e) {
             if let Err(err) = self.append_partial(now_ms) {
-                self.counters.drop(DropReason::LogError);
-                return Item::Unavailable(err);
+                return full(self, err);
             }
             if let Err(err) = self.log.ensure_room(e.encoded_len(), now_ms) {
-                self.counters.drop(DropReason::DiskFull);
-                return Item::Unavailable(err);
+                return full(self, err);
             }
         }
         let minute = wire::minute_of(now_ms);
@@ -669,7 +786,9 @@ impl<L: Log> App<L> {
                     w.out.extend_from_slice(b"rejected ");
                     r.message(w.out);
                 }
-                Item::Unavailable(_) => w.out.extend_from_slice(b"unavailable retry\n"),
+                Item::Unavailable(_) | Item::Unrecorded { .. } => {
+                    w.out.extend_from_slice(b"unavailable retry\n")
+                }
             }
         }
         w.finish_body(at);
@@ -692,9 +811,11 @@ impl<L: Log> App<L> {
 
     /// Appends the partial for everything since the previous one.
     pub fn append_partial(&mut self, now_ms: i64) -> Result<u64, AppendError> {
-        let p = self.preagg.partial(self.log.next_seq(), now_ms);
+        let mut p = self.preagg.partial(self.log.next_seq(), now_ms);
+        p.unrecorded = self.unrecorded.iter().map(|(m, n)| (*m, *n)).collect();
         let seq = self.log.append_partial(&p, now_ms)?;
         self.preagg.committed(seq);
+        self.unrecorded.clear();
         self.counters.partials_appended += 1;
         self.counters.records_appended += 1;
         Ok(seq)
@@ -719,6 +840,28 @@ impl<L: Log> App<L> {
             self.keys_version = v;
         }
         self.limiter.sweep(now_ms);
+        let r = self.buffer.update(
+            mono_ms,
+            now_ms,
+            self.counters.bytes_appended,
+            &self.log.buffer(),
+        );
+        let c = &mut self.counters;
+        c.log_buffer_share_permille = (r.share * 1000.0).round() as u64;
+        c.log_buffer_left_s = if r.seconds_left.is_finite() {
+            r.seconds_left as u64
+        } else {
+            u64::MAX
+        };
+        c.log_oldest_unshipped_age_ms = r.oldest_unshipped_age_ms;
+        c.log_stepped_aside = r.stepped_aside as u64;
+        let aside = &self.shared.stepped_aside[self.shard];
+        if aside.swap(r.stepped_aside, Ordering::Relaxed) != r.stepped_aside {
+            report.stepped_aside = Some(r.stepped_aside);
+        }
+        self.shared.budget_permille[self.shard]
+            .store(c.log_buffer_share_permille as u32, Ordering::Relaxed);
+        report.buffer = Some(r);
         report
     }
 
@@ -727,6 +870,9 @@ impl<L: Log> App<L> {
         self.counters.preagg_rows = self.preagg.rows() as u64;
         self.counters.log_segments = self.log.segments() as u64;
         self.counters.log_disk_bytes = self.log.disk_bytes();
+        let b = self.log.buffer();
+        self.counters.log_unshipped_bytes = b.unshipped_bytes;
+        self.counters.log_budget_bytes = b.budget_bytes;
         self.counters.log_last_seq = self.log.last_seq();
         self.counters.log_durable_seq = self.durable_seq;
         self.shared.registry.publish(self.shard, &self.counters);
@@ -767,6 +913,9 @@ mod tests {
             rate_burst: 100,
             rate_entries_max: 1000,
             scratch_bytes: 1 << 16,
+            on_full: OnFull::Refuse,
+            unready_at_budget_share: 0.9,
+            ready_below_budget_share: 0.8,
         }
     }
 
@@ -989,5 +1138,87 @@ mod tests {
         assert_eq!(a.counters.drops[DropReason::PartialDeferred as usize], 1);
         a.tick(NOW_MS, 2001);
         assert_eq!(a.log.records.len(), 4);
+    }
+
+    #[test]
+    fn a_full_log_refuses_by_default_and_redirects_unrecorded_when_told() {
+        let full = || {
+            let mut log = MemLog::default();
+            log.budget_bytes = Some(0);
+            log
+        };
+        let mut a = app(full());
+        let (o, ans) = get(&mut a, &format!("/api/v1/clicks?{}", click_query("f-1")));
+        assert!(
+            ans.starts_with("HTTP/1.1 503 ") && ans.contains("Retry-After"),
+            "{ans}"
+        );
+        assert_eq!(o.wait_seq, 0);
+        assert_eq!(a.counters.drops[DropReason::DiskFull as usize], 1);
+        assert_eq!(a.counters.unrecorded_redirects, 0);
+
+        let mut a = app(full());
+        a.settings.on_full = OnFull::Redirect;
+        for id in ["f-1", "f-2", "f-2"] {
+            let (o, ans) = get(&mut a, &format!("/api/v1/clicks?{}", click_query(id)));
+            assert!(ans.starts_with("HTTP/1.1 302 "), "{ans}");
+            assert!(ans.contains("Location: https://shop.example/landing?item=7\r\n"));
+            // Nothing to wait for: there is no record.
+            assert_eq!(o.wait_seq, 0);
+        }
+        let imp = click_query("i-1");
+        let (_, ans) = get(&mut a, &format!("/api/v1/impressions?{imp}"));
+        assert!(ans.starts_with("HTTP/1.1 204 "), "{ans}");
+        // A forgery is still refused: the redirect must be signed.
+        let forged = click_query("f-3").replace("u-1", "u-9");
+        let (_, ans) = get(&mut a, &format!("/api/v1/clicks?{forged}"));
+        assert!(ans.starts_with("HTTP/1.1 403 "), "{ans}");
+        // A batch item is never acknowledged without its record.
+        let body = format!("/api/v1/clicks?{}\n", click_query("b-9"));
+        let raw = format!(
+            "POST /api/v1/events HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        assert!(send(&mut a, &raw, 1).1.ends_with("unavailable retry\n"));
+        assert!(a.log.records.is_empty());
+        assert_eq!(a.counters.unrecorded_redirects, 4);
+        assert_eq!(a.counters.drops[DropReason::DiskFull as usize], 1);
+        // Once there is room, the next partial carries the count, per minute,
+        // and the count starts again from zero.
+        a.log.budget_bytes = None;
+        a.tick(NOW_MS, 1000);
+        let (_, ty, bytes) = a.log.records.last().unwrap();
+        assert_eq!(*ty, RecordType::Partial);
+        let p = PartialRecord::decode(bytes).unwrap();
+        assert_eq!(p.unrecorded, vec![(wire::minute_of(NOW_MS), 4)]);
+        assert!(p.rows.is_empty());
+        a.tick(NOW_MS, 2000);
+        let p = PartialRecord::decode(&a.log.records.last().unwrap().2).unwrap();
+        assert!(p.unrecorded.is_empty());
+    }
+
+    #[test]
+    fn readyz_steps_aside_past_the_budget_mark_and_returns_below_the_lower_one() {
+        let mut log = MemLog::default();
+        log.budget_bytes = Some(100_000);
+        let mut a = app(log);
+        let ready = |a: &mut App<MemLog>| get(a, "/readyz").1;
+        a.tick(NOW_MS, 10);
+        assert!(ready(&mut a).ends_with("\r\n\r\nready\n"));
+        a.log.bytes = 91_000;
+        let r = a.tick(NOW_MS, 20);
+        assert_eq!(r.stepped_aside, Some(true));
+        let ans = ready(&mut a);
+        assert!(ans.starts_with("HTTP/1.1 503 "), "{ans}");
+        assert!(ans.contains("stepping aside: shard 0 holds unshipped data at 91.0% of log.disk_budget_bytes (ready again below 80%)"), "{ans}");
+        // Clicks are still served while stepped aside.
+        let (_, ans) = get(&mut a, &format!("/api/v1/clicks?{}", click_query("s-1")));
+        assert!(ans.starts_with("HTTP/1.1 302 "), "{ans}");
+        a.log.bytes = 85_000;
+        assert_eq!(a.tick(NOW_MS, 30).stepped_aside, None);
+        assert!(ready(&mut a).starts_with("HTTP/1.1 503 "));
+        a.log.bytes = 79_000;
+        assert_eq!(a.tick(NOW_MS, 40).stepped_aside, Some(false));
+        assert!(ready(&mut a).ends_with("ready\n"));
     }
 }

@@ -12,6 +12,8 @@
 //!   device class and country of a request.
 //! - [`preagg`]: per-minute sums of what a shard appended, and its partials.
 //! - [`app`]: what one request does, over the [`log::Log`] trait.
+//! - [`buffer`]: how long the log can ride out a central outage, and when to
+//!   step aside (readiness).
 //! - [`metrics`]: plain per-shard counters and their Prometheus rendering.
 //!
 //! All its `unsafe` is in one private module (`fast`): a prefetch hint, an
@@ -20,6 +22,7 @@
 #![deny(unsafe_code)]
 
 pub mod app;
+pub mod buffer;
 pub mod dedup;
 #[allow(unsafe_code)]
 mod fast;

@@ -35,6 +35,37 @@ impl AppendError {
     }
 }
 
+/// How much of its disk budget a log holds: the shard's buffer gauges and
+/// its readiness are computed from it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BufferStats {
+    /// `log.disk_budget_bytes`.
+    pub budget_bytes: u64,
+    /// Bytes on disk that shipping has not freed: segments holding a record
+    /// not yet at the aggregator, the active segment and a prepared spare.
+    pub unshipped_bytes: u64,
+    /// Bytes on disk, all segments (shipped ones kept for retention too).
+    pub disk_bytes: u64,
+    /// A time at or before which the oldest record not yet shipped was
+    /// appended, Unix ms (None when everything is shipped).
+    pub oldest_unshipped_ms: Option<i64>,
+    /// Bytes on disk per byte appended, as the compressed segments show it
+    /// (1.0 before any is compressed).
+    pub disk_per_raw: f64,
+}
+
+impl Default for BufferStats {
+    fn default() -> Self {
+        Self {
+            budget_bytes: u64::MAX,
+            unshipped_bytes: 0,
+            disk_bytes: 0,
+            oldest_unshipped_ms: None,
+            disk_per_raw: 1.0,
+        }
+    }
+}
+
 /// A shard's append-only log of framed records, numbered by seq from 1.
 pub trait Log {
     /// Makes sure a record with a payload of `payload` bytes can be appended
@@ -54,6 +85,8 @@ pub trait Log {
     fn segments(&self) -> usize;
     /// Bytes the log takes on disk, for metrics.
     fn disk_bytes(&self) -> u64;
+    /// The budget and what holds it (see [`BufferStats`]).
+    fn buffer(&self) -> BufferStats;
 }
 
 /// A log in memory: the records as encoded payloads, with an optional byte
@@ -132,5 +165,15 @@ impl Log for MemLog {
 
     fn disk_bytes(&self) -> u64 {
         self.bytes
+    }
+
+    fn buffer(&self) -> BufferStats {
+        BufferStats {
+            budget_bytes: self.budget_bytes.unwrap_or(u64::MAX),
+            unshipped_bytes: self.bytes,
+            disk_bytes: self.bytes,
+            oldest_unshipped_ms: None,
+            disk_per_raw: 1.0,
+        }
     }
 }

@@ -140,6 +140,26 @@ pub struct Counters {
     pub log_last_seq: u64,
     pub log_durable_seq: u64,
     pub segments_recycled: u64,
+    /// Clicks and impressions answered without a record (`log.on_full`).
+    pub unrecorded_redirects: u64,
+    /// Per shard: unshipped bytes on disk and the budget.
+    pub log_unshipped_bytes: u64,
+    pub log_budget_bytes: u64,
+    /// Per shard: unshipped over the budget, thousandths.
+    pub log_buffer_share_permille: u64,
+    /// Per shard: seconds until the budget is full if nothing ships from
+    /// now on (`u64::MAX`: nothing is being appended).
+    pub log_buffer_left_s: u64,
+    pub log_oldest_unshipped_age_ms: u64,
+    /// Per shard: 1 while stepped aside.
+    pub log_stepped_aside: u64,
+    /// Sealed segments compressed (set by the shell from its log).
+    pub log_compressed_segments: u64,
+    pub log_compressions: u64,
+    pub log_compression_failures: u64,
+    pub log_compress_bytes_in: u64,
+    pub log_compress_bytes_out: u64,
+    pub log_compress_cpu_ns: u64,
 }
 
 const _: () = assert!(FLUSH_BUCKETS_US.len() + 1 == 11);
@@ -221,6 +241,15 @@ impl Counters {
         self.log_segments += o.log_segments;
         self.log_disk_bytes += o.log_disk_bytes;
         self.segments_recycled += o.segments_recycled;
+        self.unrecorded_redirects += o.unrecorded_redirects;
+        self.log_unshipped_bytes += o.log_unshipped_bytes;
+        self.log_budget_bytes += o.log_budget_bytes;
+        self.log_compressed_segments += o.log_compressed_segments;
+        self.log_compressions += o.log_compressions;
+        self.log_compression_failures += o.log_compression_failures;
+        self.log_compress_bytes_in += o.log_compress_bytes_in;
+        self.log_compress_bytes_out += o.log_compress_bytes_out;
+        self.log_compress_cpu_ns += o.log_compress_cpu_ns;
     }
 }
 
@@ -414,6 +443,31 @@ impl Registry {
                 "Shipped segments deleted.",
                 t.segments_recycled,
             ),
+            (
+                "unrecorded_redirects_total",
+                "Clicks (302) and impressions (204) answered without a record because the log was full (log.on_full = \"redirect\"); never billed.",
+                t.unrecorded_redirects,
+            ),
+            (
+                "log_compressions_total",
+                "Sealed segments compressed.",
+                t.log_compressions,
+            ),
+            (
+                "log_compression_failures_total",
+                "Compressions of a sealed segment that failed (it stays as it was).",
+                t.log_compression_failures,
+            ),
+            (
+                "log_compress_input_bytes_total",
+                "Bytes of sealed segment files compressed.",
+                t.log_compress_bytes_in,
+            ),
+            (
+                "log_compress_output_bytes_total",
+                "Bytes of the compressed files written for them.",
+                t.log_compress_bytes_out,
+            ),
         ];
         let h3 = [
             (
@@ -452,6 +506,11 @@ impl Registry {
                 "log_disk_bytes",
                 "Bytes of segment files on disk.",
                 t.log_disk_bytes,
+            ),
+            (
+                "log_compressed_segments",
+                "Sealed segments on disk that are compressed.",
+                t.log_compressed_segments,
             ),
             (
                 "dedup_entries",
@@ -497,6 +556,62 @@ impl Registry {
                 "clickgate_log_seq{{shard=\"{i}\",state=\"appended\"}} {}\nclickgate_log_seq{{shard=\"{i}\",state=\"durable\"}} {}",
                 c.log_last_seq, c.log_durable_seq
             );
+        }
+        head(
+            &mut s,
+            "log_compress_cpu_seconds_total",
+            "counter",
+            "CPU time the compressor threads spent compressing and checking sealed segments.",
+        );
+        let _ = writeln!(
+            s,
+            "clickgate_log_compress_cpu_seconds_total {}",
+            t.log_compress_cpu_ns as f64 / 1e9
+        );
+        type PerShard = (&'static str, &'static str, fn(&Counters) -> String);
+        let per_shard: [PerShard; 6] = [
+            (
+                "log_unshipped_bytes",
+                "Bytes on disk not yet freed by shipping: segments with a record not at the aggregator, the active segment, a prepared spare.",
+                |c| c.log_unshipped_bytes.to_string(),
+            ),
+            (
+                "log_budget_bytes",
+                "The shard's disk budget (log.disk_budget_bytes).",
+                |c| c.log_budget_bytes.to_string(),
+            ),
+            (
+                "log_budget_used_ratio",
+                "Unshipped bytes over the budget; /readyz steps aside past log.unready_at_budget_share.",
+                |c| format!("{}", c.log_buffer_share_permille as f64 / 1000.0),
+            ),
+            (
+                "log_buffer_left_seconds",
+                "Seconds until the budget is full at the current append rate if nothing ships from now on (+Inf while nothing is appended).",
+                |c| {
+                    if c.log_buffer_left_s == u64::MAX {
+                        "+Inf".into()
+                    } else {
+                        c.log_buffer_left_s.to_string()
+                    }
+                },
+            ),
+            (
+                "log_oldest_unshipped_age_seconds",
+                "Age of the oldest record not yet at the aggregator (an upper bound, within a flush interval; 0 when all is shipped).",
+                |c| format!("{}", c.log_oldest_unshipped_age_ms as f64 / 1000.0),
+            ),
+            (
+                "log_stepped_aside",
+                "1 while the shard holds unshipped data past the mark and /readyz answers 503.",
+                |c| c.log_stepped_aside.to_string(),
+            ),
+        ];
+        for (name, help, value) in per_shard {
+            head(&mut s, name, "gauge", help);
+            for (i, c) in per.iter().enumerate() {
+                let _ = writeln!(s, "clickgate_{name}{{shard=\"{i}\"}} {}", value(c));
+            }
         }
         head(
             &mut s,
@@ -557,7 +672,8 @@ mod tests {
         for line in s.lines().filter(|l| !l.starts_with('#')) {
             let (name, value) = line.rsplit_once(' ').unwrap();
             assert!(name.starts_with("clickgate_"), "{line}");
-            value.parse::<f64>().unwrap();
+            assert!(value == "+Inf" || value.parse::<f64>().is_ok(), "{line}");
         }
+        assert!(s.contains("clickgate_log_buffer_left_seconds{shard=\"1\"} 0"));
     }
 }

@@ -152,6 +152,7 @@ impl PreAgg {
             to_seq: own_seq - 1,
             watermark_ms,
             rows,
+            unrecorded: Vec::new(),
         }
     }
 

@@ -77,6 +77,8 @@ fn log_config(dir: &std::path::Path, shard: u16) -> LogConfig {
         disk_budget_bytes: 64 << 30,
         zero_fill: false,
         sync_on_rotate: true,
+        partial_reserve_bytes: 1 << 20,
+        compress: None,
     }
 }
 

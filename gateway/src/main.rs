@@ -56,6 +56,10 @@ enum Cmd {
         /// Also print one line per event record.
         #[arg(long)]
         events: bool,
+        /// The gateway's config file, for the disk budget the buffer figures
+        /// are reckoned against (without it, the default budget).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
     },
     /// Write a new keys file with one random key (for development).
     Keygen {
@@ -162,8 +166,21 @@ fn real_main() -> anyhow::Result<()> {
             daemon::logging::init(cfg.log_format);
             gateway::server::run(cfg, takeover)
         }
-        Cmd::Inspect { data_dir, events } => {
-            let out = gateway::inspect::inspect(&data_dir, gateway::inspect::Options { events })?;
+        Cmd::Inspect {
+            data_dir,
+            events,
+            config,
+        } => {
+            let cfg = match &config {
+                Some(p) => Config::load(p)?,
+                None => Config::default(),
+            };
+            let opts = gateway::inspect::Options {
+                events,
+                disk_budget_bytes: cfg.log.disk_budget_bytes,
+                now_ms: gateway::clock::now_ms(),
+            };
+            let out = gateway::inspect::inspect(&data_dir, opts)?;
             print!("{out}");
             Ok(())
         }

@@ -358,6 +358,11 @@ fn start_shard(
         disk_budget_bytes: cfg.log.disk_budget_bytes,
         zero_fill: cfg.log.zero_fill,
         sync_on_rotate: cfg.durability.mode == crate::config::DurabilityMode::Sync,
+        partial_reserve_bytes: cfg.log.reserve_bytes() as usize,
+        compress: cfg.log.compress.then_some(crate::log::CompressConfig {
+            level: cfg.log.compress_level,
+            chunk_bytes: cfg.log.chunk_bytes() as usize,
+        }),
     };
     let t0 = Instant::now();
     let (mut log, rec) = ShardLog::open(&log_cfg, now)?;
@@ -370,7 +375,7 @@ fn start_shard(
     let mut preagg = PreAgg::new(usize::MAX, rec.last_partial_seq);
     let mut refilled = 0u64;
     let mut rebuilt = 0u64;
-    log.replay(|f| {
+    log.replay_from(now - horizon_ms, rec.last_partial_seq, |f| {
         if f.ty != RecordType::Event as u8 {
             return;
         }
@@ -415,6 +420,8 @@ fn start_shard(
         shard = i,
         cpu,
         segments = rec.segments,
+        compressed = rec.compressed,
+        compressions_settled = rec.compressions_settled,
         records = rec.frames,
         torn_bytes = rec.torn_bytes,
         dedup_refilled = refilled,

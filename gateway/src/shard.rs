@@ -996,6 +996,22 @@ impl ShardLoop {
         self.date.refresh(now);
         self.app.log.prefault();
         let report = self.app.tick(now, self.mono);
+        if let (Some(aside), Some(b)) = (report.stepped_aside, report.buffer) {
+            if aside {
+                tracing::warn!(
+                    shard = self.app.shard,
+                    budget_used = format!("{:.1}%", b.share * 100.0),
+                    oldest_unshipped_s = b.oldest_unshipped_age_ms / 1000,
+                    "unshipped data past log.unready_at_budget_share: /readyz answers 503 so new traffic goes elsewhere; still serving"
+                );
+            } else {
+                tracing::info!(
+                    shard = self.app.shard,
+                    budget_used = format!("{:.1}%", b.share * 100.0),
+                    "unshipped data below log.ready_below_budget_share: ready again"
+                );
+            }
+        }
         if let Some(e) = report.partial_deferred {
             // Once a minute at most: a full disk would otherwise log this
             // every flush interval. Counted every time.
@@ -1038,6 +1054,15 @@ impl ShardLoop {
                 self.app.counters.segments_recycled += n as u64;
             }
         }
+        self.app.log.compress_step(now, self.retention_ms);
+        let z = self.app.log.compress_stats();
+        let c = &mut self.app.counters;
+        c.log_compressed_segments = self.app.log.compressed_segments() as u64;
+        c.log_compressions = z.segments;
+        c.log_compression_failures = z.failures;
+        c.log_compress_bytes_in = z.bytes_in;
+        c.log_compress_bytes_out = z.bytes_out;
+        c.log_compress_cpu_ns = z.cpu_ns;
         self.publish_durable();
         self.app.counters.connections_open = self.open as u64;
         self.app.publish();

@@ -179,6 +179,17 @@ pub fn thread_nice(tid: i32) -> io::Result<i32> {
     }
 }
 
+/// CPU time the calling thread has used, ns.
+pub fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// The calling thread's id.
 pub fn gettid() -> i32 {
     // SAFETY: gettid takes no arguments and cannot fail.

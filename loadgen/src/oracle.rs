@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use wire::record::{EventKind, EventRef, Source, Verdict};
-use wire::segment::{self, RecordType, SegmentHeader};
+use wire::segment::RecordType;
 
 use crate::engine::{Answer, BatchVerdict};
 use crate::workload::{Meta, Shape};
@@ -177,24 +177,26 @@ pub fn read_click_records(data: &Path) -> anyhow::Result<Vec<ClickRecord>> {
         else {
             continue;
         };
-        for (_, path) in wire::layout::list_segments(&dir)? {
+        for seg in wire::layout::list_segments(&dir)? {
             // Read, not mapped: a segment is a few MiB to a few hundred, and
-            // the oracle reads each once.
-            let map = std::fs::read(&path)?;
-            let h = SegmentHeader::decode(&map)?;
-            let scan = segment::scan(&map, h.base_seq);
-            for f in segment::frames(&map, scan.end) {
-                if f.ty != RecordType::Event as u8 {
-                    continue;
+            // the oracle reads each once. Compressed or not, the same frames.
+            let bytes = std::fs::read(&seg.path)?;
+            let mut frames = Vec::new();
+            let h = wire::segz::read_file(&bytes, seg.compressed, |f| {
+                if f.ty == RecordType::Event as u8 {
+                    frames.push((f.seq, f.payload.to_vec()));
                 }
-                let e = EventRef::decode(f.payload)?;
+            })
+            .map_err(|e| anyhow::anyhow!("{}: {e}", seg.path.display()))?;
+            for (seq, payload) in &frames {
+                let e = EventRef::decode(payload)?;
                 if e.kind != EventKind::Click {
                     continue;
                 }
                 out.push(ClickRecord {
                     gateway: h.gateway_id.clone(),
                     shard,
-                    seq: f.seq,
+                    seq: *seq,
                     verdict: e.verdict,
                     get: e.source == Source::Get,
                     event_ms: e.event_ms,

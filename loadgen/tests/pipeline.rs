@@ -47,7 +47,7 @@ impl Pipeline {
     /// no ClickHouse server can be had.
     fn with_clickhouse(envs: &[(usize, &str, &str)]) -> Option<Pipeline> {
         let ch = ClickHouse::start()?;
-        Some(Self::build_with(envs, None, Some(ch), false))
+        Some(Self::build_with(envs, None, Some(ch), false, ""))
     }
 
     /// With environment variables for the gateway (fault injection).
@@ -66,16 +66,18 @@ impl Pipeline {
 
     /// `envs`: (process, variable, value) for each process's first start.
     fn build(envs: &[(usize, &str, &str)], proxy: Option<&mut Option<Proxy>>) -> Pipeline {
-        Self::build_with(envs, proxy, None, false)
+        Self::build_with(envs, proxy, None, false, "")
     }
 
     /// `two_aggregators`: instances agg-a (AGG) and agg-b (AGG2), the
     /// advertisers partitioned between them, the shipper sending to both.
+    /// `gateway_extra`: TOML tables appended to the gateway's config.
     fn build_with(
         envs: &[(usize, &str, &str)],
         proxy: Option<&mut Option<Proxy>>,
         clickhouse: Option<ClickHouse>,
         two_aggregators: bool,
+        gateway_extra: &str,
     ) -> Pipeline {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().to_owned();
@@ -140,7 +142,7 @@ impl Pipeline {
             format!(
                 "gateway_id = \"e2e\"\ndata_dir = {:?}\nkeys_file = {:?}\ncpus = [0, 1]\n\
                  [listen]\nhttp = \"{gateway_addr}\"\n[aggregate]\nflush_interval_ms = 200\n\
-                 [durability]\nmode = \"{}\"\n",
+                 [durability]\nmode = \"{}\"\n{gateway_extra}\n",
                 p("data"),
                 p("keys.toml"),
                 // The long profile runs both modes (E2E_DURABILITY=process).
@@ -468,6 +470,129 @@ fn aggregator_counts_exactly_what_was_acknowledged_through_kills() {
         pct(0.99),
         ready.last().copied().unwrap_or(0)
     );
+}
+
+/// `/readyz` of `addr`: (status, body).
+fn readyz(addr: &str) -> (u16, String) {
+    test_support::net::get(addr, "/readyz", None)
+}
+
+#[test]
+fn a_pop_rides_out_a_central_outage_on_compressed_segments() {
+    // Per shard: 128 KiB segments, a 2 MiB budget: uncompressed, about
+    // 8 700 records. The load below logs about 25 000 per shard while the
+    // aggregator is away. The PoP steps aside at 40% of the budget (the floor
+    // is 12.5%: the active segment and its spare; a segment just sealed and
+    // not yet compressed adds 6%) and comes back below 30%.
+    let budget: u64 = 2 << 20;
+    let mut pl = Pipeline::build_with(
+        &[],
+        None,
+        None,
+        false,
+        &format!(
+            "[log]\nsegment_bytes = 131072\ndisk_budget_bytes = {budget}\n\
+             compress_chunk_bytes = 65536\npartial_reserve_bytes = 8192\n\
+             unready_at_budget_share = 0.4\nready_below_budget_share = 0.3\n"
+        ),
+    );
+    pl.procs[AGG].stop();
+    let rate = 4000;
+    let secs = 15;
+    let lg = pl
+        .loadgen(
+            "oracle-outage.json",
+            &["--connections", "16", "--rate", &rate.to_string()],
+        )
+        .args(["--duration", &secs.to_string()])
+        .args(["--pool", &(rate * secs).to_string(), "--seed", "21"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // While the load runs: the gateway steps aside at the mark, and keeps
+    // answering.
+    let t = Instant::now();
+    let mut aside = None;
+    while t.elapsed() < Duration::from_secs(secs + 5) {
+        let (status, body) = readyz(&pl.gateway_addr);
+        if status == 503 && body.contains("stepping aside") {
+            aside.get_or_insert((t.elapsed(), body));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = lg.wait_with_output().unwrap();
+    let lg_text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{out:?}");
+    let statuses = lg_text
+        .lines()
+        .find(|l| l.starts_with("statuses:"))
+        .unwrap_or_else(|| panic!("no statuses line: {lg_text}"));
+    assert!(
+        !statuses.contains("503=") && statuses.contains("302="),
+        "{statuses}\n{}",
+        pl.logs()
+    );
+    let (when, body) = aside.unwrap_or_else(|| panic!("never stepped aside\n{}", pl.logs()));
+    eprintln!("stepped aside after {when:?}: {body}");
+    // Still aside, with compressed segments holding what waits.
+    assert_eq!(readyz(&pl.gateway_addr).0, 503);
+    let segz: usize = (0..2)
+        .map(|s| {
+            std::fs::read_dir(pl.path("data").join(format!("shard-{s}")))
+                .unwrap()
+                .flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "segz"))
+                .count()
+        })
+        .sum();
+    assert!(segz >= 10, "{segz} compressed segments");
+    let m = test_support::net::get(&pl.gateway_addr, "/metrics", None).1;
+    assert!(test_support::metric(&m, "clickgate_log_compressions_total") >= segz as u64);
+    // More was appended, all of it unshipped, than the two shards' budgets
+    // could have held uncompressed.
+    let appended = test_support::metric(&m, "clickgate_log_appended_bytes_total");
+    assert!(
+        appended > 2 * budget + budget / 2,
+        "{appended} bytes appended"
+    );
+    eprintln!(
+        "appended {appended} bytes; compressed {} -> {} bytes in {segz} segments",
+        test_support::metric(&m, "clickgate_log_compress_input_bytes_total"),
+        test_support::metric(&m, "clickgate_log_compress_output_bytes_total")
+    );
+    assert!(
+        m.contains("clickgate_log_buffer_left_seconds{shard=\"0\"}"),
+        "{m}"
+    );
+    assert!(
+        test_support::metric(
+            &m,
+            "clickgate_log_oldest_unshipped_age_seconds{shard=\"0\"}"
+        ) >= 5,
+        "{m}"
+    );
+    // The aggregator returns: the shipper catches up from the compressed
+    // segments, the gateway comes back, and every acknowledged click is
+    // counted once.
+    let back = Instant::now();
+    pl.procs[AGG].start();
+    while readyz(&pl.gateway_addr).0 != 200 {
+        assert!(
+            back.elapsed() < Duration::from_secs(90),
+            "still stepped aside: {}\n{}",
+            readyz(&pl.gateway_addr).1,
+            pl.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "ready again {:?} after the aggregator returned",
+        back.elapsed()
+    );
+    let (ok, text) = pl.verify("oracle-outage.json");
+    assert!(ok, "{text}\n{}", pl.logs());
+    assert!(expected_clicks(&text) > 1000, "{text}");
 }
 
 #[test]
@@ -805,7 +930,7 @@ fn two_aggregators_split_the_advertisers_and_answer_for_each_other() {
     // row and event to its owner; agg-b is killed -9 and restarted mid-run.
     // Each instance answers for every advertiser (its own from its store,
     // the other's by forwarding), and both answers equal the log exactly.
-    let mut pl = Pipeline::build_with(&[], None, None, true);
+    let mut pl = Pipeline::build_with(&[], None, None, true, "");
     let oracle = "oracle-two.json";
     let lg = pl
         .loadgen(oracle, &["--connections", "8", "--rate", "400"])

@@ -358,9 +358,16 @@ impl ShardState {
 /// The gateway id in a shard's oldest segment header, once there is one.
 fn gateway_id_of(dir: &Path) -> Option<String> {
     let segs = layout::list_segments(dir).ok()?;
-    let (_, path) = segs.first()?;
-    let mut b = [0u8; wire::segment::HEADER_LEN];
-    std::io::Read::read_exact(&mut std::fs::File::open(path).ok()?, &mut b).ok()?;
+    let first = segs.first()?;
+    let mut b = [0u8; wire::segz::HEADER_LEN];
+    let mut f = std::fs::File::open(&first.path).ok()?;
+    if first.compressed {
+        std::io::Read::read_exact(&mut f, &mut b).ok()?;
+        return wire::segz::SegzHeader::decode(&b)
+            .ok()
+            .map(|h| h.gateway_id);
+    }
+    std::io::Read::read_exact(&mut f, &mut b[..wire::segment::HEADER_LEN]).ok()?;
     wire::segment::SegmentHeader::decode(&b)
         .ok()
         .map(|h| h.gateway_id)

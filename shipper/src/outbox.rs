@@ -256,6 +256,7 @@ mod tests {
             to_seq: to,
             watermark_ms: 0,
             rows: vec![],
+            unrecorded: Vec::new(),
         }
         .encode(&mut b);
         b
@@ -341,6 +342,7 @@ mod tests {
             to_seq: 3,
             watermark_ms: 77,
             rows: vec![row(a), row(b)],
+            unrecorded: Vec::new(),
         }
         .encode(&mut pb);
         let event = |adv: &str| {

@@ -3,7 +3,10 @@
 //! file under us, and a read of an unlinked file stays valid).
 //!
 //! Only whole frames (length in bounds, CRC good, seq the one expected next)
-//! are returned, and only up to the seq the caller says is durable.
+//! are returned, and only up to the seq the caller says is durable. A sealed
+//! segment the gateway compressed (`.segz`) is read a chunk at a time, each
+//! chunk checked and decompressed whole; chunks before the seq asked for are
+//! passed over by their headers alone.
 
 use std::fs::File;
 use std::io;
@@ -12,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use wire::layout::list_segments;
 use wire::segment::{self, SegmentHeader, FRAME_HEADER_LEN, HEADER_LEN};
+use wire::segz::{self, ChunkHeader, SegzHeader, CHUNK_HEADER_LEN};
 
 const CHUNK: usize = 1 << 20;
 
@@ -30,6 +34,18 @@ struct Open {
     path: PathBuf,
     file: File,
     len: u64,
+    /// Set for a compressed segment.
+    z: Option<Compressed>,
+}
+
+/// Where a reader of a compressed segment stands.
+struct Compressed {
+    header: SegzHeader,
+    /// File offset of the next chunk not yet loaded.
+    next_chunk_off: u64,
+    /// The loaded chunk, decompressed, and the offset of its next frame.
+    raw: Vec<u8>,
+    pos: usize,
 }
 
 /// A reader positioned just after a seq of one shard's log.
@@ -86,43 +102,62 @@ impl Tail {
     fn seek(&mut self) -> Result<(), TailError> {
         self.cur = None;
         let segs = list_segments(&self.dir).map_err(self.io(&self.dir.clone()))?;
-        let Some(idx) = segs.iter().rposition(|(b, _)| *b <= self.next_seq) else {
+        let Some(idx) = segs.iter().rposition(|s| s.base_seq <= self.next_seq) else {
             return match segs.first() {
-                Some((first, _)) => Err(TailError::Recycled {
+                Some(first) => Err(TailError::Recycled {
                     after: self.next_seq - 1,
-                    first: *first,
+                    first: first.base_seq,
                 }),
                 None => Ok(()),
             };
         };
-        let (base, path) = segs[idx].clone();
-        self.open_segment(&path, base)?;
+        let s = segs[idx].clone();
+        self.open_segment(&s.path, s.base_seq, s.compressed)?;
         self.skip_below = self.skip_below.max(self.next_seq);
-        self.next_seq = base;
+        self.next_seq = s.base_seq;
         Ok(())
     }
 
-    fn open_segment(&mut self, path: &Path, base: u64) -> Result<(), TailError> {
+    fn format(path: &Path, what: impl ToString) -> TailError {
+        TailError::Format {
+            path: path.to_owned(),
+            what: what.to_string(),
+        }
+    }
+
+    fn open_segment(&mut self, path: &Path, base: u64, compressed: bool) -> Result<(), TailError> {
         let file = File::open(path).map_err(self.io(path))?;
         let len = file.metadata().map_err(self.io(path))?.len();
-        let mut h = [0u8; HEADER_LEN];
-        file.read_exact_at(&mut h, 0).map_err(self.io(path))?;
-        let header = SegmentHeader::decode(&h).map_err(|e| TailError::Format {
-            path: path.to_owned(),
-            what: e.to_string(),
-        })?;
-        if header.base_seq != base {
-            return Err(TailError::Format {
-                path: path.to_owned(),
-                what: "header does not match the file name".into(),
-            });
+        let (gateway_id, header_base, z) = if compressed {
+            let mut h = [0u8; segz::HEADER_LEN];
+            file.read_exact_at(&mut h, 0).map_err(self.io(path))?;
+            let header = SegzHeader::decode(&h).map_err(|e| Self::format(path, e))?;
+            (
+                header.gateway_id.clone(),
+                header.base_seq,
+                Some(Compressed {
+                    header,
+                    next_chunk_off: segz::HEADER_LEN as u64,
+                    raw: Vec::new(),
+                    pos: 0,
+                }),
+            )
+        } else {
+            let mut h = [0u8; HEADER_LEN];
+            file.read_exact_at(&mut h, 0).map_err(self.io(path))?;
+            let header = SegmentHeader::decode(&h).map_err(|e| Self::format(path, e))?;
+            (header.gateway_id, header.base_seq, None)
+        };
+        if header_base != base {
+            return Err(Self::format(path, "header does not match the file name"));
         }
-        self.gateway_id = Some(header.gateway_id);
+        self.gateway_id = Some(gateway_id);
         self.cur = Some(Open {
             base,
             path: path.to_owned(),
             file,
             len,
+            z,
         });
         self.off = HEADER_LEN as u64;
         self.buf.clear();
@@ -165,6 +200,9 @@ impl Tail {
                 return Ok(false);
             }
         }
+        if self.cur.as_ref().is_some_and(|c| c.z.is_some()) {
+            return self.step_compressed(f);
+        }
         // Refresh the buffer from the file when the frame is not in it: the
         // gateway may have written since the last read.
         let off = self.off;
@@ -172,17 +210,7 @@ impl Tail {
         let Some((seq, len)) = whole else {
             // Nothing whole here: the gateway has not written it yet, or the
             // segment was sealed and the next one starts with our seq.
-            let segs = list_segments(&self.dir).map_err(self.io(&self.dir.clone()))?;
-            let cur_base = self.cur.as_ref().map(|c| c.base);
-            if let Some((_, p)) = segs
-                .iter()
-                .find(|(b, _)| *b == self.next_seq && Some(*b) != cur_base)
-            {
-                let p = p.clone();
-                self.open_segment(&p, self.next_seq)?;
-                return Ok(true);
-            }
-            return Ok(false);
+            return self.open_next();
         };
         let start = (off - self.buf_off) as usize;
         let payload = &self.buf[start + FRAME_HEADER_LEN..start + FRAME_HEADER_LEN + len];
@@ -191,6 +219,90 @@ impl Tail {
             f(seq, ty, payload);
         }
         self.off += segment::frame_len(len) as u64;
+        self.next_seq += 1;
+        Ok(true)
+    }
+
+    /// Moves on to the segment that starts at `next_seq`, if there is one
+    /// yet (true), other than the one open.
+    fn open_next(&mut self) -> Result<bool, TailError> {
+        let segs = list_segments(&self.dir).map_err(self.io(&self.dir.clone()))?;
+        let cur_base = self.cur.as_ref().map(|c| c.base);
+        if let Some(s) = segs
+            .iter()
+            .find(|s| s.base_seq == self.next_seq && Some(s.base_seq) != cur_base)
+        {
+            let s = s.clone();
+            self.open_segment(&s.path, s.base_seq, s.compressed)?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// [`Self::step`] in a compressed segment: the next frame of the loaded
+    /// chunk, loading the next chunk (past those wholly below `skip_below`)
+    /// when it is used up.
+    fn step_compressed(&mut self, f: &mut dyn FnMut(u64, u8, &[u8])) -> Result<bool, TailError> {
+        let cur = self.cur.as_mut().expect("open segment");
+        let z = cur.z.as_mut().expect("compressed segment");
+        if z.pos >= z.raw.len() {
+            if self.next_seq > z.header.last_seq {
+                return self.open_next();
+            }
+            let path = cur.path.clone();
+            loop {
+                let at = z.next_chunk_off;
+                let mut hb = [0u8; CHUNK_HEADER_LEN];
+                cur.file
+                    .read_exact_at(&mut hb, at)
+                    .map_err(|source| TailError::Io {
+                        path: path.clone(),
+                        source,
+                    })?;
+                let c =
+                    ChunkHeader::decode(&hb, at as usize).map_err(|e| Self::format(&path, e))?;
+                if c.first_seq != self.next_seq {
+                    return Err(Self::format(
+                        &path,
+                        format!(
+                            "chunk at byte {at} starts at seq {}, {} expected",
+                            c.first_seq, self.next_seq
+                        ),
+                    ));
+                }
+                z.next_chunk_off += c.total_len() as u64;
+                if c.last_seq < self.skip_below {
+                    // Wholly before what is wanted: not even read.
+                    self.next_seq = c.last_seq + 1;
+                    if self.next_seq > z.header.last_seq {
+                        return Ok(true);
+                    }
+                    continue;
+                }
+                self.buf.resize(c.zlen as usize, 0);
+                cur.file
+                    .read_exact_at(&mut self.buf, at + CHUNK_HEADER_LEN as u64)
+                    .map_err(|source| TailError::Io {
+                        path: path.clone(),
+                        source,
+                    })?;
+                segz::check_chunk_data(&c, &self.buf, at as usize)
+                    .map_err(|e| Self::format(&path, e))?;
+                segz::decompress_chunk(&c, &self.buf, at as usize, &mut z.raw)
+                    .map_err(|e| Self::format(&path, e))?;
+                // The buffer held compressed bytes, not the file's.
+                self.buf.clear();
+                self.buf_off = 0;
+                z.pos = 0;
+                break;
+            }
+        }
+        let fr = segment::read_frame(&z.raw, z.pos).expect("a checked chunk holds whole frames");
+        debug_assert_eq!(fr.seq, self.next_seq);
+        if fr.seq >= self.skip_below {
+            f(fr.seq, fr.ty, fr.payload);
+        }
+        z.pos = fr.end();
         self.next_seq += 1;
         Ok(true)
     }
@@ -341,6 +453,64 @@ mod tests {
         std::fs::write(&p, b).unwrap();
         let mut t = Tail::open_after(d.path(), 0).unwrap();
         assert_eq!(collect(&mut t, 100), vec![1, 2]);
+    }
+
+    /// Replaces the segment at `base` by its compressed copy, in chunks of
+    /// about `chunk` bytes of frames.
+    fn compress_segment(dir: &Path, base: u64, chunk: usize) {
+        let p = wire::layout::segment_path(dir, base);
+        let b = std::fs::read(&p).unwrap();
+        let end = segment::scan(&b, base).end;
+        let z = wire::segz::compress(&b, end, 3, chunk).unwrap();
+        std::fs::write(wire::layout::segz_path(dir, base), z).unwrap();
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn reads_compressed_segments_as_plain_ones() {
+        let d = tempfile::tempdir().unwrap();
+        write_segment(d.path(), 1, 300, 1 << 16);
+        write_segment(d.path(), 301, 100, 1 << 16);
+        compress_segment(d.path(), 1, 256);
+        let mut t = Tail::open_after(d.path(), 0).unwrap();
+        assert_eq!(collect(&mut t, 1000), (1..=400).collect::<Vec<_>>());
+        assert_eq!(t.gateway_id(), Some("gw"));
+        // From the middle of a compressed segment: the chunks before are
+        // passed over.
+        let mut t = Tail::open_after(d.path(), 137).unwrap();
+        assert_eq!(collect(&mut t, 150), (138..=150).collect::<Vec<_>>());
+        assert_eq!(collect(&mut t, 1000), (151..=400).collect::<Vec<_>>());
+        // A segment compressed while a reader is in it (the original goes
+        // from under it): the reader finishes from what it has open.
+        write_segment(d.path(), 401, 50, 1 << 16);
+        let mut t = Tail::open_after(d.path(), 350).unwrap();
+        assert_eq!(collect(&mut t, 360), (351..=360).collect::<Vec<_>>());
+        compress_segment(d.path(), 301, 512);
+        assert_eq!(collect(&mut t, 1000), (361..=450).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_damaged_compressed_chunk_stops_the_reader_with_the_file_named() {
+        let d = tempfile::tempdir().unwrap();
+        write_segment(d.path(), 1, 300, 1 << 16);
+        write_segment(d.path(), 301, 10, 1 << 16);
+        compress_segment(d.path(), 1, 256);
+        let p = wire::layout::segz_path(d.path(), 1);
+        let mut b = std::fs::read(&p).unwrap();
+        let n = b.len();
+        b[n - 30] ^= 4;
+        std::fs::write(&p, b).unwrap();
+        let mut t = Tail::open_after(d.path(), 0).unwrap();
+        let mut got = Vec::new();
+        let err = t.read(1000, usize::MAX, |s, _, _| got.push(s)).unwrap_err();
+        assert!(
+            err.to_string().contains("00000000000000000001.segz"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("checksum"), "{err}");
+        // What came before the damaged chunk came out, in order; nothing after.
+        assert!(!got.is_empty() && got.len() < 300);
+        assert_eq!(got, (1..=got.len() as u64).collect::<Vec<_>>());
     }
 
     #[test]

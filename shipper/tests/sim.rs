@@ -221,6 +221,7 @@ fn write_log(
             to_seq: seq - 1,
             watermark_ms: WM,
             rows: std::mem::take(&mut pending).into_iter().collect(),
+            unrecorded: Vec::new(),
         };
         for (k, c) in &p.rows {
             realtime.entry(k.clone()).or_default().merge(c);

@@ -3,6 +3,8 @@
 //! ```text
 //! <data>/LOCK                       held (flock) by the running gateway
 //! <data>/shard-<n>/<base:020>.seg   segments, by the seq of their first record
+//! <data>/shard-<n>/<base:020>.segz  a sealed segment, compressed (`crate::segz`);
+//!                                   it replaces the `.seg` of the same base
 //! <data>/shard-<n>/durable          u64 LE: every record up to this seq is durable
 //!                                   (written by the gateway, read by the shipper)
 //! <data>/shard-<n>/shipped          decimal: every record up to this seq is at the
@@ -30,6 +32,19 @@ pub fn segment_path(dir: &Path, base_seq: u64) -> PathBuf {
     dir.join(format!("{base_seq:020}.seg"))
 }
 
+pub fn segz_path(dir: &Path, base_seq: u64) -> PathBuf {
+    dir.join(format!("{base_seq:020}.segz"))
+}
+
+/// One segment file in a shard directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentFile {
+    pub base_seq: u64,
+    pub path: PathBuf,
+    /// A `.segz` (compressed, sealed) rather than a `.seg`.
+    pub compressed: bool,
+}
+
 /// The shard numbers that have a directory under `data`, sorted.
 pub fn list_shards(data: &Path) -> io::Result<Vec<u16>> {
     let mut out = Vec::new();
@@ -47,21 +62,43 @@ pub fn list_shards(data: &Path) -> io::Result<Vec<u16>> {
     Ok(out)
 }
 
-/// Lists a shard directory's segment files, by base seq.
-pub fn list_segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+/// Every segment file of a shard directory, by base seq. A base can have
+/// both files for a moment (the compressed one renamed into place, the
+/// original not yet removed, or a crash between the two): then both are
+/// listed, the `.seg` first.
+pub fn list_segment_files(dir: &Path) -> io::Result<Vec<SegmentFile>> {
     let mut segs = Vec::new();
     for entry in fs::read_dir(dir)? {
         let p = entry?.path();
-        let base = p
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(".seg"))
-            .and_then(|n| n.parse::<u64>().ok());
-        if let Some(b) = base {
-            segs.push((b, p));
+        let Some(name) = p.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let (stem, compressed) = match (name.strip_suffix(".seg"), name.strip_suffix(".segz")) {
+            (Some(s), _) => (s, false),
+            (_, Some(s)) => (s, true),
+            _ => continue,
+        };
+        if let Ok(base_seq) = stem.parse::<u64>() {
+            segs.push(SegmentFile {
+                base_seq,
+                path: p,
+                compressed,
+            });
         }
     }
-    segs.sort();
+    segs.sort_by_key(|s| (s.base_seq, s.compressed));
+    Ok(segs)
+}
+
+/// The segments to read, one per base seq, by base seq: where both files
+/// exist, the compressed one (it was synced whole before it got its name;
+/// the original is about to be removed).
+pub fn list_segments(dir: &Path) -> io::Result<Vec<SegmentFile>> {
+    let mut segs = list_segment_files(dir)?;
+    // Sorted with the compressed one last for a base: keep the last of each.
+    segs.reverse();
+    segs.dedup_by_key(|s| s.base_seq);
+    segs.reverse();
     Ok(segs)
 }
 

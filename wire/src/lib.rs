@@ -6,6 +6,7 @@
 //!
 //! - [`segment`]: the segment file header, the record frame (length, CRC32C, seq,
 //!   type), and the recovery scan that tells a torn tail from mid-file damage.
+//! - [`segz`]: a sealed segment's frames, zstd-compressed in checked chunks.
 //! - [`record`]: the payloads carried in frames: [`record::EventRef`] (a
 //!   click or impression, with its verdict) and [`record::PartialRecord`] (the
 //!   per-minute sums of a seq range of one shard).
@@ -27,6 +28,7 @@ pub mod layout;
 pub mod partition;
 pub mod record;
 pub mod segment;
+pub mod segz;
 pub mod signed;
 pub mod time;
 

@@ -251,10 +251,19 @@ pub struct PartialRecord {
     /// The shard's event-time watermark when it wrote this partial, Unix ms.
     pub watermark_ms: i64,
     pub rows: Vec<(RowKey, Counts)>,
+    /// Clicks and impressions answered without a record while the log was
+    /// full (`log.on_full = "redirect"`), per event-time minute: never
+    /// billed, reported as unrecorded. Not a function of the records (there
+    /// are none); a crash loses what had not yet been written in a partial.
+    pub unrecorded: Vec<(u32, u64)>,
 }
 
 const PARTIAL_FIXED: usize = 32;
 const ROW_FIXED: usize = 48;
+/// Byte 28 of a partial: flags. Bit 0: an unrecorded trailer follows the
+/// rows (`count u32`, then `minute u32 | events u64` each). Without it the
+/// bytes are what they were before the trailer existed.
+const FLAG_UNRECORDED: u8 = 1;
 
 impl PartialRecord {
     pub fn encode(&self, out: &mut Vec<u8>) {
@@ -262,7 +271,12 @@ impl PartialRecord {
         out.extend_from_slice(&self.to_seq.to_le_bytes());
         out.extend_from_slice(&self.watermark_ms.to_le_bytes());
         out.extend_from_slice(&(self.rows.len() as u32).to_le_bytes());
-        out.extend_from_slice(&[0; 4]);
+        let flags = if self.unrecorded.is_empty() {
+            0
+        } else {
+            FLAG_UNRECORDED
+        };
+        out.extend_from_slice(&[flags, 0, 0, 0]);
         for (k, c) in &self.rows {
             out.extend_from_slice(&k.minute.to_le_bytes());
             out.push(k.device as u8);
@@ -281,6 +295,13 @@ impl PartialRecord {
                 assert!(s.len() <= ID_MAX);
                 out.push(s.len() as u8);
                 out.extend_from_slice(s.as_bytes());
+            }
+        }
+        if !self.unrecorded.is_empty() {
+            out.extend_from_slice(&(self.unrecorded.len() as u32).to_le_bytes());
+            for (minute, n) in &self.unrecorded {
+                out.extend_from_slice(&minute.to_le_bytes());
+                out.extend_from_slice(&n.to_le_bytes());
             }
         }
     }
@@ -336,6 +357,22 @@ impl PartialRecord {
                 counts,
             ));
         }
+        let mut unrecorded = Vec::new();
+        if b[28] & FLAG_UNRECORDED != 0 {
+            let n = b.get(off..off + 4).ok_or(DecodeError::Truncated)?;
+            let n = u32::from_le_bytes(n.try_into().unwrap()) as usize;
+            off += 4;
+            if n == 0 || n > (b.len() - off) / 12 {
+                return Err(DecodeError::Truncated);
+            }
+            unrecorded.reserve(n);
+            for _ in 0..n {
+                let minute = u32::from_le_bytes(b[off..off + 4].try_into().unwrap());
+                let count = u64::from_le_bytes(b[off + 4..off + 12].try_into().unwrap());
+                unrecorded.push((minute, count));
+                off += 12;
+            }
+        }
         if off != b.len() {
             return Err(DecodeError::Trailing(b.len() - off));
         }
@@ -344,6 +381,7 @@ impl PartialRecord {
             to_seq: u64_at(8),
             watermark_ms: u64_at(16) as i64,
             rows,
+            unrecorded,
         })
     }
 }
@@ -431,12 +469,26 @@ mod tests {
                     },
                 ),
             ],
+            unrecorded: Vec::new(),
         };
         let mut buf = Vec::new();
         p.encode(&mut buf);
-        assert_eq!(PartialRecord::decode(&buf), Ok(p));
+        assert_eq!(PartialRecord::decode(&buf), Ok(p.clone()));
         for n in 0..buf.len() {
             assert!(PartialRecord::decode(&buf[..n]).is_err(), "prefix {n}");
+        }
+        // With unrecorded counts: a trailer, flagged; the rows' bytes unchanged.
+        let q = PartialRecord {
+            unrecorded: vec![(28_333_333, 12), (28_333_334, 1)],
+            ..p
+        };
+        let mut with = Vec::new();
+        q.encode(&mut with);
+        assert_eq!(with.len(), buf.len() + 4 + 2 * 12);
+        assert_eq!(&with[29..buf.len()], &buf[29..]);
+        assert_eq!(PartialRecord::decode(&with), Ok(q));
+        for n in 0..with.len() {
+            assert!(PartialRecord::decode(&with[..n]).is_err(), "prefix {n}");
         }
     }
 }

@@ -128,6 +128,7 @@ impl Gw {
             to_seq: self.seq - 1,
             watermark_ms: now,
             rows: std::mem::take(&mut self.rows).into_iter().collect(),
+            unrecorded: Vec::new(),
         }
         .encode(&mut b);
         push_item(&mut raw, self.seq, RecordType::Partial as u8, &b);

@@ -99,8 +99,32 @@ impl Gateway {
         self.dir.path().join("keys.toml")
     }
 
+    /// A gateway whose config file is written, not started.
+    pub fn build_only(extra: &str) -> Gateway {
+        let g = Self::build(extra, |_| {});
+        g.write_config();
+        g
+    }
+
     /// (Re)starts the process on the same directory and port.
     pub fn spawn(&mut self) {
+        self.write_config();
+        let config = self.config_path();
+        self.child = Some(test_support::process::spawn_logged(
+            Path::new(env!("CARGO_BIN_EXE_clickgate-gateway")),
+            &[
+                OsStr::new("run"),
+                OsStr::new("--config"),
+                config.as_os_str(),
+            ],
+            &self.env,
+            &self.dir.path().join("gateway.log"),
+            false,
+        ));
+        self.wait_ready();
+    }
+
+    fn write_config(&self) {
         let extra = &self.extra;
         let has_cpus = extra.contains("cpus");
         let cfg = format!(
@@ -115,19 +139,6 @@ impl Gateway {
         // `extra` may open tables; the [listen] table goes last so it does not
         // land inside them.
         std::fs::write(self.config_path(), cfg).unwrap();
-        let config = self.config_path();
-        self.child = Some(test_support::process::spawn_logged(
-            Path::new(env!("CARGO_BIN_EXE_clickgate-gateway")),
-            &[
-                OsStr::new("run"),
-                OsStr::new("--config"),
-                config.as_os_str(),
-            ],
-            &self.env,
-            &self.dir.path().join("gateway.log"),
-            false,
-        ));
-        self.wait_ready();
     }
 
     pub fn log(&self) -> String {
