@@ -303,9 +303,30 @@ fn reconcile_jobs_are_for_admins_and_bad_ranges_say_why() {
     let (st, b) = get(&agg.http, path, Some(admin));
     assert_eq!(st, 200);
     assert!(b.contains("\"jobs\""), "{b}");
+    // What gateways answered without a record: admins only, a range.
+    let u = "/api/v1/admin/unrecorded";
+    let q = format!("{u}?start_time=2026-11-24T00:00:00Z&end_time=2026-11-24T01:00:00Z");
+    let (st, b) = get(&agg.http, &q, Some(admin));
+    assert_eq!(st, 200, "{b}");
+    let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(
+        (
+            v["total"].as_u64(),
+            v["minutes"].as_array().map(|a| a.len())
+        ),
+        (Some(0), Some(0))
+    );
+    assert_eq!(get(&agg.http, &q, Some(adv1)).0, 403);
+    let (st, b) = get(&agg.http, &format!("{u}?start_time=0"), Some(admin));
+    assert_eq!(st, 400);
+    assert!(b.contains("end_time"), "{b}");
     let (_, m) = get(&agg.http, "/metrics", None);
     assert!(
-        m.contains("clickgate_aggregator_admin_errors_total 10"),
+        m.contains("clickgate_aggregator_admin_errors_total 12"),
+        "{m}"
+    );
+    assert!(
+        m.contains("clickgate_aggregator_unrecorded_redirects_total 0"),
         "{m}"
     );
     assert!(

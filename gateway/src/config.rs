@@ -164,8 +164,9 @@ pub struct Log {
     /// the original is removed), so the budget holds about eight times as
     /// many clicks while the central tier is away. Default true.
     pub compress: bool,
-    /// zstd level for sealed segments, 1 to 19. Default 3 (measured on
-    /// loadgen's clicks: 8.4x at about 450 MB/s; level 6: 10.4x at 90 MB/s).
+    /// zstd level for sealed segments, 1 to 19. Default 1 (measured at
+    /// 25 000 clicks/s on loadgen's clicks: 8.6x for under 4% of the
+    /// shard's core; level 3: 8.7x for 5-6%; docs/BENCHMARKS.md).
     pub compress_level: i32,
     /// Frames per compressed chunk, at least this many bytes; a reader
     /// decompresses one chunk at a time. 64 KiB to `segment_bytes`.
@@ -383,7 +384,7 @@ impl Default for Log {
             retention_s: 3600,
             zero_fill: true,
             compress: true,
-            compress_level: 3,
+            compress_level: 1,
             compress_chunk_bytes: None,
             partial_reserve_bytes: None,
             unready_at_budget_share: 0.9,

@@ -596,6 +596,78 @@ fn a_pop_rides_out_a_central_outage_on_compressed_segments() {
 }
 
 #[test]
+fn a_full_pop_told_to_redirect_reports_every_click_it_did_not_record() {
+    // Two 64 KiB segments per shard and nothing shipping: the log fills
+    // within a few hundred clicks. With log.on_full = "redirect" the clicks
+    // after that still get their 302, without a record; the gateway counts
+    // them, its partials carry them, and the aggregator reports them.
+    let mut pl = Pipeline::build_with(
+        &[],
+        None,
+        None,
+        false,
+        "[log]\nsegment_bytes = 65536\ndisk_budget_bytes = 131072\ncompress = false\n\
+         on_full = \"redirect\"\n",
+    );
+    pl.procs[AGG].stop();
+    let t0 = Instant::now();
+    let out = pl
+        .loadgen(
+            "oracle-redirect.json",
+            &["--connections", "8", "--rate", "1000"],
+        )
+        .args(["--duration", "3", "--pool", "3000", "--seed", "31"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{out:?}");
+    let statuses = text.lines().find(|l| l.starts_with("statuses:")).unwrap();
+    assert!(!statuses.contains("503="), "{statuses}");
+    let m = test_support::net::get(&pl.gateway_addr, "/metrics", None).1;
+    let unrecorded = test_support::metric(&m, "clickgate_unrecorded_redirects_total");
+    assert!(unrecorded > 500, "{unrecorded} unrecorded\n{statuses}");
+    eprintln!("{unrecorded} unrecorded after {:?}", t0.elapsed());
+    // The next partials carry the counts (they fit in the reserve).
+    std::thread::sleep(Duration::from_millis(600));
+    pl.procs[AGG].start();
+    let tokens = std::fs::read_to_string(pl.path("tokens.toml")).unwrap();
+    let admin = tokens
+        .split("[[admin]]")
+        .nth(1)
+        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("token = \"")))
+        .unwrap()
+        .trim_end_matches('"')
+        .to_owned();
+    let now = test_support::now_s();
+    let path = format!(
+        "/api/v1/admin/unrecorded?start_time={}&end_time={}",
+        now - 1800,
+        now + 600
+    );
+    let t = Instant::now();
+    loop {
+        let (st, b) = test_support::net::get(&pl.agg_http, &path, Some(&admin));
+        assert_eq!(st, 200, "{b}");
+        let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+        if v["total"].as_u64() == Some(unrecorded) {
+            eprintln!("reported {:?} after the aggregator returned", t.elapsed());
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the aggregator reports {b}, the gateway counted {unrecorded}\n{}",
+            pl.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let am = test_support::net::get(&pl.agg_http, "/metrics", None).1;
+    assert_eq!(
+        test_support::metric(&am, "clickgate_aggregator_unrecorded_redirects_total"),
+        unrecorded
+    );
+}
+
+#[test]
 fn counts_stay_exact_when_the_gateway_clock_is_off_and_jumps_back() {
     // The gateway's clock runs 5 minutes ahead, then jumps 8 minutes back,
     // then is right again: each click lands in the minute its gateway gave it

@@ -9,6 +9,11 @@ fn segment_corpus_replays() {
 }
 
 #[test]
+fn segz_corpus_replays() {
+    assert!(replay_corpus("segz_read", wire::fuzzing::segz_read) >= 2);
+}
+
+#[test]
 fn batch_corpus_replays() {
     assert!(replay_corpus("batch_decode", wire::fuzzing::batch_decode) >= 5);
 }

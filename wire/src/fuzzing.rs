@@ -6,6 +6,7 @@
 use crate::batch::{items, Ack, Batch};
 use crate::record::{EventRef, PartialRecord};
 use crate::segment::{self, read_frame, RecordType, SegmentHeader};
+use crate::segz;
 
 /// The recovery scan and the record decoders on a segment image.
 pub fn segment_scan(data: &[u8]) {
@@ -56,4 +57,32 @@ pub fn batch_decode(data: &[u8]) {
     }
     let _ = EventRef::decode(data);
     let _ = PartialRecord::decode(data);
+}
+
+/// A compressed segment as the gateway's recovery, the shipper and the
+/// offline readers take it: verified, then every chunk decompressed and its
+/// frames checked.
+pub fn segz_read(data: &[u8]) {
+    let verified = segz::verify(data);
+    let mut next = None;
+    let read = segz::for_each_frame(data, |f| {
+        // Frames come out in seq order, one after the other.
+        if let Some(n) = next {
+            assert_eq!(f.seq, n);
+        }
+        next = Some(f.seq + 1);
+        let _ = EventRef::decode(f.payload);
+        let _ = PartialRecord::decode(f.payload);
+    });
+    // Reading succeeds only on what verifies, and then ends where the
+    // header says.
+    if let Ok(h) = &read {
+        assert_eq!(verified.as_ref(), Ok(h));
+        if let Some(n) = next {
+            assert_eq!(n - 1, h.last_seq);
+        }
+    }
+    if verified.is_err() {
+        assert!(read.is_err());
+    }
 }

@@ -142,6 +142,12 @@ impl<'a> EventRef<'a> {
         len
     }
 
+    /// The receive time of an encoded event, without decoding the rest
+    /// (None if `b` is too short to be one).
+    pub fn receive_ms_of(b: &[u8]) -> Option<i64> {
+        (b.len() >= EVENT_FIXED).then(|| i64::from_le_bytes(b[16..24].try_into().unwrap()))
+    }
+
     pub fn decode(b: &'a [u8]) -> Result<Self, DecodeError> {
         if b.len() < EVENT_FIXED {
             return Err(DecodeError::Truncated);
@@ -418,6 +424,7 @@ mod tests {
         let mut buf = vec![0u8; e.encoded_len()];
         assert_eq!(e.encode_into(&mut buf), buf.len());
         assert_eq!(EventRef::decode(&buf), Ok(e));
+        assert_eq!(EventRef::receive_ms_of(&buf), Some(e.receive_ms));
     }
 
     #[test]

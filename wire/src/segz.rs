@@ -251,8 +251,8 @@ pub fn compress(
         match RecordType::from_u8(f.ty) {
             Some(RecordType::Partial) => header.last_partial_seq = f.seq,
             Some(RecordType::Event) => {
-                if let Ok(e) = EventRef::decode(f.payload) {
-                    header.last_event_ms = header.last_event_ms.max(e.receive_ms);
+                if let Some(ms) = EventRef::receive_ms_of(f.payload) {
+                    header.last_event_ms = header.last_event_ms.max(ms);
                 }
             }
             None => {}

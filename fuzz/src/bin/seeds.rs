@@ -58,6 +58,7 @@ fn partial(from: u64, to: u64) -> Vec<u8> {
                 ..Counts::default()
             },
         )],
+        unrecorded: Vec::new(),
     };
     let mut b = Vec::new();
     p.encode(&mut b);
@@ -101,7 +102,19 @@ fn main() {
     }
     put("segment_scan", "three_records", &seg);
     put("segment_scan", "torn", &seg[..off - 5]);
+    // The same segment compressed, in one chunk and in one chunk per frame.
+    for (name, chunk) in [("one_chunk", 1 << 20), ("chunk_per_frame", 8)] {
+        put("segz_read", name, &wire::segz::compress(&seg, off, 3, chunk).unwrap());
+    }
     // Batches and an answer.
+    let mut unrecorded = PartialRecord::decode(&partial(0, 2)).unwrap();
+    unrecorded.unrecorded = vec![(29_924_940, 3)];
+    let mut u = Vec::new();
+    unrecorded.encode(&mut u);
+    let mut raw = Vec::new();
+    push_item(&mut raw, 3, RecordType::Partial as u8, &u);
+    let b = Batch::seal(BatchKind::Partials, "dev", 0, 0, 3, 1, &raw, 3).unwrap();
+    put("batch_decode", "partials_unrecorded", &b.encode());
     let mut raw = Vec::new();
     push_item(&mut raw, 3, RecordType::Partial as u8, &partial(0, 2));
     let b = Batch::seal(BatchKind::Partials, "dev", 0, 0, 3, 1, &raw, 3).unwrap();
