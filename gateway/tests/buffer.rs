@@ -87,17 +87,36 @@ fn a_crash_at_each_step_of_compression_leaves_every_record_once() {
         );
         g.env.clear();
         g.spawn();
-        // After recovery, compression carries on where it stopped.
-        acked.extend(click_until_gone(&g, &format!("{point}-after"), 300));
+        // After recovery, compression carries on where it stopped (800
+        // clicks fill more than two 64 KiB segments).
+        acked.extend(click_until_gone(&g, &format!("{point}-after"), 800));
         let t = std::time::Instant::now();
         while metric(&g.metrics(), "clickgate_log_compressions_total") < 1 {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "{point}: nothing compressed after the restart"
-            );
+            if t.elapsed() > Duration::from_secs(10) {
+                let files: Vec<_> = std::fs::read_dir(g.data_dir().join("shard-0"))
+                    .unwrap()
+                    .flatten()
+                    .map(|e| (e.file_name(), e.metadata().unwrap().len()))
+                    .collect();
+                panic!(
+                    "{point}: nothing compressed after the restart; {} clicks; files {files:?}\n{}",
+                    acked.len(),
+                    g.log()
+                );
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let seen = id_counts(&g.inspect(true));
+        let inspect = g.inspect(true);
+        // inspect reads both kinds of segment and says what the buffer holds.
+        assert!(
+            inspect.contains(".segz") && inspect.contains("tail compressed"),
+            "{inspect}"
+        );
+        assert!(
+            inspect.contains("  buffer: ") && inspect.contains("oldest unshipped event"),
+            "{inspect}"
+        );
+        let seen = id_counts(&inspect);
         let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
         assert!(twice.is_empty(), "{point}: records twice: {twice:?}");
         let lost: Vec<_> = acked.iter().filter(|id| !seen.contains_key(*id)).collect();
