@@ -1270,6 +1270,26 @@ impl Store {
             d.marks += drop_minutes_below(&tx, DIRTY, below, budget)?;
             d.marks += drop_minutes_below(&tx, RECONCILED, below, budget)?;
             d.marks += drop_minutes_below(&tx, RECON_FAILED, below, budget)?;
+            {
+                // Unrecorded counts go with the rows of their minute.
+                let mut t = tx.open_table(UNRECORDED).map_err(se)?;
+                let doomed: Vec<(u32, String, u16)> = t
+                    .range((0u32, "", 0u16)..(below, "", 0u16))
+                    .map_err(se)?
+                    .take(budget)
+                    .map(|r| {
+                        r.map(|(k, _)| {
+                            let (m, gw, shard) = k.value();
+                            (m, gw.to_owned(), shard)
+                        })
+                    })
+                    .collect::<std::result::Result<_, _>>()
+                    .map_err(se)?;
+                for (m, gw, shard) in &doomed {
+                    t.remove((*m, gw.as_str(), *shard)).map_err(se)?;
+                }
+                d.marks += doomed.len() as u64;
+            }
         }
         tx.commit().map_err(se)?;
         Ok(d)
@@ -2322,6 +2342,19 @@ mod tests {
         // Billed are only the rows: unrecorded events have no record.
         assert_eq!(total(&s, "a").clicks, 4);
         assert!(s.unrecorded(m0 + 2, m0 + 10).unwrap().is_empty());
+        // Retention takes them with the rows of their minute.
+        s.export_done(&ExportRow::done(&s.export_pending(100).unwrap()))
+            .unwrap();
+        for _ in 0..100 {
+            let d = s.drop_rows_step(m0 + 1, 1).unwrap();
+            if d.rows + d.marks == 0 {
+                break;
+            }
+        }
+        assert_eq!(
+            s.unrecorded(0, u32::MAX).unwrap(),
+            vec![(m0 + 1, "gw".to_string(), 3, 3)]
+        );
     }
 
     #[test]
