@@ -27,6 +27,27 @@ const RATE_WINDOW_MS: i64 = 60_000;
 /// Per-minute totals summed over devices and countries.
 type MinuteKey = (u32, String, String, String);
 
+/// A segment's bytes and whether they are compressed, or `None` when it is
+/// gone. A running gateway may compress a sealed segment (its .segz replaces
+/// the .seg) or recycle a shipped one between listing and reading.
+fn read_segment(
+    dir: &Path,
+    seg: &wire::layout::SegmentFile,
+) -> anyhow::Result<Option<(Vec<u8>, bool)>> {
+    let mut tries = vec![(seg.path.clone(), seg.compressed)];
+    if !seg.compressed {
+        tries.push((wire::layout::segz_path(dir, seg.base_seq), true));
+    }
+    for (path, compressed) in tries {
+        match std::fs::read(&path) {
+            Ok(b) => return Ok(Some((b, compressed))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).context(format!("reading {}", path.display())),
+        }
+    }
+    Ok(None)
+}
+
 pub fn inspect(data: &Path, opts: Options) -> anyhow::Result<String> {
     let mut out = String::new();
     let mut shards: Vec<(u16, std::path::PathBuf)> = std::fs::read_dir(data)
@@ -70,8 +91,14 @@ pub fn inspect(data: &Path, opts: Options) -> anyhow::Result<String> {
         let mut newest_ms = i64::MIN;
         let mut recent: Vec<(i64, u64)> = Vec::new();
         for (i, seg) in segs.iter().enumerate() {
-            let bytes = std::fs::read(&seg.path)
-                .with_context(|| format!("reading {}", seg.path.display()))?;
+            let Some((bytes, compressed)) = read_segment(dir, seg)? else {
+                let _ = writeln!(
+                    seg_lines,
+                    "  {:020}  removed while reading (recycled)",
+                    seg.base_seq
+                );
+                continue;
+            };
             let mut failed: Option<anyhow::Error> = None;
             let mut on_frame = |f: &Frame<'_>| {
                 if failed.is_some() {
@@ -143,7 +170,7 @@ pub fn inspect(data: &Path, opts: Options) -> anyhow::Result<String> {
                 }
             };
             let name = seg.path.file_name().and_then(|n| n.to_str()).unwrap_or("?");
-            let summary = match wire::segz::read_file(&bytes, seg.compressed, &mut on_frame) {
+            let summary = match wire::segz::read_file(&bytes, compressed, &mut on_frame) {
                 Ok(s) => s,
                 Err(e) => {
                     let _ = writeln!(seg_lines, "  {name}  DAMAGED: {e}");
@@ -158,7 +185,7 @@ pub fn inspect(data: &Path, opts: Options) -> anyhow::Result<String> {
             if summary.last_seq.is_some_and(|l| l > shipped) || last {
                 unshipped_disk += bytes.len() as u64;
             }
-            if seg.compressed {
+            if compressed {
                 raw_z += summary.raw_bytes;
                 disk_z += bytes.len() as u64;
             }

@@ -1805,6 +1805,49 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_compression_is_counted_keeps_the_segment_and_is_retried() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut log, _) = ShardLog::open(&compressing(d.path()), 0).unwrap();
+        let names = fill(&mut log, 0, 1500);
+        assert!(log.sealed.len() >= 2);
+        // The compressor cannot create its temporary file where a directory
+        // stands (as with a full or failing disk).
+        let base = log.sealed[0].base_seq;
+        let blocker = segz_path(d.path(), base).with_extension("segz.tmp");
+        fs::create_dir(&blocker).unwrap();
+        let mut failed = false;
+        for _ in 0..2000 {
+            log.compress_step(0, 0);
+            if log.compress_stats().failures > 0 {
+                failed = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(failed, "the failure was not reported");
+        assert!(!log.sealed[0].compressed);
+        assert!(log.sealed[0].path.exists());
+        assert_eq!(ids(&log), names);
+        // Not retried within the minute, retried after it.
+        fs::remove_dir(&blocker).unwrap();
+        for _ in 0..200 {
+            log.compress_step(30_000, 0);
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(!log.sealed[0].compressed);
+        for _ in 0..2000 {
+            log.compress_step(61_000, 0);
+            if log.sealed[0].compressed {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(log.sealed[0].compressed);
+        assert_eq!(log.compress_stats().failures, 1);
+        assert_eq!(ids(&log), names);
+    }
+
+    #[test]
     fn a_crash_at_any_step_of_compression_leaves_every_record_once() {
         // The images a crash can leave, built from a real sealed segment:
         // (.seg, .segz.tmp), (.seg, .segz), (.segz), and a copy that does

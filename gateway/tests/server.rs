@@ -799,7 +799,8 @@ fn a_full_filesystem_answers_503_loses_nothing_and_recovers_when_space_returns()
     let mut fs = None;
     let g = Gateway::start_with(
         // The budget is far above the filesystem: the filesystem fills first.
-        "[log]\nsegment_bytes = 65536\ndisk_budget_bytes = 1073741824\n",
+        // Uncompressed, so that it fills within a few thousand clicks.
+        "[log]\nsegment_bytes = 65536\ndisk_budget_bytes = 1073741824\ncompress = false\n",
         |data| {
             fs = SmallFs::mount(data, 640 * 1024);
             if fs.is_some() {
