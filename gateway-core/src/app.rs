@@ -29,6 +29,12 @@ pub enum State {
     Ready = 1,
     /// Told to stop: finishing what is in flight, refusing new connections.
     Draining = 2,
+    /// Told to stop, and waiting `drain.withdraw_ms` for health checks to
+    /// take the host out (anycast withdraws its route, DNS stops handing it
+    /// out) before draining: `/readyz` answers 503 while clicks are still
+    /// served, each answer closing its connection so that the client's next
+    /// one follows the new route.
+    Withdrawing = 3,
 }
 
 /// The host's [`State`], shared by its shards and its supervisor.
@@ -44,6 +50,7 @@ impl HostState {
         match self.0.load(Ordering::Acquire) {
             0 => State::Starting,
             1 => State::Ready,
+            3 => State::Withdrawing,
             _ => State::Draining,
         }
     }
@@ -331,8 +338,12 @@ impl<L: Log> App<L> {
         }
     }
 
+    /// Draining or withdrawing: answers close their connections.
     fn draining(&self) -> bool {
-        self.shared.state.get() == State::Draining
+        matches!(
+            self.shared.state.get(),
+            State::Draining | State::Withdrawing
+        )
     }
 
     /// Answers a request the framing layer refused; the connection closes.
@@ -419,6 +430,12 @@ impl<L: Log> App<L> {
                     }
                     State::Draining => {
                         self.msg.extend_from_slice(b"draining\n");
+                        503
+                    }
+                    State::Withdrawing => {
+                        self.msg.extend_from_slice(
+                            b"withdrawing: stopping; serving until drain.withdraw_ms has passed\n",
+                        );
                         503
                     }
                     State::Starting => {

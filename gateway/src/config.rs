@@ -312,6 +312,13 @@ pub struct Drain {
     /// waits for the old one to drain and release the data directory, ms.
     /// Default 60000.
     pub takeover_wait_ms: u64,
+    /// On SIGTERM, how long to keep serving with `/readyz` at 503 before
+    /// draining, ms, so that a health-checked anycast speaker withdraws the
+    /// route (or a balancer or DNS takes the host out) while connections are
+    /// still accepted. Behind anycast: more than the check's fall times its
+    /// interval plus the routers' convergence. A second SIGTERM drains at
+    /// once. Default 0 (drain at once, as behind SO_REUSEPORT takeover).
+    pub withdraw_ms: u64,
 }
 
 impl Default for Config {
@@ -477,6 +484,7 @@ impl Default for Drain {
         Self {
             timeout_ms: 10_000,
             takeover_wait_ms: 60_000,
+            withdraw_ms: 0,
         }
     }
 }
@@ -544,6 +552,9 @@ impl Config {
         );
         if !(hi > 0.0 && hi <= 1.0 && lo > 0.0 && lo < hi) {
             return Err("log.unready_at_budget_share and ready_below_budget_share: 0 < ready_below < unready_at <= 1".into());
+        }
+        if self.drain.withdraw_ms > 600_000 {
+            return Err("drain.withdraw_ms: 0 to 600000".into());
         }
         if self.aggregate.flush_interval_ms == 0 || self.aggregate.flush_interval_ms > 60_000 {
             return Err("aggregate.flush_interval_ms: 1 to 60000".into());

@@ -200,6 +200,7 @@ pub fn run(cfg: Config, takeover: bool) -> anyhow::Result<()> {
     let mut live_scan = gateway_core::dedup::LiveScan::default();
     let scan_slice = shared.dedup.capacity().div_ceil(500);
     let mut drain_started: Option<Instant> = None;
+    let mut withdraw_until: Option<Instant> = None;
     loop {
         for sig in signals.pending() {
             match sig {
@@ -208,13 +209,22 @@ pub fn run(cfg: Config, takeover: bool) -> anyhow::Result<()> {
                     reload_tls(tls.as_deref());
                 }
                 _ => {
-                    if drain_started.is_none() {
+                    if drain_started.is_none() && withdraw_until.is_none() && cfg.drain.withdraw_ms > 0 {
+                        tracing::info!(signal = sig, withdraw_ms = cfg.drain.withdraw_ms, "withdrawing: /readyz answers 503, still serving; draining after drain.withdraw_ms");
+                        shared.state.set(State::Withdrawing);
+                        withdraw_until = Some(Instant::now() + Duration::from_millis(cfg.drain.withdraw_ms));
+                    } else if drain_started.is_none() {
                         tracing::info!(signal = sig, "draining");
                         shared.state.set(State::Draining);
                         drain_started = Some(Instant::now());
                     }
                 }
             }
+        }
+        if drain_started.is_none() && withdraw_until.is_some_and(|t| Instant::now() >= t) {
+            tracing::info!("draining");
+            shared.state.set(State::Draining);
+            drain_started = Some(Instant::now());
         }
         if last_poll.elapsed() >= Duration::from_millis(cfg.tokens.keys_poll_ms) {
             last_poll = Instant::now();

@@ -488,6 +488,46 @@ fn sigterm_drains_in_flight_requests_and_exits_zero() {
 }
 
 #[test]
+fn sigterm_with_withdraw_ms_answers_unready_while_serving_then_drains() {
+    let mut g = Gateway::start("[drain]\nwithdraw_ms = 1500\n");
+    g.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    let r = g.get("/readyz");
+    assert_eq!(r.status, 503);
+    assert!(r.body_str().starts_with("withdrawing"), "{}", r.body_str());
+    // Clicks are still taken, each answer closing its connection so that
+    // the client's next one follows the route as it is now.
+    let mut acked = 0;
+    while t.elapsed() < Duration::from_millis(900) {
+        let r = g.get(&Click {
+            click_id: &format!("w-{acked}"),
+            ..Click::default()
+        }
+        .target());
+        assert_eq!(r.status, 302, "{}", g.log());
+        assert_eq!(r.header("connection"), Some("close"));
+        acked += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Then it drains: new connections are refused, and it exits.
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(g.request(b"GET /healthz HTTP/1.1\r\n\r\n").is_err());
+    assert_eq!(g.wait_exit(Duration::from_secs(15)), Some(0), "{}", g.log());
+    assert_eq!(totals(&g.inspect(false)).0, acked);
+}
+
+#[test]
+fn a_second_sigterm_while_withdrawing_drains_at_once() {
+    let mut g = Gateway::start("[drain]\nwithdraw_ms = 60000\n");
+    g.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(g.get("/healthz").status, 200);
+    g.signal(libc::SIGTERM);
+    assert_eq!(g.wait_exit(Duration::from_secs(15)), Some(0), "{}", g.log());
+}
+
+#[test]
 fn kill9_loses_no_acknowledged_click() {
     kill9_run("");
 }
