@@ -209,10 +209,14 @@ pub fn run(cfg: Config, takeover: bool) -> anyhow::Result<()> {
                     reload_tls(tls.as_deref());
                 }
                 _ => {
-                    if drain_started.is_none() && withdraw_until.is_none() && cfg.drain.withdraw_ms > 0 {
+                    if drain_started.is_none()
+                        && withdraw_until.is_none()
+                        && cfg.drain.withdraw_ms > 0
+                    {
                         tracing::info!(signal = sig, withdraw_ms = cfg.drain.withdraw_ms, "withdrawing: /readyz answers 503, still serving; draining after drain.withdraw_ms");
                         shared.state.set(State::Withdrawing);
-                        withdraw_until = Some(Instant::now() + Duration::from_millis(cfg.drain.withdraw_ms));
+                        withdraw_until =
+                            Some(Instant::now() + Duration::from_millis(cfg.drain.withdraw_ms));
                     } else if drain_started.is_none() {
                         tracing::info!(signal = sig, "draining");
                         shared.state.set(State::Draining);

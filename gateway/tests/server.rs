@@ -500,11 +500,13 @@ fn sigterm_with_withdraw_ms_answers_unready_while_serving_then_drains() {
     // the client's next one follows the route as it is now.
     let mut acked = 0;
     while t.elapsed() < Duration::from_millis(900) {
-        let r = g.get(&Click {
-            click_id: &format!("w-{acked}"),
-            ..Click::default()
-        }
-        .target());
+        let r = g.get(
+            &Click {
+                click_id: &format!("w-{acked}"),
+                ..Click::default()
+            }
+            .target(),
+        );
         assert_eq!(r.status, 302, "{}", g.log());
         assert_eq!(r.header("connection"), Some("close"));
         acked += 1;
