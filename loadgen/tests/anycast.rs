@@ -267,6 +267,7 @@ fn network(lab: &Lab) -> Result<(), String> {
 
 #[test]
 fn anycast_drain_withdraws_the_route_before_closing_and_a_kill_withdraws_it_after_the_fall() {
+    // SAFETY: geteuid(2) takes nothing and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("SKIPPED: network namespaces need root");
         return;
