@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -33,6 +34,45 @@ pub struct Plan {
     pub requests_max: Option<u64>,
     /// Keep every answer for the oracle.
     pub record_answers: bool,
+    /// Where this worker publishes its running figures (the live line).
+    pub progress: Option<std::sync::Arc<Progress>>,
+}
+
+/// One worker's running figures, for the live progress line.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub sent: AtomicU64,
+    pub answered: AtomicU64,
+    pub errors: AtomicU64,
+    /// p99 of the measured latencies so far, ns.
+    pub p99_ns: AtomicU64,
+}
+
+impl Progress {
+    /// At most four times a second (`last` is the worker's last publish).
+    pub fn publish(
+        &self,
+        last: &mut Instant,
+        sent: u64,
+        statuses: &BTreeMap<u16, u64>,
+        errors: &Errors,
+        hist: &Histogram<u64>,
+    ) {
+        let now = Instant::now();
+        if now.duration_since(*last) < Duration::from_millis(250) {
+            return;
+        }
+        *last = now;
+        self.sent.store(sent, Ordering::Relaxed);
+        self.answered
+            .store(statuses.values().sum(), Ordering::Relaxed);
+        self.errors.store(
+            errors.connect + errors.timeout + errors.reset,
+            Ordering::Relaxed,
+        );
+        self.p99_ns
+            .store(hist.value_at_quantile(0.99), Ordering::Relaxed);
+    }
 }
 
 /// What a request got back, as the oracle needs it.
@@ -296,6 +336,7 @@ pub fn run_worker(plan: &Plan, requests: &[Vec<u8>]) -> anyhow::Result<WorkerRes
     };
     let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(1024);
     let mut last_sweep = Instant::now();
+    let mut last_publish = Instant::now();
     loop {
         let now = Instant::now();
         let sending_allowed = now < end && sent_total < requests_max;
@@ -459,6 +500,9 @@ pub fn run_worker(plan: &Plan, requests: &[Vec<u8>]) -> anyhow::Result<WorkerRes
             continue;
         }
         last_sweep = now;
+        if let Some(p) = &plan.progress {
+            p.publish(&mut last_publish, sent_total, &statuses, &errors, &hist);
+        }
         for (slot, c) in conns.iter_mut().enumerate() {
             if c.st == St::Busy && !c.dead && now.duration_since(c.started) > plan.timeout {
                 errors.timeout += 1;

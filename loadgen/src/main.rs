@@ -10,10 +10,12 @@
 mod aggcheck;
 mod engine;
 mod oracle;
+mod plot;
 mod secure;
 mod workload;
 
 use std::collections::{BTreeMap, HashSet};
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -79,6 +81,18 @@ enum Cmd {
         clickhouse: Option<SocketAddr>,
         #[arg(long, default_value = "clickgate_minutes")]
         clickhouse_table: String,
+    },
+    /// Draw `.hgrm` files (from `run --hgrm`) side by side in one SVG
+    /// percentile plot.
+    Plot {
+        /// Where the SVG goes.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "latency by percentile")]
+        title: String,
+        /// LABEL=FILE.hgrm, one per line drawn.
+        #[arg(required = true)]
+        series: Vec<String>,
     },
 }
 
@@ -158,9 +172,16 @@ struct RunArgs {
     /// Write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// A label for the report.
+    /// A label for the report (and the plot's legend).
     #[arg(long, default_value = "")]
     label: String,
+    /// Write the latency distribution here in HdrHistogram's percentile
+    /// text format (`.hgrm`, milliseconds; HdrHistogram's plotter reads it).
+    #[arg(long)]
+    hgrm: Option<PathBuf>,
+    /// Write an SVG percentile plot of the latency here.
+    #[arg(long)]
+    svg: Option<PathBuf>,
     /// http (plain HTTP/1.1, the io_uring engine), https (HTTP/1.1 over
     /// TLS) or h3 (HTTP/3 over QUIC).
     #[arg(long, default_value = "http")]
@@ -208,6 +229,23 @@ fn main() {
 fn real_main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Run(a) => run(*a),
+        Cmd::Plot { out, title, series } => {
+            let mut hists = Vec::new();
+            for s in &series {
+                let (label, file) = s
+                    .split_once('=')
+                    .with_context(|| format!("{s}: give LABEL=FILE.hgrm"))?;
+                let text =
+                    std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?;
+                let h = plot::read_hgrm(&text).map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
+                hists.push((label.to_string(), h));
+            }
+            let refs: Vec<(String, &hdrhistogram::Histogram<u64>)> =
+                hists.iter().map(|(l, h)| (l.clone(), h)).collect();
+            std::fs::write(&out, plot::svg(&title, &refs))
+                .with_context(|| format!("writing {}", out.display()))?;
+            Ok(())
+        }
         Cmd::Verify {
             oracle,
             gateway_data,
@@ -355,6 +393,14 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         a.connections >= workers,
         "--connections must be at least the number of workers"
     );
+    // Output paths are opened before any load is sent: a path that cannot
+    // be written fails now, named, not after the run.
+    let mut plot_files = Vec::new();
+    for p in [&a.hgrm, &a.svg].into_iter().flatten() {
+        let f =
+            std::fs::File::create(p).with_context(|| format!("cannot write {}", p.display()))?;
+        plot_files.push(f);
+    }
     let secret = match &a.keys {
         Some(p) => workload::secret_from_keys_file(p, &a.kid)?,
         None => vec![0x55; 32],
@@ -402,10 +448,22 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         }
         _ => anyhow::bail!("--proto: http, https or h3"),
     };
+    // A live line on a terminal (none when stderr is a file or a pipe).
+    let progress: Vec<std::sync::Arc<engine::Progress>> = if std::io::stderr().is_terminal() {
+        cpus.iter().map(|_| Default::default()).collect()
+    } else {
+        Vec::new()
+    };
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let printer = (!progress.is_empty()).then(|| {
+        let (progress, done) = (progress.clone(), done.clone());
+        std::thread::spawn(move || live_line(&progress, &done))
+    });
     let handles: Vec<_> = cpus
         .iter()
         .enumerate()
         .map(|(w, &cpu)| {
+            let progress = progress.get(w).cloned();
             let model = model.clone();
             let a = a.clone();
             let secure = secure.clone();
@@ -427,6 +485,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
                             r / workers as u64 + u64::from((w as u64) < r % workers as u64)
                         }),
                         record_answers: record,
+                        progress,
                     };
                     let r = match &secure {
                         None => engine::run_worker(&plan, &pool.requests)?,
@@ -456,6 +515,10 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         for (idx, ans) in &r.answers {
             orc.record(&pool.meta[*idx as usize], *ans, &mut unknown);
         }
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(p) = printer {
+        let _ = p.join();
     }
     orc.finish(unknown);
     let q = |p: f64| hist.value_at_quantile(p) as f64 / 1000.0;
@@ -490,6 +553,36 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         errors_reset: er,
     };
     print_report(&report);
+    let mut files = plot_files.into_iter();
+    if let Some(p) = &a.hgrm {
+        use std::io::Write;
+        files
+            .next()
+            .unwrap()
+            .write_all(plot::hgrm(&hist).as_bytes())
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    if let Some(p) = &a.svg {
+        use std::io::Write;
+        let label = if a.label.is_empty() {
+            a.target.to_string()
+        } else {
+            a.label.clone()
+        };
+        let title = format!(
+            "{} {}",
+            report.mode,
+            match a.rate {
+                Some(r) => format!("loop at {r:.0}/s"),
+                None => "loop".into(),
+            }
+        );
+        files
+            .next()
+            .unwrap()
+            .write_all(plot::svg(&title, &[(label, &hist)]).as_bytes())
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
     if let Some(p) = &a.json {
         std::fs::write(p, serde_json::to_vec_pretty(&report)?)?;
     }
@@ -504,6 +597,42 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Once a second until `done`: the rate sent and answered over the last
+/// second, errors so far and the worst worker's p99 so far, on one line
+/// rewritten in place.
+fn live_line(progress: &[std::sync::Arc<engine::Progress>], done: &std::sync::atomic::AtomicBool) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let t0 = std::time::Instant::now();
+    let (mut sent0, mut answered0) = (0u64, 0u64);
+    let mut last = t0;
+    while !done.load(Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+        if last.elapsed() < Duration::from_secs(1) {
+            continue;
+        }
+        let dt = last.elapsed().as_secs_f64();
+        last = std::time::Instant::now();
+        let sum = |f: fn(&engine::Progress) -> &std::sync::atomic::AtomicU64| -> u64 {
+            progress.iter().map(|p| f(p).load(Relaxed)).sum()
+        };
+        let (sent, answered, errors) = (sum(|p| &p.sent), sum(|p| &p.answered), sum(|p| &p.errors));
+        let p99 = progress
+            .iter()
+            .map(|p| p.p99_ns.load(Relaxed))
+            .max()
+            .unwrap_or(0);
+        eprint!(
+            "\r{:>5.0} s  sent {:>8.0}/s  answered {:>8.0}/s  errors {errors}  p99 so far {:.3} ms   ",
+            t0.elapsed().as_secs_f64(),
+            (sent - sent0.min(sent)) as f64 / dt,
+            (answered - answered0.min(answered)) as f64 / dt,
+            p99 as f64 / 1e6
+        );
+        (sent0, answered0) = (sent, answered);
+    }
+    eprintln!();
 }
 
 fn print_report(r: &Report) {

@@ -72,6 +72,7 @@ struct Stats {
     answers: Vec<(u32, Answer)>,
     measured_requests: u64,
     measured_completed: u64,
+    last_publish: std::time::Instant,
 }
 
 #[derive(Clone, Copy)]
@@ -138,6 +139,7 @@ async fn run(plan: Plan, requests: Rc<Vec<Vec<u8>>>, s: Secure) -> anyhow::Resul
         answers: Vec::new(),
         measured_requests: 0,
         measured_completed: 0,
+        last_publish: std::time::Instant::now(),
     }));
     let t0 = Instant::now();
     let measure_from = t0 + plan.warmup;
@@ -225,6 +227,20 @@ async fn run(plan: Plan, requests: Rc<Vec<Vec<u8>>>, s: Secure) -> anyhow::Resul
                     };
                     if plan.record_answers {
                         st.answers.push((t.req as u32, answer));
+                    }
+                    if let Some(p) = &plan.progress {
+                        let sent = st.statuses.values().sum::<u64>()
+                            + st.errors.connect
+                            + st.errors.timeout
+                            + st.errors.reset;
+                        let st = &mut *st;
+                        p.publish(
+                            &mut st.last_publish,
+                            sent,
+                            &st.statuses,
+                            &st.errors,
+                            &st.hist,
+                        );
                     }
                 }
                 if !plan.keepalive {
