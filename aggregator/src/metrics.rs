@@ -57,8 +57,8 @@ impl Histogram {
         self.count.fetch_add(1, Relaxed);
     }
 
-    fn render(&self, name: &str, s: &mut String) {
-        let _ = writeln!(s, "# TYPE {name} histogram");
+    fn render(&self, name: &str, help: &str, s: &mut String) {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} histogram");
         let mut acc = 0;
         for (i, b) in self.bounds.iter().enumerate() {
             acc += self.buckets[i].load(Relaxed);
@@ -210,17 +210,23 @@ impl Metrics {
         );
         let _ = writeln!(
             s,
-            "# TYPE clickgate_aggregator_sources gauge\nclickgate_aggregator_sources {sources}"
+            "# HELP clickgate_aggregator_sources Sources (gateway, shard) the aggregator has partials from.\n# TYPE clickgate_aggregator_sources gauge\nclickgate_aggregator_sources {sources}"
         );
         let _ = writeln!(
             s,
             "# HELP clickgate_aggregator_clickhouse_backlog_rows Changed rows not yet written to ClickHouse.\n# TYPE clickgate_aggregator_clickhouse_backlog_rows gauge\nclickgate_aggregator_clickhouse_backlog_rows {}",
             self.ch_backlog.load(Relaxed)
         );
-        self.commit_latency
-            .render("clickgate_aggregator_store_commit_seconds", &mut s);
-        self.query_latency
-            .render("clickgate_aggregator_query_seconds", &mut s);
+        self.commit_latency.render(
+            "clickgate_aggregator_store_commit_seconds",
+            "Time to commit one store transaction.",
+            &mut s,
+        );
+        self.query_latency.render(
+            "clickgate_aggregator_query_seconds",
+            "Time to answer one metrics query.",
+            &mut s,
+        );
         self.reconcile.render(&mut s);
         let a = &self.audit;
         for (name, help, v) in [
@@ -255,7 +261,7 @@ impl Metrics {
         }
         metric(
             &mut s,
-            "audit_backlog_hours",
+            "audit_backlog_hour_buckets",
             "(hour, gateway) pairs with raw events not yet sealed.",
             "gauge",
             a.backlog_hours.load(Relaxed),
@@ -361,17 +367,17 @@ impl ReconcileStats {
     fn render(&self, s: &mut String) {
         for (name, help, v) in [
             (
-                "reconcile_minutes_total",
+                "reconcile_minute_buckets_total",
                 "Minutes recounted from the raw events of every source.",
                 &self.minutes_reconciled,
             ),
             (
-                "reconcile_failed_minutes_total",
+                "reconcile_failed_minute_buckets_total",
                 "Minutes that could not be reconciled (corrupt audit entry, lookback full); nothing of them corrected.",
                 &self.minutes_failed,
             ),
             (
-                "reconcile_skipped_minutes_total",
+                "reconcile_skipped_minute_buckets_total",
                 "Minutes past the correction horizon, left as they are.",
                 &self.minutes_skipped,
             ),
@@ -400,7 +406,7 @@ impl ReconcileStats {
                 self.skipped_sources.load(Relaxed) as f64,
             ),
             (
-                "reconcile_dirty_minutes",
+                "reconcile_dirty_minute_buckets",
                 "Reconciled minutes changed since, waiting to be recounted.",
                 self.dirty.load(Relaxed) as f64,
             ),
@@ -417,12 +423,21 @@ impl ReconcileStats {
         ] {
             metric(s, name, help, "gauge", v);
         }
-        self.write_held
-            .render("clickgate_aggregator_reconcile_write_held_seconds", s);
-        self.minute_seconds
-            .render("clickgate_aggregator_reconcile_minute_seconds", s);
-        self.delay
-            .render("clickgate_aggregator_reconcile_delay_seconds", s);
+        self.write_held.render(
+            "clickgate_aggregator_reconcile_write_held_seconds",
+            "How long one reconcile transaction held the store's writer.",
+            s,
+        );
+        self.minute_seconds.render(
+            "clickgate_aggregator_reconcile_minute_seconds",
+            "Wall time to recount and commit one minute.",
+            s,
+        );
+        self.delay.render(
+            "clickgate_aggregator_reconcile_delay_seconds",
+            "From a minute's end to its first reconcile.",
+            s,
+        );
     }
 }
 

@@ -169,7 +169,10 @@ fn sealed_files_reach_s3_once_through_bad_credentials_outages_and_kill_9() {
     );
     assert!(!r.contains("not-the-secret"), "a secret in /readyz: {r}");
     assert!(agg.answers_queries(&token));
-    assert_eq!(agg.metric("clickgate_aggregator_audit_backlog_hours"), 4);
+    assert_eq!(
+        agg.metric("clickgate_aggregator_audit_backlog_hour_buckets"),
+        4
+    );
     assert!(agg.metric("clickgate_aggregator_audit_upload_errors_total") >= 1);
     agg.wait_for("a retry", |a| {
         a.metric("clickgate_aggregator_audit_upload_errors_total") >= 2
@@ -188,7 +191,10 @@ fn sealed_files_reach_s3_once_through_bad_credentials_outages_and_kill_9() {
         a.readyz().contains("audit upload failing")
     });
     assert!(agg.answers_queries(&token));
-    assert_eq!(agg.metric("clickgate_aggregator_audit_backlog_hours"), 4);
+    assert_eq!(
+        agg.metric("clickgate_aggregator_audit_backlog_hour_buckets"),
+        4
+    );
 
     // Back, but slow: the aggregator is killed (SIGKILL) while an upload
     // is in flight.
@@ -207,7 +213,7 @@ fn sealed_files_reach_s3_once_through_bad_credentials_outages_and_kill_9() {
     s3.put_delay_ms.store(0, SeqCst);
     let agg = Agg::start(dir, &s3, S3_SECRET, 3);
     agg.wait_for("the backlog to drain", |a| {
-        a.metric("clickgate_aggregator_audit_backlog_hours") == 0
+        a.metric("clickgate_aggregator_audit_backlog_hour_buckets") == 0
     });
     agg.wait_for("/readyz to clear", |a| a.readyz() == "ready\n");
     let objects = s3.objects(BUCKET);

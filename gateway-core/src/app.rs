@@ -823,6 +823,10 @@ impl<L: Log> App<L> {
         if !self.failed {
             self.failed = true;
             self.shared.shards_failed.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .registry
+                .shards_failed
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 

@@ -259,6 +259,8 @@ pub struct Registry {
     pub dedup_entries: AtomicU64,
     pub dedup_capacity: AtomicU64,
     pub keys_loaded: AtomicU64,
+    /// Shards that stopped acknowledging after a failed durable write.
+    pub shards_failed: AtomicU64,
     pub key_reloads_ok: AtomicU64,
     pub key_reloads_failed: AtomicU64,
     pub h3_connections: AtomicU64,
@@ -275,6 +277,7 @@ impl Registry {
             dedup_entries: AtomicU64::new(0),
             dedup_capacity: AtomicU64::new(0),
             keys_loaded: AtomicU64::new(0),
+            shards_failed: AtomicU64::new(0),
             key_reloads_ok: AtomicU64::new(0),
             key_reloads_failed: AtomicU64::new(0),
             h3_connections: AtomicU64::new(0),
@@ -526,6 +529,11 @@ impl Registry {
                 "keys_loaded",
                 "Keys in the keyring, retired ones in grace included.",
                 self.keys_loaded.load(Ordering::Relaxed),
+            ),
+            (
+                "shards_failed",
+                "Shards that stopped acknowledging after a failed durable write (the host answers /readyz 503 until restarted).",
+                self.shards_failed.load(Ordering::Relaxed),
             ),
         ];
         for (name, help, v) in gauges {

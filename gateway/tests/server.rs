@@ -953,6 +953,7 @@ fn a_failed_durable_write_is_never_acknowledged_nor_retried_into_a_302() {
         .contains("durable write failed; shard stops acknowledging"));
     assert_eq!(g.get("/readyz").status, 503);
     assert!(metric(&g.metrics(), "clickgate_flush_errors_total") >= 1);
+    assert_eq!(metric(&g.metrics(), "clickgate_shards_failed"), 1);
     // Restarted without the fault: every 302 is in the log; the refused
     // clicks are not.
     g.kill9();

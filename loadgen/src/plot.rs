@@ -245,7 +245,13 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             let u = (x % 1_000_000) as f64 / 1_000_000.0;
-            let ns = 150_000.0 + 100_000.0 * u + if x.is_multiple_of(1000) { 80e6 * u } else { 0.0 };
+            let ns = 150_000.0
+                + 100_000.0 * u
+                + if x.is_multiple_of(1000) {
+                    80e6 * u
+                } else {
+                    0.0
+                };
             h.record(ns as u64).unwrap();
         }
         h

@@ -1483,7 +1483,11 @@ fn a_click_retried_at_another_pop_is_billed_once_once_reconciled() {
     agg.start();
     // Then SIGKILL while it reconciles.
     let t = Instant::now();
-    while metric_of(&agg_http, "clickgate_aggregator_reconcile_minutes_total") == 0 {
+    while metric_of(
+        &agg_http,
+        "clickgate_aggregator_reconcile_minute_buckets_total",
+    ) == 0
+    {
         assert!(t.elapsed() < Duration::from_secs(60), "{}", agg.log_text());
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -1678,4 +1682,197 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// Prometheus and promtool from Debian, installed if missing; None with the
+/// reason when they cannot be had.
+fn prometheus_tools() -> Option<()> {
+    let have =
+        || Path::new("/usr/bin/promtool").exists() && Path::new("/usr/bin/prometheus").exists();
+    if !have() {
+        let _ = Command::new(test_support::workspace_root().join("scripts/apt-install"))
+            .arg("prometheus")
+            .status();
+    }
+    if !have() {
+        eprintln!("SKIPPED: promtool and prometheus are not installed (Debian: prometheus)");
+        return None;
+    }
+    Some(())
+}
+
+#[test]
+fn every_metrics_page_passes_promtool_and_a_real_prometheus_scrapes_them_and_evaluates_the_alert_rules(
+) {
+    if prometheus_tools().is_none() {
+        return;
+    }
+    let pl = Pipeline::new();
+    // Traffic, so that labelled series exist on every page.
+    let out = pl
+        .loadgen("oracle-prom.json", &["--connections", "4", "--rate", "300"])
+        .args(["--duration", "2", "--pool", "1000", "--seed", "51"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let (ok, text) = pl.verify("oracle-prom.json");
+    assert!(ok, "{text}\n{}", pl.logs());
+    let ship_metrics = pl.procs[SHIP].ready.0.clone();
+    let pages = [
+        ("gateway", pl.gateway_addr.clone()),
+        ("shipper", ship_metrics.clone()),
+        ("aggregator", pl.agg_http.clone()),
+    ];
+    for (name, addr) in &pages {
+        let (st, body) = test_support::net::get(addr, "/metrics", None);
+        assert_eq!(st, 200);
+        std::fs::write(pl.path(&format!("{name}.metrics")), &body).unwrap();
+        let mut c = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+            "promtool check metrics on the {name}'s /metrics: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // A real Prometheus scrapes the three and evaluates deploy/'s rules.
+    let rules = test_support::workspace_root().join("deploy/prometheus/clickgate-alerts.yml");
+    let web = format!("127.0.0.1:{}", free_port());
+    std::fs::write(
+        pl.path("prometheus.yml"),
+        [
+            "global:".to_string(),
+            "  scrape_interval: 1s".into(),
+            "  evaluation_interval: 1s".into(),
+            "rule_files:".into(),
+            format!("  - {rules:?}"),
+            "scrape_configs:".into(),
+            format!("  - job_name: clickgate-gateway\n    static_configs: [{{targets: ['{}']}}]", pl.gateway_addr),
+            format!("  - job_name: clickgate-shipper\n    static_configs: [{{targets: ['{ship_metrics}']}}]"),
+            format!("  - job_name: clickgate-aggregator\n    static_configs: [{{targets: ['{}']}}]", pl.agg_http),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let log = std::fs::File::create(pl.path("prometheus.log")).unwrap();
+    let mut prom = Command::new("prometheus")
+        .arg(format!(
+            "--config.file={}",
+            pl.path("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            pl.path("prom-data").display()
+        ))
+        .arg(format!("--web.listen-address={web}"))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let prom_log = || std::fs::read_to_string(pl.path("prometheus.log")).unwrap_or_default();
+    let api = |path: &str| -> serde_json::Value {
+        let (st, b) = test_support::net::get(&web, path, None);
+        assert_eq!(st, 200, "{path}: {b}");
+        serde_json::from_str(&b).unwrap()
+    };
+    let t = Instant::now();
+    let result = (|| {
+        // Every target scraped, none with an error.
+        loop {
+            if test_support::net::status(&web, "/-/ready") == Some(200) {
+                let v = api("/api/v1/targets");
+                let targets = v["data"]["activeTargets"].as_array().unwrap().clone();
+                let up = targets.iter().filter(|t| t["health"] == "up").count();
+                if up == 3 && targets.iter().all(|t| t["lastError"] == "") {
+                    break;
+                }
+                if t.elapsed() > Duration::from_secs(40) {
+                    return Err(format!("targets: {targets:#?}"));
+                }
+            } else if t.elapsed() > Duration::from_secs(40) {
+                return Err("prometheus never ready".into());
+            }
+            if let Ok(Some(st)) = prom.try_wait() {
+                return Err(format!("prometheus exited: {st}"));
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        // Every rule loaded and evaluated without an error.
+        loop {
+            let v = api("/api/v1/rules");
+            let rules: Vec<serde_json::Value> = v["data"]["groups"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|g| g["rules"].as_array().unwrap().clone())
+                .collect();
+            if rules.is_empty() {
+                return Err("no rules loaded".into());
+            }
+            let bad: Vec<_> = rules.iter().filter(|r| r["health"] != "ok").collect();
+            if bad.is_empty() {
+                // Every series a rule reads exists, so no rule can stay
+                // silent for a misspelt name.
+                for r in &rules {
+                    let q = r["query"].as_str().unwrap();
+                    for name in q
+                        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                        .filter(|w| w.starts_with("clickgate_"))
+                    {
+                        let v = api(&format!("/api/v1/query?query=count({name})"));
+                        if v["data"]["result"].as_array().unwrap().is_empty() {
+                            return Err(format!(
+                                "rule {}: no series named {name} is scraped",
+                                r["name"]
+                            ));
+                        }
+                    }
+                }
+                return Ok(rules.len());
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                return Err(format!("rules not evaluated cleanly: {bad:#?}"));
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    })();
+    let _ = prom.kill();
+    let _ = prom.wait();
+    match result {
+        Ok(n) => eprintln!("prometheus scraped 3 targets and evaluated {n} rules"),
+        Err(e) => panic!("{e}\n--- prometheus ---\n{}", prom_log()),
+    }
+}
+
+#[test]
+fn the_alert_rules_deploy_ships_pass_their_promtool_fixtures() {
+    if prometheus_tools().is_none() {
+        return;
+    }
+    let dir = test_support::workspace_root().join("deploy/prometheus");
+    for args in [
+        &["check", "rules", "clickgate-alerts.yml"][..],
+        &["test", "rules", "clickgate-alerts.test.yml"][..],
+    ] {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

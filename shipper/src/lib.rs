@@ -61,7 +61,10 @@ impl Metrics {
         let mut s = String::new();
         let kinds = ["partials", "events"];
         let statuses = ["applied", "duplicate", "gap", "refused", "cursors", "retry"];
-        s.push_str("# TYPE clickgate_shipper_batches_total counter\n");
+        s.push_str(
+            "# HELP clickgate_shipper_batches_total Batches sent, by stream and by the aggregator's answer.\n\
+             # TYPE clickgate_shipper_batches_total counter\n",
+        );
         for (k, kn) in kinds.iter().enumerate() {
             for (i, st) in statuses.iter().enumerate() {
                 let v = self.batches[k][i].load(Ordering::Relaxed);
@@ -71,12 +74,19 @@ impl Metrics {
                 );
             }
         }
-        for (name, arr) in [
-            ("records", &self.records),
-            ("bytes", &self.bytes),
-            ("raw_bytes", &self.raw_bytes),
+        for (name, help, arr) in [
+            ("records", "Records shipped and applied", &self.records),
+            ("bytes", "Bytes sent (compressed)", &self.bytes),
+            (
+                "raw_bytes",
+                "Bytes of records before compression",
+                &self.raw_bytes,
+            ),
         ] {
-            let _ = writeln!(s, "# TYPE clickgate_shipper_{name}_total counter");
+            let _ = writeln!(
+                s,
+                "# HELP clickgate_shipper_{name}_total {help}, by stream.\n# TYPE clickgate_shipper_{name}_total counter"
+            );
             for (k, kn) in kinds.iter().enumerate() {
                 let _ = writeln!(
                     s,
@@ -85,17 +95,32 @@ impl Metrics {
                 );
             }
         }
-        for (name, v) in [
-            ("send_errors", &self.send_errors),
-            ("connects", &self.connects),
-            ("log_errors", &self.log_errors),
+        for (name, help, v) in [
+            (
+                "send_errors",
+                "Batches whose sending failed (retried).",
+                &self.send_errors,
+            ),
+            (
+                "connects",
+                "Connections made to aggregators.",
+                &self.connects,
+            ),
+            (
+                "log_errors",
+                "Errors reading the gateway's log.",
+                &self.log_errors,
+            ),
         ] {
             let _ = writeln!(
                 s,
-                "# TYPE clickgate_shipper_{name}_total counter\nclickgate_shipper_{name}_total {}",
+                "# HELP clickgate_shipper_{name}_total {help}\n# TYPE clickgate_shipper_{name}_total counter\nclickgate_shipper_{name}_total {}",
                 v.load(Ordering::Relaxed)
             );
         }
+        s.push_str(
+            "# HELP clickgate_shipper_lag_records Records durable in a shard's log and not yet applied by the aggregator.\n",
+        );
         s.push_str("# TYPE clickgate_shipper_lag_records gauge\n");
         for (shard, [durable, p, e]) in self.shards.lock().unwrap().iter() {
             let _ = writeln!(
