@@ -77,6 +77,47 @@ impl Lab {
             .collect()
     }
 
+    /// loadgen in the client namespace: signed clicks at the anycast address,
+    /// 100/s, a new connection each, acknowledged ids to `oracle`.
+    fn clicks(&self, duration: &str, timeout_ms: &str, seed: &str, oracle: &str) -> Child {
+        let keys = self.path("keys.toml");
+        let target = format!("{ANYCAST}:8080");
+        self.exec(
+            "c",
+            &[
+                env!("CARGO_BIN_EXE_loadgen"),
+                "run",
+                "--target",
+                &target,
+                "--cpus",
+                "0",
+                "--no-keepalive",
+                "--connections",
+                "4",
+                "--rate",
+                "100",
+                "--warmup",
+                "0",
+                "--duration",
+                duration,
+                "--timeout-ms",
+                timeout_ms,
+                "--pool",
+                "2000",
+                "--seed",
+                seed,
+                "--keys",
+                keys.to_str().unwrap(),
+                "--oracle",
+                oracle,
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+    }
+
     /// The next hops the router has for the anycast /32 (empty: no route).
     fn next_hops(&self) -> Vec<String> {
         let out = self
@@ -382,43 +423,8 @@ fn anycast_drain_withdraws_the_route_before_closing_and_a_kill_withdraws_it_afte
     eprintln!("both routes installed after {up:?}");
 
     // Clicks from the client while host a drains.
-    let loadgen = env!("CARGO_BIN_EXE_loadgen");
     let oracle1 = p("oracle-drain.json");
-    let clicking = lab
-        .exec(
-            "c",
-            &[
-                loadgen,
-                "run",
-                "--target",
-                &format!("{ANYCAST}:8080"),
-                "--cpus",
-                "0",
-                "--no-keepalive",
-                "--connections",
-                "4",
-                "--rate",
-                "100",
-                "--warmup",
-                "0",
-                "--duration",
-                "12",
-                "--timeout-ms",
-                "2000",
-                "--pool",
-                "2000",
-                "--seed",
-                "41",
-                "--keys",
-                &p("keys.toml"),
-                "--oracle",
-                &oracle1,
-            ],
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let clicking = lab.clicks("12", "2000", "41", &oracle1);
     std::thread::sleep(Duration::from_secs(2));
     let a_pid = lab
         .children
@@ -463,41 +469,7 @@ fn anycast_drain_withdraws_the_route_before_closing_and_a_kill_withdraws_it_afte
 
     // Host b dies: its check fails, the speaker withdraws after the fall.
     let oracle2 = p("oracle-kill.json");
-    let clicking = lab
-        .exec(
-            "c",
-            &[
-                loadgen,
-                "run",
-                "--target",
-                &format!("{ANYCAST}:8080"),
-                "--cpus",
-                "0",
-                "--no-keepalive",
-                "--connections",
-                "4",
-                "--rate",
-                "100",
-                "--warmup",
-                "0",
-                "--duration",
-                "3",
-                "--timeout-ms",
-                "1000",
-                "--pool",
-                "2000",
-                "--seed",
-                "42",
-                "--keys",
-                &p("keys.toml"),
-                "--oracle",
-                &oracle2,
-            ],
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let clicking = lab.clicks("3", "1000", "42", &oracle2);
     std::thread::sleep(Duration::from_millis(1500));
     let b = &mut lab
         .children
@@ -548,9 +520,21 @@ fn anycast_drain_withdraws_the_route_before_closing_and_a_kill_withdraws_it_afte
     eprintln!("{acked} acknowledged clicks, each in one host's log once");
 }
 
-/// deploy/anycast/readyz-check against a server that answers `answer` after
-/// `delay`; its exit status and how long it took.
-fn check_against(answer: &'static [u8], delay: Duration) -> (bool, Duration) {
+/// deploy/anycast/readyz-check on `url` with `maintenance` as the
+/// maintenance file: whether it says up.
+fn readyz_check(url: &str, maintenance: &Path) -> bool {
+    Command::new(test_support::workspace_root().join("deploy/anycast/readyz-check"))
+        .args([url, "1"])
+        .env("CLICKGATE_MAINTENANCE_FILE", maintenance)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// The check against a server that answers `answer` after `delay`: up or
+/// down, and how long it took.
+fn check_against(answer: &'static [u8], delay: Duration, maintenance: &Path) -> (bool, Duration) {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -563,14 +547,8 @@ fn check_against(answer: &'static [u8], delay: Duration) -> (bool, Duration) {
         }
     });
     let t = Instant::now();
-    let st = Command::new(test_support::workspace_root().join("deploy/anycast/readyz-check"))
-        .arg(format!("http://{addr}/readyz"))
-        .arg("1")
-        .env("CLICKGATE_MAINTENANCE_FILE", "/nonexistent/maintenance")
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    (st.success(), t.elapsed())
+    let up = readyz_check(&format!("http://{addr}/readyz"), maintenance);
+    (up, t.elapsed())
 }
 
 #[test]
@@ -584,10 +562,11 @@ fn the_health_check_treats_slow_wrong_or_garbled_answers_as_down() {
         eprintln!("SKIPPED: curl is not installed");
         return;
     }
+    let none = Path::new("/nonexistent/maintenance");
     let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nready\n";
-    assert!(check_against(ok, Duration::ZERO).0);
+    assert!(check_against(ok, Duration::ZERO, none).0);
     // Slow: past the check's 1 s, down, and the check does not hang.
-    let (up, took) = check_against(ok, Duration::from_millis(2500));
+    let (up, took) = check_against(ok, Duration::from_millis(2500), none);
     assert!(!up);
     assert!(took < Duration::from_millis(2000), "{took:?}");
     for bad in [
@@ -597,24 +576,15 @@ fn the_health_check_treats_slow_wrong_or_garbled_answers_as_down() {
         b"",
     ] {
         let bad: &'static [u8] = Box::leak(bad.to_vec().into_boxed_slice());
-        assert!(!check_against(bad, Duration::ZERO).0, "{:?}", String::from_utf8_lossy(bad));
+        assert!(!check_against(bad, Duration::ZERO, none).0, "{:?}", String::from_utf8_lossy(bad));
     }
     // Nothing listening.
     let port = test_support::free_port();
-    let st = Command::new(test_support::workspace_root().join("deploy/anycast/readyz-check"))
-        .arg(format!("http://127.0.0.1:{port}/readyz"))
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(!st.success());
-    // The maintenance file takes the host out whatever /readyz says.
+    assert!(!readyz_check(
+        &format!("http://127.0.0.1:{port}/readyz"),
+        none
+    ));
+    // The maintenance file takes the host out while /readyz says ready.
     let m = tempfile::NamedTempFile::new().unwrap();
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let st = Command::new(test_support::workspace_root().join("deploy/anycast/readyz-check"))
-        .arg(format!("http://{}/readyz", l.local_addr().unwrap()))
-        .env("CLICKGATE_MAINTENANCE_FILE", m.path())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(!st.success());
+    assert!(!check_against(ok, Duration::ZERO, m.path()).0);
 }
