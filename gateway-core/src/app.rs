@@ -750,6 +750,22 @@ impl<L: Log> App<L> {
             wait_seq: 0,
             close: !keep,
         };
+        if req.early_data {
+            // POST is not a safe method: replayed early data must not apply
+            // a batch (RFC 8470); the client sends it again once the
+            // handshake is done. A click (GET) goes through: a replay of it
+            // is answered as a duplicate of its click id.
+            self.counters.drop(DropReason::TooEarly);
+            self.counters.request(Endpoint::Events, 425);
+            w.text(
+                425,
+                b"too early: send the batch again after the handshake\n",
+                keep,
+                None,
+                None,
+            );
+            return close;
+        }
         let body = &buf[req.body.clone()];
         let lines = || {
             body.split(|&b| b == b'\n')
@@ -1121,6 +1137,32 @@ mod tests {
         );
         assert!(send(&mut a, &raw, 1).1.starts_with("HTTP/1.1 413 "));
         assert_eq!(events(&a.log).len(), 2);
+    }
+
+    #[test]
+    fn early_data_takes_clicks_as_duplicates_on_replay_and_refuses_batches() {
+        let mut a = app(MemLog::default());
+        let q = click_query("e-1");
+        let click = format!("GET /api/v1/clicks?{q} HTTP/1.1\r\nHost: t\r\nEarly-Data: 1\r\n\r\n");
+        assert!(send(&mut a, &click, 1).1.starts_with("HTTP/1.1 302 "));
+        // The same early data replayed: answered, and a duplicate.
+        assert!(send(&mut a, &click, 1).1.starts_with("HTTP/1.1 302 "));
+        let v: Vec<Verdict> = events(&a.log).iter().map(|e| e.verdict).collect();
+        assert_eq!(v, [Verdict::Accepted, Verdict::Duplicate]);
+        let body = format!("/api/v1/clicks?{}\n", click_query("e-2"));
+        let raw = format!(
+            "POST /api/v1/events HTTP/1.1\r\nHost: t\r\nEarly-Data: 1\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let (o, ans) = send(&mut a, &raw, 1);
+        assert!(ans.starts_with("HTTP/1.1 425 Too Early\r\n"), "{ans}");
+        assert_eq!(o.wait_seq, 0);
+        assert_eq!(events(&a.log).len(), 2);
+        assert_eq!(a.counters.drops[DropReason::TooEarly as usize], 1);
+        // After the handshake (no Early-Data) the same batch is taken.
+        let raw = raw.replace("Early-Data: 1\r\n", "");
+        assert!(send(&mut a, &raw, 1).1.starts_with("HTTP/1.1 200 "));
+        assert_eq!(events(&a.log).len(), 3);
     }
 
     #[test]

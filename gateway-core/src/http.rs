@@ -45,6 +45,10 @@ pub struct Request {
     pub forwarded_for: Range<usize>,
     pub body: Range<usize>,
     pub keep_alive: bool,
+    /// `Early-Data: 1` (RFC 8470): the request came in TLS early data
+    /// (0-RTT), as the HTTP/3 companion or a terminating proxy says, and
+    /// could be a replay.
+    pub early_data: bool,
     /// Bytes of the buffer this request took; the next one starts there.
     pub consumed: usize,
 }
@@ -161,6 +165,7 @@ pub fn parse(buf: &mut [u8], limits: &Limits, country_header: &str) -> Parse {
     let mut content_length: Option<usize> = None;
     let mut chunked = false;
     let mut transfer_encoding = false;
+    let mut early_data = false;
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
@@ -194,6 +199,8 @@ pub fn parse(buf: &mut [u8], limits: &Limits, country_header: &str) -> Parse {
             forwarded_for = range_in(buf, h.value);
         } else if !country_header.is_empty() && name.eq_ignore_ascii_case(country_header) {
             country = Some(range_in(buf, trim(h.value)));
+        } else if name.eq_ignore_ascii_case("early-data") {
+            early_data = trim(h.value) == b"1";
         }
     }
     if content_length.is_some() && transfer_encoding {
@@ -230,6 +237,7 @@ pub fn parse(buf: &mut [u8], limits: &Limits, country_header: &str) -> Parse {
         forwarded_for,
         body,
         keep_alive,
+        early_data,
         consumed,
     })
 }
@@ -338,6 +346,7 @@ pub fn reason_phrase(status: u16) -> &'static str {
         405 => "Method Not Allowed",
         408 => "Request Timeout",
         413 => "Content Too Large",
+        425 => "Too Early",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",

@@ -14,7 +14,7 @@ use crate::app::Endpoint;
 use crate::token::Reject;
 
 pub const STATUSES: &[u16] = &[
-    200, 204, 302, 400, 403, 404, 405, 408, 413, 429, 431, 503, 505,
+    200, 204, 302, 400, 403, 404, 405, 408, 413, 425, 429, 431, 503, 505,
 ];
 
 /// Why a request or an event was refused or lost outside signature
@@ -43,10 +43,12 @@ pub enum DropReason {
     DurablePublishFailed,
     ProxyHeaderInvalid,
     TlsError,
+    /// A batch sent in TLS early data (0-RTT), which could be a replay.
+    TooEarly,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 21] = [
+    pub const ALL: [DropReason; 22] = [
         Self::RateLimited,
         Self::DiskFull,
         Self::LogError,
@@ -68,6 +70,7 @@ impl DropReason {
         Self::DurablePublishFailed,
         Self::ProxyHeaderInvalid,
         Self::TlsError,
+        Self::TooEarly,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -93,6 +96,7 @@ impl DropReason {
             Self::DurablePublishFailed => "durable_publish_failed",
             Self::ProxyHeaderInvalid => "proxy_header_invalid",
             Self::TlsError => "tls_error",
+            Self::TooEarly => "too_early",
         }
     }
 }
@@ -265,6 +269,8 @@ pub struct Registry {
     pub key_reloads_failed: AtomicU64,
     pub h3_connections: AtomicU64,
     pub h3_refused: AtomicU64,
+    /// HTTP/3 requests read in 0-RTT early data (before the handshake).
+    pub h3_early_requests: AtomicU64,
     pub h3_errors: AtomicU64,
 }
 
@@ -282,6 +288,7 @@ impl Registry {
             key_reloads_failed: AtomicU64::new(0),
             h3_connections: AtomicU64::new(0),
             h3_refused: AtomicU64::new(0),
+            h3_early_requests: AtomicU64::new(0),
             h3_errors: AtomicU64::new(0),
         }
     }
@@ -487,6 +494,11 @@ impl Registry {
                 "h3_errors_total",
                 "HTTP/3 connections or requests ended by a protocol error or timeout.",
                 self.h3_errors.load(Ordering::Relaxed),
+            ),
+            (
+                "h3_early_data_requests_total",
+                "HTTP/3 requests read in 0-RTT early data, before the handshake completed (passed on with Early-Data: 1).",
+                self.h3_early_requests.load(Ordering::Relaxed),
             ),
         ];
         for (name, help, v) in counters.iter().copied().chain(h3) {

@@ -87,12 +87,24 @@ impl Outbox {
 
 /// Headers not passed to the shard: framing and connection handling are the
 /// companion's business in HTTP/3.
-const SKIP_REQUEST: &[&str] = &["content-length", "transfer-encoding", "connection", "host"];
+/// `early-data` is the companion's to say, never the client's.
+const SKIP_REQUEST: &[&str] = &[
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "host",
+    "early-data",
+];
 
 /// The HTTP/1.1 form of an HTTP/3 request. `declared_len`, when larger than
 /// the body (which was cut at the limit), is what Content-Length claims, so
 /// the shard answers 413 as it would on TCP.
-pub fn to_http1(req: &http::Request<()>, body: &[u8], declared_len: usize) -> Vec<u8> {
+pub fn to_http1(
+    req: &http::Request<()>,
+    body: &[u8],
+    declared_len: usize,
+    early_data: bool,
+) -> Vec<u8> {
     let mut raw = Vec::with_capacity(256 + body.len());
     raw.extend_from_slice(req.method().as_str().as_bytes());
     raw.push(b' ');
@@ -114,6 +126,9 @@ pub fn to_http1(req: &http::Request<()>, body: &[u8], declared_len: usize) -> Ve
         raw.extend_from_slice(b": ");
         raw.extend_from_slice(value.as_bytes());
         raw.extend_from_slice(b"\r\n");
+    }
+    if early_data {
+        raw.extend_from_slice(b"Early-Data: 1\r\n");
     }
     if declared_len > 0 || req.method() == http::Method::POST {
         raw.extend_from_slice(format!("Content-Length: {declared_len}\r\n").as_bytes());
@@ -174,11 +189,40 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
     Ok(s.into())
 }
 
+/// No stateless tickets, so that rustls resumes from its session cache.
+#[derive(Debug)]
+struct NoTickets;
+
+impl rustls::server::ProducesTickets for NoTickets {
+    fn enabled(&self) -> bool {
+        false
+    }
+    fn lifetime(&self) -> u32 {
+        0
+    }
+    fn encrypt(&self, _: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+    fn decrypt(&self, _: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+}
+
 fn server_config(cfg: &Config, tls: &TlsHandle) -> anyhow::Result<quinn::ServerConfig> {
     let mut c = (*tls.current().1).clone();
     // QUIC is TLS 1.3 only; rustls checks that when quinn wraps the config.
     c.alpn_protocols = vec![crate::tls::ALPN_H3.to_vec()];
-    c.max_early_data_size = 0;
+    if cfg.listen.http3_zero_rtt {
+        // QUIC allows 0 (no early data) or all of it (RFC 9001). rustls
+        // accepts early data only with stateful resumption: the session is
+        // taken from the cache (`tls.session_cache_entries`, shared by every
+        // shard) when used, so a ticket opens early data once, and a replay
+        // of a client's first flight to this host gets none.
+        c.max_early_data_size = u32::MAX;
+        c.ticketer = Arc::new(NoTickets);
+    } else {
+        c.max_early_data_size = 0;
+    }
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(c)
         .context("the TLS config does not allow TLS 1.3, which QUIC needs")?;
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -327,9 +371,29 @@ async fn connection(
     limits: &Limits,
     mut drain: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let conn = tokio::time::timeout(limits.header_timeout, incoming.accept()?)
-        .await
-        .context("QUIC handshake timed out")??;
+    // With 0-RTT, requests can arrive before the handshake completes. They
+    // may be replays (an attacker can resend a client's first flight, and a
+    // replayed connection never completes its handshake), so until it is
+    // complete each request is passed on with `Early-Data: 1` (RFC 8470).
+    let early = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let conn = match incoming.accept()?.into_0rtt() {
+        Ok((conn, confirmed)) => {
+            // A server may always answer before the handshake completes
+            // (0.5-RTT); what it reads before then is the client's 0-RTT.
+            early.store(true, Ordering::Release);
+            let early = early.clone();
+            let timeout = limits.header_timeout;
+            tokio::spawn(async move {
+                if tokio::time::timeout(timeout, confirmed).await.is_ok() {
+                    early.store(false, Ordering::Release);
+                }
+            });
+            conn
+        }
+        Err(connecting) => tokio::time::timeout(limits.header_timeout, connecting)
+            .await
+            .context("QUIC handshake timed out")??,
+    };
     let peer = match conn.remote_address().ip() {
         std::net::IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
         std::net::IpAddr::V6(a) => a.octets(),
@@ -355,8 +419,10 @@ async fn connection(
         match next {
             Ok(Some(resolver)) => {
                 let (outbox, shared, limits) = (outbox.clone(), shared.clone(), limits.clone());
+                let early = early.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = request(resolver, peer, &outbox, &limits).await {
+                    if let Err(e) = request(resolver, peer, &early, &shared, &outbox, &limits).await
+                    {
                         tracing::debug!(error = %format!("{e:#}"), "HTTP/3 request ended by an error");
                         shared.registry.h3_errors.fetch_add(1, Ordering::Relaxed);
                     }
@@ -385,6 +451,8 @@ fn ended_normally(e: &h3::error::ConnectionError, conn: &quinn::Connection) -> b
 async fn request(
     resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>,
     peer: [u8; 16],
+    early: &std::sync::atomic::AtomicBool,
+    shared: &Shared,
     outbox: &Outbox,
     limits: &Limits,
 ) -> anyhow::Result<()> {
@@ -411,7 +479,16 @@ async fn request(
             chunk.advance(n);
         }
     }
-    let raw = to_http1(&req, &body, declared);
+    // Read once the whole request is in: a request completed before the
+    // handshake is early data.
+    let early = early.load(Ordering::Acquire);
+    if early {
+        shared
+            .registry
+            .h3_early_requests
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    let raw = to_http1(&req, &body, declared, early);
     let (tx, rx) = tokio::sync::oneshot::channel();
     let answer = match outbox.send(H3Request {
         raw,
@@ -454,7 +531,7 @@ mod tests {
             .header("connection", "close")
             .body(())
             .unwrap();
-        let mut raw = to_http1(&req, b"", 0);
+        let mut raw = to_http1(&req, b"", 0, false);
         assert_eq!(
             String::from_utf8(raw.clone()).unwrap(),
             "GET /api/v1/clicks?a=1&b=%2F HTTP/1.1\r\nHost: gw.example\r\nuser-agent: UA\r\nx-country: DE\r\n\r\n"
@@ -471,13 +548,31 @@ mod tests {
         };
         assert_eq!(&raw[r.query.clone()], b"a=1&b=%2F");
         assert_eq!(&raw[r.country.clone().unwrap()], b"DE");
+        assert!(!r.early_data);
+        // Early data is the companion's to say: a client's own header is
+        // dropped, the companion's is what the shard sees.
+        let claimed = http::Request::builder()
+            .method("GET")
+            .uri("https://gw.example/api/v1/clicks?a=1")
+            .header("early-data", "1")
+            .body(())
+            .unwrap();
+        for (early, want) in [(false, false), (true, true)] {
+            let mut raw = to_http1(&claimed, b"", 0, early);
+            let gateway_core::http::Parse::Request(r) =
+                gateway_core::http::parse(&mut raw, &limits, "x-country")
+            else {
+                panic!()
+            };
+            assert_eq!(r.early_data, want);
+        }
 
         let post = http::Request::builder()
             .method("POST")
             .uri("/api/v1/events")
             .body(())
             .unwrap();
-        let mut raw = to_http1(&post, b"{}", 2);
+        let mut raw = to_http1(&post, b"{}", 2, false);
         assert!(raw.ends_with(b"Content-Length: 2\r\n\r\n{}"));
         let gateway_core::http::Parse::Request(r) =
             gateway_core::http::parse(&mut raw, &limits, "")
@@ -486,7 +581,7 @@ mod tests {
         };
         assert_eq!(&raw[r.body.clone()], b"{}");
         // A body cut at the limit declares its real length: 413 from the parser.
-        let mut raw = to_http1(&post, b"", 5000);
+        let mut raw = to_http1(&post, b"", 5000, false);
         assert_eq!(
             gateway_core::http::parse(&mut raw, &limits, ""),
             gateway_core::http::Parse::Error(gateway_core::http::HttpError::BodyTooLarge)

@@ -233,3 +233,204 @@ fn an_http3_click_whose_write_failed_is_never_answered_302() {
         .log()
         .contains("durable write failed; shard stops acknowledging"));
 }
+
+/// A UDP relay between a QUIC client and the gateway that keeps every
+/// datagram the client sent, per connection, as an attacker on the path
+/// could. Of a resent connection the gateway can read only the Initial and
+/// the 0-RTT packets: the rest is under keys of a handshake the replay
+/// never has.
+struct Recorder {
+    addr: std::net::SocketAddr,
+    flights: std::sync::Arc<std::sync::Mutex<Vec<Vec<Vec<u8>>>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Recorder {
+    fn start(gateway: std::net::SocketAddr) -> Recorder {
+        use std::net::UdpSocket;
+        use std::sync::atomic::Ordering::Relaxed;
+        let front = UdpSocket::bind("127.0.0.1:0").unwrap();
+        front.set_nonblocking(true).unwrap();
+        let addr = front.local_addr().unwrap();
+        let flights = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (f2, s2) = (flights.clone(), stop.clone());
+        std::thread::spawn(move || {
+            // One client (loadgen's endpoint), one connection at a time: a
+            // long-header Initial with a new destination CID starts the next
+            // connection's record.
+            let up = UdpSocket::bind("127.0.0.1:0").unwrap();
+            up.connect(gateway).unwrap();
+            up.set_nonblocking(true).unwrap();
+            let mut client = None;
+            let mut recording = false;
+            let mut last_dcid = Vec::new();
+            let mut server_cids = std::collections::HashSet::new();
+            let mut late = std::collections::VecDeque::<(std::time::Instant, Vec<u8>)>::new();
+            let rtt = Duration::from_millis(30);
+            let mut buf = vec![0u8; 65536];
+            loop {
+                if s2.load(Relaxed) {
+                    break;
+                }
+                let mut idle = true;
+                while let Ok((n, from)) = front.recv_from(&mut buf) {
+                    idle = false;
+                    client = Some(from);
+                    let d = &buf[..n];
+                    // Long header (0x80), type Initial (0x30 bits 00); the
+                    // fixed bit (0x40) may be greased (RFC 9287).
+                    if n > 6 && d[0] & 0xb0 == 0x80 {
+                        let len = d[5] as usize;
+                        let dcid = d[6..(6 + len).min(n)].to_vec();
+                        // Not new: the client's later Initials go to the
+                        // CID the gateway chose.
+                        if dcid != last_dcid && !server_cids.contains(&dcid) {
+                            last_dcid = dcid;
+                            f2.lock().unwrap().push(Vec::new());
+                            recording = true;
+                        }
+                    }
+                    if recording {
+                        if let Some(f) = f2.lock().unwrap().last_mut() {
+                            f.push(d.to_vec());
+                        }
+                    }
+                    let _ = up.send(d);
+                }
+                while let Ok(n) = up.recv(&mut buf) {
+                    idle = false;
+                    let d = &buf[..n];
+                    late.push_back((std::time::Instant::now() + rtt, d.to_vec()));
+                    // A long header names the gateway's own CID (source).
+                    if n > 6 && d[0] & 0x80 != 0 {
+                        let at = 6 + d[5] as usize;
+                        if at < n {
+                            let len = d[at] as usize;
+                            if at + 1 + len <= n {
+                                server_cids.insert(d[at + 1..at + 1 + len].to_vec());
+                            }
+                        }
+                    }
+                }
+                // The gateway's datagrams reach the client a round trip
+                // late, as over a wide-area network: the client's 0-RTT
+                // requests are in before its handshake can complete.
+                while late
+                    .front()
+                    .is_some_and(|(t, _)| *t <= std::time::Instant::now())
+                {
+                    let (_, d) = late.pop_front().unwrap();
+                    if let Some(c) = client {
+                        let _ = front.send_to(&d, c);
+                    }
+                }
+                if !late.is_empty() {
+                    idle = false;
+                }
+                if idle {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+        });
+        Recorder {
+            addr,
+            flights,
+            stop,
+        }
+    }
+
+    /// Sends each recorded connection again from a new address, and never
+    /// answers the gateway: a replay, whose handshake cannot complete.
+    fn replay(&self, gateway: std::net::SocketAddr) -> usize {
+        let flights = self.flights.lock().unwrap().clone();
+        let mut sockets = Vec::new();
+        for f in &flights {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.connect(gateway).unwrap();
+            for d in f {
+                s.send(d).unwrap();
+            }
+            sockets.push(s);
+        }
+        // Long enough for the gateway to take what came in early data.
+        std::thread::sleep(Duration::from_millis(1500));
+        flights.len()
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn zero_rtt_clicks_are_taken_early_batches_get_425_and_replays_get_nothing() {
+    // loadgen's quinn client through a relay that adds a 30 ms round trip
+    // and records every datagram: a new connection per request, each after
+    // the first resuming and sending its request in 0-RTT, which reaches
+    // the gateway before the handshake can complete. Clicks are taken;
+    // batches are answered 425. Every recorded connection is then replayed
+    // from another address, as an attacker on the path could: a session
+    // opens early data once, so the replays get none and count nothing.
+    let (mut g, port, certs) = start_h3(&[]);
+    let gateway: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let relay = Recorder::start(gateway);
+    let loadgen = test_support::process::tool("loadgen", "clickgate-loadgen");
+    let out = Command::new(&loadgen)
+        .args(["run", "--proto", "h3", "--no-keepalive", "--zero-rtt"])
+        .args(["--target", &relay.addr.to_string(), "--cpus", "0"])
+        .args(["--connections", "1", "--requests", "60", "--duration", "30"])
+        .args(["--warmup", "0", "--pool", "1000", "--late-rate", "0.3"])
+        .arg("--ca")
+        .arg(certs.path().join("gw.pem"))
+        .arg("--keys")
+        .arg(g.keys_path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let statuses = text.lines().find(|l| l.starts_with("statuses:")).unwrap();
+    assert!(
+        statuses.contains("timeout=0 reset=0"),
+        "{statuses}\n{}",
+        g.log()
+    );
+    let m = g.metrics();
+    let zero_rtt = metric(&m, "clickgate_h3_early_data_requests_total");
+    // Not every one: a connection closed at its answer can miss the tickets
+    // that follow a round trip later, and a ticket opens early data once.
+    assert!(
+        zero_rtt >= 20,
+        "{zero_rtt} of 60 requests in 0-RTT\n{statuses}"
+    );
+    let too_early = metric(&m, "clickgate_drops_total{reason=\"too_early\"}");
+    assert!(too_early > 0, "{statuses}");
+    assert!(statuses.contains(&format!("425={too_early}")), "{statuses}");
+    let before = totals(&g.inspect(false));
+    assert!(
+        before.0 + too_early >= 55,
+        "{before:?}, {too_early} batches refused"
+    );
+
+    let replayed = relay.replay(gateway);
+    assert_eq!(replayed, 60);
+    let m = g.metrics();
+    assert_eq!(
+        metric(&m, "clickgate_h3_early_data_requests_total"),
+        zero_rtt
+    );
+    assert_eq!(
+        metric(&m, "clickgate_drops_total{reason=\"too_early\"}"),
+        too_early
+    );
+    assert_eq!(totals(&g.inspect(false)), before, "a replay was counted");
+    eprintln!("{zero_rtt} of 60 requests in 0-RTT, {too_early} early batches 425; {replayed} replays counted nothing");
+    g.signal(libc::SIGTERM);
+    assert_eq!(g.wait_exit(Duration::from_secs(20)), Some(0), "{}", g.log());
+}

@@ -197,6 +197,10 @@ struct RunArgs {
     /// off. Matters with --no-keepalive, where every request handshakes.
     #[arg(long, default_value = "on")]
     tls_resumption: String,
+    /// h3 with resumption: send requests in 0-RTT early data once a ticket
+    /// allows (with --no-keepalive, every connection after the first).
+    #[arg(long)]
+    zero_rtt: bool,
 }
 
 #[derive(Serialize)]
@@ -439,9 +443,14 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             } else {
                 (secure::Proto::Https, b"http/1.1")
             };
+            anyhow::ensure!(
+                !a.zero_rtt || (p == "h3" && resumption),
+                "--zero-rtt needs --proto h3 and --tls-resumption on"
+            );
             Some(secure::Secure {
                 proto,
-                tls: secure::client_config(ca, alpn, resumption)?,
+                zero_rtt: a.zero_rtt,
+                tls: secure::client_config(ca, alpn, resumption, a.zero_rtt)?,
                 server_name: rustls::pki_types::ServerName::try_from(a.sni.clone())
                     .context("--sni")?,
             })

@@ -38,15 +38,19 @@ pub struct Secure {
     pub proto: Proto,
     pub tls: Arc<rustls::ClientConfig>,
     pub server_name: ServerName<'static>,
+    /// h3: send the request in 0-RTT early data when a ticket allows it.
+    pub zero_rtt: bool,
 }
 
 /// A client config trusting the PEM certificates in `ca` (the gateway's
 /// self-signed dev certificate, say), offering `alpn`, with session
-/// resumption (tickets, session ids) on or off.
+/// resumption (tickets, session ids) on or off, and early data (0-RTT) when
+/// `early_data`.
 pub fn client_config(
     ca: &Path,
     alpn: &[u8],
     resumption: bool,
+    early_data: bool,
 ) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(ca).with_context(|| format!("--ca {}", ca.display()))? {
@@ -62,6 +66,7 @@ pub fn client_config(
     if !resumption {
         c.resumption = rustls::client::Resumption::disabled();
     }
+    c.enable_early_data = early_data;
     Ok(Arc::new(c))
 }
 
@@ -316,7 +321,16 @@ impl Conn {
                     ServerName::DnsName(d) => d.as_ref().to_string(),
                     other => format!("{other:?}"),
                 };
-                let quic = endpoint.connect(plan.addr, &name)?.await?;
+                let connecting = endpoint.connect(plan.addr, &name)?;
+                // With a ticket that allows it, the request goes out in the
+                // first flight (0-RTT); otherwise after the handshake.
+                let quic = match s.zero_rtt {
+                    true => match connecting.into_0rtt() {
+                        Ok((quic, _accepted)) => quic,
+                        Err(connecting) => connecting.await?,
+                    },
+                    false => connecting.await?,
+                };
                 let (mut driver, send) =
                     h3::client::new(h3_quinn::Connection::new(quic.clone())).await?;
                 tokio::task::spawn_local(async move {

@@ -10,18 +10,20 @@ use std::time::{Duration, Instant};
 /// neither builds nor rebuilds the other packages, and a stale binary would
 /// test old code), with its test hooks (`fault-injection`).
 pub fn bin(name: &str, package: &str) -> PathBuf {
+    build(name, package, &["--features", "fault-injection"])
+}
+
+/// A workspace tool without test hooks (loadgen), brought up to date first.
+pub fn tool(name: &str, package: &str) -> PathBuf {
+    build(name, package, &[])
+}
+
+fn build(name: &str, package: &str, features: &[&str]) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     // target/<profile>/deps/<test binary>
     let dir = exe.parent().and_then(|d| d.parent()).unwrap().to_owned();
     let mut c = Command::new(env!("CARGO"));
-    c.args([
-        "build",
-        "-q",
-        "-p",
-        package,
-        "--features",
-        "fault-injection",
-    ]);
+    c.args(["build", "-q", "-p", package]).args(features);
     if dir.ends_with("release") {
         c.arg("--release");
     }
