@@ -600,6 +600,27 @@ async fn reconcile_list(State(api): State<Arc<Api>>, headers: HeaderMap) -> Resp
     }
 }
 
+/// An admin request's `start_time`..`end_time` as minutes (refused by
+/// [`crate::reconcile::job_range`]'s rules), or the answer that refuses it,
+/// counted in `admin_errors_total`.
+fn admin_minutes(
+    api: &Api,
+    headers: &HeaderMap,
+    p: &HashMap<String, String>,
+) -> Result<(u32, u32), Box<Response>> {
+    let refused = |r: Box<Response>| {
+        api.metrics.admin_errors.fetch_add(1, Relaxed);
+        r
+    };
+    authorize_admin(api, headers).map_err(refused)?;
+    let t = |k: &str| {
+        parse_time(p.get(k).ok_or_else(|| format!("{k} is required"))?)
+            .map_err(|e| format!("{k}: {e}"))
+    };
+    (|| crate::reconcile::job_range(&api.reconcile, t("start_time")?, t("end_time")?))()
+        .map_err(|e| refused(Box::new(error(StatusCode::BAD_REQUEST, e))))
+}
+
 /// `GET /api/v1/admin/reconciled?start_time=..&end_time=..`: each minute's
 /// last reconcile (when, events read, rows corrected), the minutes that
 /// failed with why, and where the frontier stands.
@@ -608,23 +629,9 @@ async fn reconciled(
     headers: HeaderMap,
     Query(p): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(r) = authorize_admin(&api, &headers) {
-        api.metrics.admin_errors.fetch_add(1, Relaxed);
-        return *r;
-    }
-    let range = (|| {
-        let t = |k: &str| {
-            parse_time(p.get(k).ok_or_else(|| format!("{k} is required"))?)
-                .map_err(|e| format!("{k}: {e}"))
-        };
-        crate::reconcile::job_range(&api.reconcile, t("start_time")?, t("end_time")?)
-    })();
-    let (m0, m1) = match range {
+    let (m0, m1) = match admin_minutes(&api, &headers, &p) {
         Ok(r) => r,
-        Err(e) => {
-            api.metrics.admin_errors.fetch_add(1, Relaxed);
-            return error(StatusCode::BAD_REQUEST, e);
-        }
+        Err(r) => return *r,
     };
     let st = api.clone();
     let got = blocking(move || {
@@ -666,23 +673,9 @@ async fn unrecorded(
     headers: HeaderMap,
     Query(p): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(r) = authorize_admin(&api, &headers) {
-        api.metrics.admin_errors.fetch_add(1, Relaxed);
-        return *r;
-    }
-    let range = (|| {
-        let t = |k: &str| {
-            parse_time(p.get(k).ok_or_else(|| format!("{k} is required"))?)
-                .map_err(|e| format!("{k}: {e}"))
-        };
-        crate::reconcile::job_range(&api.reconcile, t("start_time")?, t("end_time")?)
-    })();
-    let (m0, m1) = match range {
+    let (m0, m1) = match admin_minutes(&api, &headers, &p) {
         Ok(r) => r,
-        Err(e) => {
-            api.metrics.admin_errors.fetch_add(1, Relaxed);
-            return error(StatusCode::BAD_REQUEST, e);
-        }
+        Err(r) => return *r,
     };
     let st = api.clone();
     match blocking(move || st.store.unrecorded(m0, m1)).await {

@@ -531,13 +531,7 @@ impl<L: Log> App<L> {
                 redirect: (s, e),
                 ..
             } => {
-                if kind == EventKind::Click {
-                    w.redirect(&scratch[s..e], keep);
-                    self.counters.request(ep, 302);
-                } else {
-                    w.no_content(keep);
-                    self.counters.request(ep, 204);
-                }
+                self.answer_event(kind, ep, &scratch[s..e], keep, w);
                 Outcome {
                     wait_seq: seq,
                     close: !keep,
@@ -552,13 +546,7 @@ impl<L: Log> App<L> {
                 close
             }
             Item::Unrecorded { redirect: (s, e) } => {
-                if kind == EventKind::Click {
-                    w.redirect(&scratch[s..e], keep);
-                    self.counters.request(ep, 302);
-                } else {
-                    w.no_content(keep);
-                    self.counters.request(ep, 204);
-                }
+                self.answer_event(kind, ep, &scratch[s..e], keep, w);
                 close
             }
             Item::Unavailable(e) => {
@@ -737,6 +725,24 @@ impl<L: Log> App<L> {
         }
     }
 
+    /// A click's 302 to its redirect, an impression's 204.
+    fn answer_event(
+        &mut self,
+        kind: EventKind,
+        ep: Endpoint,
+        redirect: &[u8],
+        keep: bool,
+        w: &mut ResponseWriter<'_>,
+    ) {
+        if kind == EventKind::Click {
+            w.redirect(redirect, keep);
+            self.counters.request(ep, 302);
+        } else {
+            w.no_content(keep);
+            self.counters.request(ep, 204);
+        }
+    }
+
     fn batch(
         &mut self,
         buf: &[u8],
@@ -877,13 +883,13 @@ impl<L: Log> App<L> {
             self.keys_version = v;
         }
         self.limiter.sweep(now_ms);
-        let r = self.buffer.update(
-            mono_ms,
-            now_ms,
-            self.counters.bytes_appended,
-            &self.log.buffer(),
-        );
+        let b = self.log.buffer();
+        let r = self
+            .buffer
+            .update(mono_ms, now_ms, self.counters.bytes_appended, &b);
         let c = &mut self.counters;
+        c.log_unshipped_bytes = b.unshipped_bytes;
+        c.log_budget_bytes = b.budget_bytes;
         c.log_buffer_share_permille = (r.share * 1000.0).round() as u64;
         c.log_buffer_left_s = if r.seconds_left.is_finite() {
             r.seconds_left as u64
@@ -902,14 +908,12 @@ impl<L: Log> App<L> {
         report
     }
 
-    /// Copies the shard's counters to the shared registry.
+    /// Copies the shard's counters to the shared registry (the buffer
+    /// gauges as the last tick found them).
     pub fn publish(&mut self) {
         self.counters.preagg_rows = self.preagg.rows() as u64;
         self.counters.log_segments = self.log.segments() as u64;
         self.counters.log_disk_bytes = self.log.disk_bytes();
-        let b = self.log.buffer();
-        self.counters.log_unshipped_bytes = b.unshipped_bytes;
-        self.counters.log_budget_bytes = b.budget_bytes;
         self.counters.log_last_seq = self.log.last_seq();
         self.counters.log_durable_seq = self.durable_seq;
         self.shared.registry.publish(self.shard, &self.counters);

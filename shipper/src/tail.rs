@@ -369,7 +369,7 @@ impl Tail {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use wire::segment::{seal_frame, RecordType};
+    use wire::segment::{put_frame, RecordType};
 
     /// Writes a segment file holding records `base..base+n` (payload = seq
     /// as text) in `size` bytes.
@@ -390,9 +390,7 @@ mod tests {
             } else {
                 RecordType::Event
             };
-            seg[off + FRAME_HEADER_LEN..off + FRAME_HEADER_LEN + p.len()]
-                .copy_from_slice(p.as_bytes());
-            off += seal_frame(&mut seg[off..], p.len(), seq, ty);
+            off += put_frame(&mut seg[off..], p.as_bytes(), seq, ty);
         }
         std::fs::write(wire::layout::segment_path(dir, base), seg).unwrap();
     }

@@ -30,9 +30,7 @@ use shipper::outbox::{Next, Outbox, Policy};
 use shipper::tail::Tail;
 use wire::batch::{Ack, Batch, BatchKind};
 use wire::record::{Counts, Device, EventKind, EventRef, PartialRecord, RowKey, Source, Verdict};
-use wire::segment::{
-    frame_len, seal_frame, RecordType, SegmentHeader, FRAME_HEADER_LEN, HEADER_LEN,
-};
+use wire::segment::{frame_len, put_frame, RecordType, SegmentHeader, HEADER_LEN};
 
 const T0: i64 = 1_795_496_400_000;
 /// Every partial's watermark: past the end of every event's minute plus the
@@ -132,9 +130,7 @@ fn write_log(
             seg[..HEADER_LEN].copy_from_slice(&h.encode());
             *off = HEADER_LEN;
         }
-        seg[*off + FRAME_HEADER_LEN..*off + FRAME_HEADER_LEN + payload.len()]
-            .copy_from_slice(payload);
-        *off += seal_frame(&mut seg[*off..], payload.len(), seq, ty);
+        *off += put_frame(&mut seg[*off..], payload, seq, ty);
     };
     let mut i = 0;
     while i < n {

@@ -140,6 +140,14 @@ pub const fn frame_len(payload_len: usize) -> usize {
     (FRAME_HEADER_LEN + payload_len + 7) & !7
 }
 
+/// Copies `payload` in and seals the frame at the start of `dst`; returns
+/// its length. For writers that have the payload elsewhere (tests, tools);
+/// the log encodes in place and calls [`seal_frame`].
+pub fn put_frame(dst: &mut [u8], payload: &[u8], seq: u64, ty: RecordType) -> usize {
+    dst[FRAME_HEADER_LEN..FRAME_HEADER_LEN + payload.len()].copy_from_slice(payload);
+    seal_frame(dst, payload.len(), seq, ty)
+}
+
 /// Writes one frame at the start of `dst`, which must hold [`frame_len`] bytes.
 /// The payload must already be in place at `dst[FRAME_HEADER_LEN..]`, so that a
 /// record is encoded once, straight into the mapped segment.

@@ -459,7 +459,7 @@ pub fn read_file(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::segment::{seal_frame, FRAME_HEADER_LEN};
+    use crate::segment::put_frame;
 
     /// A segment of `n` frames from `base` (payloads of varied lengths, every
     /// fifth a partial), `size` bytes; returns it and its scan end.
@@ -480,9 +480,7 @@ mod tests {
             } else {
                 RecordType::Event
             };
-            seg[off + FRAME_HEADER_LEN..off + FRAME_HEADER_LEN + p.len()]
-                .copy_from_slice(p.as_bytes());
-            off += seal_frame(&mut seg[off..], p.len(), seq, ty);
+            off += put_frame(&mut seg[off..], p.as_bytes(), seq, ty);
         }
         (seg, off)
     }

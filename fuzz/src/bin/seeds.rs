@@ -5,10 +5,12 @@ use std::path::Path;
 
 use wire::batch::{push_item, Ack, Batch, BatchKind, Status};
 use wire::record::{Counts, Device, EventKind, EventRef, PartialRecord, RowKey, Source, Verdict};
-use wire::segment::{seal_frame, RecordType, SegmentHeader, FRAME_HEADER_LEN, HEADER_LEN};
+use wire::segment::{put_frame, RecordType, SegmentHeader, HEADER_LEN};
 
 fn put(target: &str, name: &str, bytes: &[u8]) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("corpus")
+        .join(target);
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join(name), bytes).unwrap();
 }
@@ -79,9 +81,26 @@ fn main() {
         put("http_parse", name, req.as_bytes());
     }
     // Clicks: mode 1 = sign the rest; mode 0 = as is.
-    put("click_verify", "to_sign", &[&[1u8][..], q.as_bytes()].concat());
-    put("click_verify", "signed", &[&[0u8][..], signed.as_bytes()].concat());
-    put("click_verify", "impression", &[&[3u8][..], q.split("&redirect_url").next().unwrap().as_bytes(), b"&kid=k1"].concat());
+    put(
+        "click_verify",
+        "to_sign",
+        &[&[1u8][..], q.as_bytes()].concat(),
+    );
+    put(
+        "click_verify",
+        "signed",
+        &[&[0u8][..], signed.as_bytes()].concat(),
+    );
+    put(
+        "click_verify",
+        "impression",
+        &[
+            &[3u8][..],
+            q.split("&redirect_url").next().unwrap().as_bytes(),
+            b"&kid=k1",
+        ]
+        .concat(),
+    );
     // A segment: header, events and a partial.
     let mut seg = vec![0u8; 2048];
     let h = SegmentHeader {
@@ -97,14 +116,17 @@ fn main() {
         (2, RecordType::Event, event("c2")),
         (3, RecordType::Partial, partial(0, 2)),
     ] {
-        seg[off + FRAME_HEADER_LEN..off + FRAME_HEADER_LEN + p.len()].copy_from_slice(&p);
-        off += seal_frame(&mut seg[off..], p.len(), seq, ty);
+        off += put_frame(&mut seg[off..], &p, seq, ty);
     }
     put("segment_scan", "three_records", &seg);
     put("segment_scan", "torn", &seg[..off - 5]);
     // The same segment compressed, in one chunk and in one chunk per frame.
     for (name, chunk) in [("one_chunk", 1 << 20), ("chunk_per_frame", 8)] {
-        put("segz_read", name, &wire::segz::compress(&seg, off, 3, chunk).unwrap());
+        put(
+            "segz_read",
+            name,
+            &wire::segz::compress(&seg, off, 3, chunk).unwrap(),
+        );
     }
     // Batches and an answer.
     let mut unrecorded = PartialRecord::decode(&partial(0, 2)).unwrap();
