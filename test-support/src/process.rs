@@ -149,14 +149,22 @@ impl Proc {
         }
     }
 
-    /// The last 4 000 bytes of its log.
+    /// The last 4 000 bytes of its log, after any panic message in it (a
+    /// backtrace pushes the message out of the tail).
     pub fn log_text(&self) -> String {
         let t = std::fs::read_to_string(&self.log).unwrap_or_default();
         let mut from = t.len().saturating_sub(4000);
         while !t.is_char_boundary(from) {
             from += 1;
         }
-        t[from..].to_string()
+        let panics: String = t
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| l.contains("panicked at"))
+            .flat_map(|(i, _)| t.lines().skip(i).take(3))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        format!("{panics}{}", &t[from..])
     }
 }
 
