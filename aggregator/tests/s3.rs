@@ -212,12 +212,17 @@ fn sealed_files_reach_s3_once_through_bad_credentials_outages_and_kill_9() {
     // Restarted, the server fast again: every hour sealed, one object each.
     s3.put_delay_ms.store(0, SeqCst);
     let agg = Agg::start(dir, &s3, S3_SECRET, 3);
+    // The backlog gauge reads 0 until the restarted aggregator's first pass
+    // sets it: wait for the objects themselves too.
+    let names: Vec<String> = want.iter().map(|(n, _)| n.clone()).collect();
+    agg.wait_for("every hour sealed", |_| {
+        s3.objects(BUCKET).len() >= names.len()
+    });
     agg.wait_for("the backlog to drain", |a| {
         a.metric("clickgate_aggregator_audit_backlog_hour_buckets") == 0
     });
     agg.wait_for("/readyz to clear", |a| a.readyz() == "ready\n");
     let objects = s3.objects(BUCKET);
-    let names: Vec<String> = want.iter().map(|(n, _)| n.clone()).collect();
     assert_eq!(objects, names, "exactly one object per hour and gateway");
     for (name, ids) in &want {
         let bytes = std::fs::read(s3.root.join(BUCKET).join(name)).unwrap();
