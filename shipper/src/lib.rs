@@ -610,10 +610,34 @@ pub async fn run(sh: Arc<Shipper>) -> anyhow::Result<()> {
                 tracing::warn!(dir = %sh.cfg.data_dir.display(), error = %e, "cannot list shards")
             }
         }
+        // A stream ends only when stopping: one that ended before has
+        // panicked, and its shard would silently stop shipping. Exit
+        // instead, named, so the supervisor restarts the shipper (which
+        // resumes from the aggregator's cursors).
+        if let Some(i) = tasks.iter().position(|t| t.is_finished()) {
+            let t = tasks.swap_remove(i);
+            sh.stopping.store(true, Ordering::Relaxed);
+            return Err(match t.await {
+                Err(e) if e.is_panic() => {
+                    anyhow::anyhow!(
+                        "a shipping stream panicked: {}",
+                        panic_message(e.into_panic())
+                    )
+                }
+                _ => anyhow::anyhow!("a shipping stream ended before the shipper was stopped"),
+            });
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     for t in tasks {
-        let _ = t.await;
+        if let Err(e) = t.await {
+            if e.is_panic() {
+                anyhow::bail!(
+                    "a shipping stream panicked: {}",
+                    panic_message(e.into_panic())
+                );
+            }
+        }
     }
     for l in &sh.links {
         if let Some(c) = l.conn.lock().await.take() {
@@ -622,4 +646,13 @@ pub async fn run(sh: Arc<Shipper>) -> anyhow::Result<()> {
     }
     sh.endpoint.wait_idle().await;
     Ok(())
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    match p.downcast::<String>() {
+        Ok(s) => *s,
+        Err(p) => p
+            .downcast::<&'static str>()
+            .map_or_else(|_| "(no message)".to_string(), |s| s.to_string()),
+    }
 }

@@ -297,8 +297,23 @@ impl Tail {
                 break;
             }
         }
-        let fr = segment::read_frame(&z.raw, z.pos).expect("a checked chunk holds whole frames");
-        debug_assert_eq!(fr.seq, self.next_seq);
+        // decompress_chunk checked the chain; a frame that is not the one
+        // expected here is an error named with its place, never a panic.
+        let fr = match segment::read_frame(&z.raw, z.pos) {
+            Some(fr) if fr.seq == self.next_seq => fr,
+            _ => {
+                let at = z.pos;
+                z.raw.clear();
+                z.pos = 0;
+                return Err(Self::format(
+                    &cur.path,
+                    format!(
+                        "decompressed chunk holds no frame with seq {} at byte {at}",
+                        self.next_seq
+                    ),
+                ));
+            }
+        };
         if fr.seq >= self.skip_below {
             f(fr.seq, fr.ty, fr.payload);
         }
