@@ -97,3 +97,65 @@ pub fn click_verify(data: &[u8]) {
         }
     }
 }
+
+/// The HTTP/3 request layer on arbitrary bytes. The first byte picks the
+/// stream (even: a request stream, odd: a client unidirectional stream) and
+/// how the rest is cut into arrivals. Never a panic; a request it accepts is
+/// one whole HTTP/1.1 request to the shard's parser, with no more header
+/// lines than fields it decoded.
+pub fn h3_request(data: &[u8]) {
+    use crate::h3;
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let limits = h3::Limits {
+        field_section_max: 4096,
+        body_bytes_max: 1024,
+    };
+    let step = (mode as usize >> 1).max(1);
+    if mode & 1 == 1 {
+        let mut u = h3::UniStreams::default();
+        let mut chunks = rest.chunks(step).peekable();
+        while let Some(c) = chunks.next() {
+            if u.on_data(2, c, chunks.peek().is_none()).is_err() {
+                return;
+            }
+        }
+        return;
+    }
+    // Arrivals as the shard sees them: the bytes so far, scanned each time.
+    let mut seen = 0;
+    while seen < rest.len() {
+        seen = (seen + step).min(rest.len());
+        let fin = seen == rest.len();
+        match h3::scan_request(&rest[..seen], fin, &limits) {
+            Ok(h3::Scan::Incomplete) => assert!(!fin),
+            Ok(h3::Scan::Complete { headers, data }) => {
+                let mut out = Vec::new();
+                let r = h3::to_http1(
+                    rest,
+                    headers,
+                    &data,
+                    mode & 2 == 2,
+                    &limits,
+                    &mut h3::Scratch::default(),
+                    &mut out,
+                );
+                if r.is_ok() {
+                    let http_limits = Limits {
+                        header_bytes_max: 2 * limits.field_section_max + 64,
+                        headers_max: 256,
+                        body_bytes_max: limits.body_bytes_max,
+                    };
+                    let p = http::parse(&mut out, &http_limits, "x-country");
+                    assert!(!matches!(p, Parse::Partial), "a whole request parses whole");
+                }
+                return;
+            }
+            Err(_) => return,
+        }
+    }
+    let mut q = Vec::new();
+    let mut out = Vec::new();
+    h3::response_frames(rest, &mut q, &mut out);
+}

@@ -28,6 +28,7 @@ pub mod dedup;
 mod fast;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+pub mod h3;
 pub mod http;
 pub mod limiter;
 pub mod log;

@@ -47,3 +47,8 @@ fn the_signed_seed_verifies() {
     .unwrap();
     assert_eq!(s.redirect_url, "https://example.com/");
 }
+
+#[test]
+fn h3_corpus_replays() {
+    assert!(replay_corpus("h3_request", gateway_core::fuzzing::h3_request) >= 5);
+}
