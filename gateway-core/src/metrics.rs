@@ -271,7 +271,15 @@ pub struct Registry {
     pub h3_refused: AtomicU64,
     /// HTTP/3 requests read in 0-RTT early data (before the handshake).
     pub h3_early_requests: AtomicU64,
-    pub h3_errors: AtomicU64,
+    /// Connections or streams closed with an error, by code
+    /// ([`crate::h3::code::COUNTED`]).
+    pub h3_errors: [AtomicU64; crate::h3::code::COUNTED.len()],
+    /// HTTP/3 connections open, over the shards.
+    pub h3_open: AtomicU64,
+    /// Datagrams handed to the shard owning their connection, and dropped
+    /// because its queue was full.
+    pub h3_strays_forwarded: AtomicU64,
+    pub h3_strays_dropped: AtomicU64,
 }
 
 impl Registry {
@@ -289,8 +297,16 @@ impl Registry {
             h3_connections: AtomicU64::new(0),
             h3_refused: AtomicU64::new(0),
             h3_early_requests: AtomicU64::new(0),
-            h3_errors: AtomicU64::new(0),
+            h3_errors: std::array::from_fn(|_| AtomicU64::new(0)),
+            h3_open: AtomicU64::new(0),
+            h3_strays_forwarded: AtomicU64::new(0),
+            h3_strays_dropped: AtomicU64::new(0),
         }
+    }
+
+    /// Counts a connection or stream closed with HTTP/3 error `code`.
+    pub fn h3_error(&self, code: u64) {
+        self.h3_errors[crate::h3::code::counted_index(code)].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn publish(&self, shard: usize, c: &Counters) {
@@ -487,13 +503,18 @@ impl Registry {
             ),
             (
                 "h3_refused_total",
-                "HTTP/3 connections refused: over limits.connections_max.",
+                "HTTP/3 connections refused (CONNECTION_REFUSED): over limits.h3_connections_max, or draining.",
                 self.h3_refused.load(Ordering::Relaxed),
             ),
             (
-                "h3_errors_total",
-                "HTTP/3 connections or requests ended by a protocol error or timeout.",
-                self.h3_errors.load(Ordering::Relaxed),
+                "h3_stray_datagrams_total",
+                "Datagrams that reached another shard's socket (the client's address changed) and were handed to their connection's shard.",
+                self.h3_strays_forwarded.load(Ordering::Relaxed),
+            ),
+            (
+                "h3_stray_datagrams_dropped_total",
+                "Stray datagrams dropped: their shard's queue (limits.h3_stray_queue_max) was full.",
+                self.h3_strays_dropped.load(Ordering::Relaxed),
             ),
             (
                 "h3_early_data_requests_total",
@@ -505,6 +526,27 @@ impl Registry {
             head(&mut s, name, "counter", help);
             let _ = writeln!(s, "clickgate_{name} {v}");
         }
+        head(
+            &mut s,
+            "h3_errors_total",
+            "counter",
+            "HTTP/3 connections and streams closed with an error, by code (QUIC_TRANSPORT: a QUIC transport error, either side's).",
+        );
+        for (i, (_, name)) in crate::h3::code::COUNTED.iter().enumerate() {
+            let v = self.h3_errors[i].load(Ordering::Relaxed);
+            let _ = writeln!(s, "clickgate_h3_errors_total{{code=\"{name}\"}} {v}");
+        }
+        head(
+            &mut s,
+            "h3_connections_open",
+            "gauge",
+            "HTTP/3 connections open, over the shards.",
+        );
+        let _ = writeln!(
+            s,
+            "clickgate_h3_connections_open {}",
+            self.h3_open.load(Ordering::Relaxed)
+        );
         let gauges: &[(&str, &str, u64)] = &[
             (
                 "connections_open",

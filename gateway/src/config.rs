@@ -82,6 +82,13 @@ pub struct Listen {
     /// a round trip sooner). Safe: a replayed click is a duplicate of its
     /// click id, and a batch in early data is answered 425. Default true.
     pub http3_zero_rtt: bool,
+    /// UDP generic receive offload on the HTTP/3 socket: the kernel hands
+    /// over up to 64 KiB of one flow's datagrams per receive. Default true
+    /// (off where the kernel lacks it).
+    pub http3_gro: bool,
+    /// UDP segmentation offload: a connection's datagrams leave in one
+    /// send. Default true (off where the kernel lacks it).
+    pub http3_gso: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -302,8 +309,13 @@ pub struct Limits {
     pub pending_output_bytes_max: usize,
     /// Concurrent request streams one HTTP/3 connection may open. Default 100.
     pub h3_streams_per_connection_max: u32,
-    /// HTTP/3 requests queued to one shard; over it 503. Default 4096.
-    pub h3_pending_max: usize,
+    /// Open HTTP/3 connections per shard; a new one past it is refused
+    /// (CONNECTION_REFUSED) and counted. Default 10000.
+    pub h3_connections_max: usize,
+    /// Datagrams of one shard's connections that reached another shard's
+    /// socket (after a client's address changed), queued to their shard;
+    /// past it they are dropped (and counted; QUIC resends). Default 4096.
+    pub h3_stray_queue_max: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -360,6 +372,8 @@ impl Default for Listen {
             trusted_proxies: Vec::new(),
             alt_svc_max_age_s: 86_400,
             http3_zero_rtt: true,
+            http3_gro: true,
+            http3_gso: true,
         }
     }
 }
@@ -479,7 +493,8 @@ impl Default for Limits {
             idle_timeout_ms: 60_000,
             pending_output_bytes_max: 256 * 1024,
             h3_streams_per_connection_max: 100,
-            h3_pending_max: 4096,
+            h3_connections_max: 10_000,
+            h3_stray_queue_max: 4096,
         }
     }
 }
@@ -623,9 +638,12 @@ impl Config {
         if self.listen.https_proxy_protocol && self.listen.https.is_none() {
             return Err("listen.https_proxy_protocol: needs listen.https".into());
         }
-        if l.h3_streams_per_connection_max == 0 || l.h3_pending_max == 0 {
+        if l.h3_streams_per_connection_max == 0
+            || l.h3_connections_max == 0
+            || l.h3_stray_queue_max == 0
+        {
             return Err(
-                "limits.h3_streams_per_connection_max and h3_pending_max: at least 1".into(),
+                "limits.h3_streams_per_connection_max, h3_connections_max and h3_stray_queue_max: at least 1".into(),
             );
         }
         if !["1.2", "1.3"].contains(&self.tls.min_version.as_str()) {

@@ -121,19 +121,43 @@ pub fn run(cfg: Config, takeover: bool) -> anyhow::Result<()> {
     ])?;
 
     // HTTP/3: each shard's UDP socket is bound now, so an address in use
-    // fails the start; the companions start once every shard is ready.
-    let mut h3_parts = Vec::new();
-    let mut inboxes = Vec::new();
-    for _ in &cpus {
-        match cfg.listen.http3 {
-            Some(addr) => {
-                let (outbox, inbox) = crate::h3::channel(cfg.limits.h3_pending_max)?;
-                h3_parts.push((crate::h3::bind(addr)?, outbox));
-                inboxes.push(Some(inbox));
+    // fails the start; every shard's endpoint shares one server config
+    // (token key, session cache) and one stateless reset key.
+    let mut quic_setups: Vec<Option<_>> = Vec::new();
+    let h3_slot = match (cfg.listen.http3, &tls) {
+        (Some(addr), Some(tls)) => {
+            let server_config = crate::h3::server_config(&cfg, tls)?;
+            let reset_key = crate::h3::reset_key();
+            let (routes, inboxes) =
+                crate::h3::StrayRoutes::new(cpus.len(), cfg.limits.h3_stray_queue_max)?;
+            let slot = Arc::new(crate::h3::ServerConfigSlot::new(server_config.clone()));
+            for (i, strays) in inboxes.into_iter().enumerate() {
+                let (socket, gro, gso) = crate::h3::bind(addr, &cfg)?;
+                if i == 0 {
+                    tracing::info!(%addr, gro, gso, "HTTP/3 on every shard");
+                }
+                quic_setups.push(Some((
+                    crate::shard::QuicSetup {
+                        socket,
+                        gro,
+                        gso,
+                        server_config: server_config.clone(),
+                        endpoint_config: crate::h3::endpoint_config(i, reset_key.clone()),
+                        strays,
+                        routes: routes.clone(),
+                    },
+                    slot.clone(),
+                )));
             }
-            None => inboxes.push(None),
+            Some(slot)
         }
-    }
+        (Some(_), None) => bail!("listen.http3 needs [tls]"),
+        (None, _) => {
+            quic_setups.resize_with(cpus.len(), || None);
+            None
+        }
+    };
+    let inboxes = quic_setups;
     let (started_tx, started_rx) = mpsc::channel::<(usize, anyhow::Result<()>)>();
     let mut handles = Vec::new();
     for ((i, &cpu), inbox) in cpus.iter().enumerate().zip(inboxes) {
@@ -178,19 +202,6 @@ pub fn run(cfg: Config, takeover: bool) -> anyhow::Result<()> {
         }
     }
     shared.state.set(State::Ready);
-    let mut h3_handles = Vec::new();
-    for (i, (socket, outbox)) in h3_parts.into_iter().enumerate() {
-        let tls = tls.clone().context("HTTP/3 needs [tls]")?;
-        h3_handles.push(crate::h3::spawn(
-            i,
-            cpus[i],
-            &cfg,
-            shared.clone(),
-            tls,
-            socket,
-            outbox,
-        )?);
-    }
     tracing::info!(listen = %cfg.listen.http, "ready");
 
     let mut keys_mtime = mtime(&cfg.keys_file);
@@ -207,6 +218,11 @@ pub fn run(cfg: Config, takeover: bool) -> anyhow::Result<()> {
                 signal_hook::consts::SIGHUP => {
                     reload_keys(&cfg, &shared, grace_ms, "SIGHUP");
                     reload_tls(tls.as_deref());
+                    if let (Some(slot), Some(tls)) = (&h3_slot, tls.as_deref()) {
+                        if let Err(e) = slot.reload(&cfg, tls) {
+                            tracing::error!(error = %format!("{e:#}"), "HTTP/3 certificate not reloaded");
+                        }
+                    }
                 }
                 _ => {
                     if drain_started.is_none()
@@ -262,12 +278,6 @@ pub fn run(cfg: Config, takeover: bool) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let mut failed = false;
-    for h in h3_handles {
-        if h.join().is_err() {
-            tracing::error!("an HTTP/3 thread panicked");
-            failed = true;
-        }
-    }
     for (i, h) in handles.into_iter().enumerate() {
         match h.join() {
             Ok(Ok(())) => {}
@@ -358,7 +368,7 @@ fn start_shard(
     shared: Arc<Shared>,
     tls: Option<Arc<TlsHandle>>,
     listeners: Vec<Listener>,
-    h3: Option<crate::h3::Inbox>,
+    h3: Option<(crate::shard::QuicSetup, Arc<crate::h3::ServerConfigSlot>)>,
 ) -> anyhow::Result<ShardLoop> {
     if let Err(e) = sys::pin_to_cpu(cpu) {
         tracing::warn!(shard = i, cpu, error = %e, "could not pin shard");

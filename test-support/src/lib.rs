@@ -35,6 +35,27 @@ pub fn metric_f64(text: &str, name_and_labels: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The sum of every series of metric `name`, whatever its labels; panics if
+/// the page has none (a renamed metric must not make a check vacuous).
+pub fn metric_sum(text: &str, name: &str) -> u64 {
+    let mut found = false;
+    let sum = text
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let rest = match rest.strip_prefix('{') {
+                Some(r) => &r[r.find('}')? + 1..],
+                None => rest,
+            };
+            rest.starts_with(' ')
+                .then(|| rest.trim().parse::<f64>().ok())?
+        })
+        .inspect(|_| found = true)
+        .sum::<f64>();
+    assert!(found, "no series of {name} on the page");
+    sum as u64
+}
+
 /// The workspace's root directory.
 pub fn workspace_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -37,6 +37,32 @@ pub mod code {
     pub const MESSAGE_ERROR: u64 = 0x10e;
     pub const QPACK_DECOMPRESSION_FAILED: u64 = 0x200;
     pub const QPACK_ENCODER_STREAM_ERROR: u64 = 0x201;
+    /// Not an HTTP/3 code: the connection ended by a QUIC transport error
+    /// (a malformed packet, a flow-control violation), either side's.
+    pub const TRANSPORT: u64 = 0x1;
+
+    /// The codes counted by name in /metrics (`clickgate_h3_errors_total`).
+    pub const COUNTED: [(u64, &str); 14] = [
+        (TRANSPORT, "QUIC_TRANSPORT"),
+        (GENERAL_PROTOCOL_ERROR, "H3_GENERAL_PROTOCOL_ERROR"),
+        (INTERNAL_ERROR, "H3_INTERNAL_ERROR"),
+        (STREAM_CREATION_ERROR, "H3_STREAM_CREATION_ERROR"),
+        (CLOSED_CRITICAL_STREAM, "H3_CLOSED_CRITICAL_STREAM"),
+        (FRAME_UNEXPECTED, "H3_FRAME_UNEXPECTED"),
+        (FRAME_ERROR, "H3_FRAME_ERROR"),
+        (EXCESSIVE_LOAD, "H3_EXCESSIVE_LOAD"),
+        (SETTINGS_ERROR, "H3_SETTINGS_ERROR"),
+        (MISSING_SETTINGS, "H3_MISSING_SETTINGS"),
+        (REQUEST_REJECTED, "H3_REQUEST_REJECTED"),
+        (REQUEST_INCOMPLETE, "H3_REQUEST_INCOMPLETE"),
+        (QPACK_DECOMPRESSION_FAILED, "QPACK_DECOMPRESSION_FAILED"),
+        (QPACK_ENCODER_STREAM_ERROR, "QPACK_ENCODER_STREAM_ERROR"),
+    ];
+
+    /// Where `code` is in [`COUNTED`]; unknown codes count as the general one.
+    pub fn counted_index(code: u64) -> usize {
+        COUNTED.iter().position(|c| c.0 == code).unwrap_or(1)
+    }
 }
 
 const FRAME_DATA: u64 = 0x00;

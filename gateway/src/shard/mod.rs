@@ -15,8 +15,8 @@
 //! Here: the loop (start, turns, completions, the tick, drain). By concern:
 //! `conn` (accept, receive, requests to the app, send, timeouts), `layers`
 //! (PROXY and TLS below HTTP), `commit` (group commit and the durable seq),
-//! `h3_bridge` (the HTTP/3 companion's requests), `date` (the Date line),
-//! `ring` (what each completion is).
+//! `quic` (QUIC and HTTP/3 on the shard's UDP socket), `date` (the Date
+//! line), `ring` (what each completion is).
 
 use std::io;
 use std::os::fd::IntoRawFd;
@@ -37,17 +37,17 @@ use crate::tls::TlsHandle;
 mod commit;
 mod conn;
 mod date;
-mod h3_bridge;
 mod layers;
+mod quic;
 mod ring;
 
 pub use conn::{bind_listener, Listener};
 use conn::{Conn, ListenerState};
 use date::DateCache;
-use h3_bridge::H3Side;
+pub use quic::QuicSetup;
 use ring::{
-    ud, ud_parts, OP_ACCEPT, OP_CANCEL, OP_COMMIT_TIMER, OP_H3_WAKE, OP_RECV, OP_SEND, OP_SYNC,
-    OP_TIMER,
+    push_to, ud, ud_parts, OP_ACCEPT, OP_CANCEL, OP_COMMIT_TIMER, OP_QUIC_TIMER, OP_RECV, OP_SEND,
+    OP_STRAY_WAKE, OP_SYNC, OP_TIMER, OP_UDP_RECV, OP_UDP_SEND,
 };
 
 const TICK_MS: u64 = 50;
@@ -73,7 +73,11 @@ pub struct ShardLoop {
     tls_version: u64,
     trusted_proxies: TrustedProxies,
     proxy_header_max: usize,
-    h3: Option<H3Side>,
+    quic: Option<quic::Quic>,
+    /// The QUIC server config (certificate) new connections get, and its
+    /// version.
+    h3_config: Option<Arc<crate::h3::ServerConfigSlot>>,
+    h3_config_version: u64,
     conns: Vec<Conn>,
     free: Vec<usize>,
     open: usize,
@@ -132,7 +136,7 @@ impl ShardLoop {
         app: App<ShardLog>,
         tls: Option<Arc<TlsHandle>>,
         listeners: Vec<Listener>,
-        h3: Option<crate::h3::Inbox>,
+        h3: Option<(QuicSetup, Arc<crate::h3::ServerConfigSlot>)>,
     ) -> io::Result<Self> {
         let entries = 4096;
         let ring = IoUring::builder()
@@ -183,11 +187,21 @@ impl ShardLoop {
             trusted_proxies: TrustedProxies::parse(&cfg.listen.trusted_proxies)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
             proxy_header_max: cfg.listen.proxy_header_bytes_max,
-            h3: h3.map(|inbox| H3Side {
-                inbox,
-                wake_buf: Box::new(0),
-                done: false,
-                waiting: Vec::new(),
+            h3_config_version: h3.as_ref().map_or(0, |(_, slot)| slot.version()),
+            h3_config: h3.as_ref().map(|(_, slot)| slot.clone()),
+            quic: h3.map(|(setup, _)| {
+                quic::Quic::new(
+                    app.shard,
+                    setup,
+                    gateway_core::h3::Limits {
+                        // As before: twice the shard's header limit, so that
+                        // the shard, not the QUIC layer, answers 431 for
+                        // heads between the two.
+                        field_section_max: 2 * l.header_bytes_max,
+                        body_bytes_max: l.body_bytes_max,
+                    },
+                    l.h3_connections_max,
+                )
             }),
             conns: Vec::new(),
             free: Vec::new(),
@@ -243,16 +257,8 @@ impl ShardLoop {
     /// Every buffer the entry points to must stay valid and unmoved until its
     /// completion arrives (see the module comment for how the loop keeps that).
     unsafe fn push(&mut self, e: squeue::Entry) {
-        loop {
-            // SAFETY: forwarded from the caller.
-            if unsafe { self.ring.submission().push(&e) }.is_ok() {
-                return;
-            }
-            // The submission queue is full: hand it to the kernel and retry.
-            if let Err(err) = self.ring.submit() {
-                tracing::error!(error = %err, "io_uring submit failed");
-            }
-        }
+        // SAFETY: forwarded from the caller.
+        unsafe { push_to(&mut self.ring, &e) }
     }
 
     fn arm_timer(&mut self) {
@@ -269,7 +275,7 @@ impl ShardLoop {
             self.arm_accept(i);
         }
         self.arm_timer();
-        self.arm_h3_wake();
+        self.quic_start();
         let now = now_ms();
         self.date.refresh(now);
         self.mono = mono_ms();
@@ -329,19 +335,20 @@ impl ShardLoop {
             OP_CANCEL => {}
             // after_turn starts the paced write.
             OP_COMMIT_TIMER => self.commit_timer_armed = false,
-            OP_H3_WAKE => {
-                self.on_h3(now);
-                self.arm_h3_wake();
-            }
+            OP_UDP_RECV => self.on_udp_recv(slot, res),
+            OP_UDP_SEND => self.on_udp_send(slot, res),
+            OP_QUIC_TIMER => self.on_quic_timer(),
+            OP_STRAY_WAKE => self.on_stray_wake(),
             _ => unreachable!("unknown op {op}"),
         }
     }
 
     fn after_turn(&mut self, now: i64) {
+        // QUIC requests are read here (not in their completions), so their
+        // records are committed after, and answers released after that.
+        self.quic_turn(now);
         self.commit();
-        if self.h3.as_ref().is_some_and(|h| !h.waiting.is_empty()) {
-            self.release_h3();
-        }
+        self.quic_turn(now);
         let mut dirty = std::mem::take(&mut self.dirty);
         dirty.sort_unstable();
         dirty.dedup();
@@ -403,6 +410,13 @@ impl ShardLoop {
                 self.tls_config = Some(c);
             }
         }
+        if let Some(slot) = &self.h3_config {
+            if slot.version() != self.h3_config_version {
+                let (v, c) = slot.current();
+                self.h3_config_version = v;
+                self.quic_tls_reload(c);
+            }
+        }
         self.tick_phase = (self.tick_phase + 1) % TICK_PHASES;
         self.read_slow_conns();
         self.sweep_timeouts(self.mono, draining);
@@ -434,10 +448,7 @@ impl ShardLoop {
                 (self.open == 0
                     && self.listeners.iter().all(|l| l.fd.is_none())
                     && self.syncs.is_empty()
-                    && self
-                        .h3
-                        .as_ref()
-                        .is_none_or(|h| h.done && h.waiting.is_empty()))
+                    && self.quic.as_ref().is_none_or(|q| q.idle()))
                     || now >= deadline
             }
             None => false,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 pub use test_support::keys::{keys_toml, write_cert, write_keys};
 pub use test_support::net::{read_response, Response};
-pub use test_support::{free_port, metric, now_s};
+pub use test_support::{free_port, metric, metric_sum, now_s};
 
 pub const SECRET1: [u8; 32] = [1; 32];
 pub const SECRET2: [u8; 32] = [2; 32];

@@ -3,4 +3,4 @@
 #![allow(unused_imports)] // each test file uses a part
 
 pub use test_support::process::bin;
-pub use test_support::{free_port, free_udp_port, metric};
+pub use test_support::{free_port, free_udp_port, metric, metric_sum};
