@@ -82,6 +82,21 @@ enum Cmd {
         #[arg(long, default_value = "clickgate_minutes")]
         clickhouse_table: String,
     },
+    /// Open HTTP/3 connections, make one request on each, and hold them
+    /// idle (to measure a server's memory per idle connection). Prints
+    /// `open N` once all are up, then holds.
+    Idle {
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        target: SocketAddr,
+        /// The server's CA certificate (PEM).
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+        /// Seconds to hold them after all are open.
+        #[arg(long, default_value_t = 10.0)]
+        hold_s: f64,
+    },
     /// Draw `.hgrm` files (from `run --hgrm`) side by side in one SVG
     /// percentile plot.
     Plot {
@@ -233,6 +248,12 @@ fn main() {
 fn real_main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Run(a) => run(*a),
+        Cmd::Idle {
+            target,
+            ca,
+            connections,
+            hold_s,
+        } => secure::idle(target, &ca, connections, Duration::from_secs_f64(hold_s)),
         Cmd::Plot { out, title, series } => {
             let mut hists = Vec::new();
             for s in &series {

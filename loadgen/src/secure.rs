@@ -434,3 +434,64 @@ mod tests {
         assert_eq!(&body[..], b"abc");
     }
 }
+
+/// `loadgen idle`: `n` HTTP/3 connections, one GET /healthz on each (so
+/// both sides' control streams are up), held open for `hold`.
+pub fn idle(
+    addr: SocketAddr,
+    ca: &Path,
+    n: usize,
+    hold: std::time::Duration,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let bind: SocketAddr = if addr.is_ipv4() {
+            "0.0.0.0:0".parse()?
+        } else {
+            "[::]:0".parse()?
+        };
+        let mut e = quinn::Endpoint::client(bind)?;
+        let tls = client_config(ca, b"h3", false, false)?;
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from((*tls).clone())?;
+        let mut cc = quinn::ClientConfig::new(Arc::new(crypto));
+        let mut t = quinn::TransportConfig::default();
+        // Held longer than any default idle timeout: keep-alives.
+        t.keep_alive_interval(Some(std::time::Duration::from_secs(5)));
+        cc.transport_config(Arc::new(t));
+        e.set_default_client_config(cc);
+        let mut held = Vec::with_capacity(n);
+        for i in 0..n {
+            let conn = e
+                .connect(addr, "localhost")?
+                .await
+                .with_context(|| format!("connection {i}"))?;
+            let (mut driver, mut send) =
+                h3::client::new(h3_quinn::Connection::new(conn.clone())).await?;
+            tokio::spawn(async move {
+                let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+            });
+            let req = http::Request::get("https://localhost/healthz").body(())?;
+            let mut s = send.send_request(req).await?;
+            s.finish().await?;
+            let r = s.recv_response().await?;
+            anyhow::ensure!(
+                r.status() == 200,
+                "connection {i}: /healthz answered {}",
+                r.status()
+            );
+            while s.recv_data().await?.is_some() {}
+            held.push((conn, send));
+        }
+        println!("open {n}");
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        tokio::time::sleep(hold).await;
+        for (c, _) in &held {
+            c.close(0u32.into(), b"done");
+        }
+        e.wait_idle().await;
+        Ok(())
+    })
+}

@@ -12,6 +12,7 @@
 //! table (SETTINGS_QPACK_MAX_TABLE_CAPACITY 0, so the encoder and decoder
 //! streams carry nothing), one control stream each way.
 
+mod huffman;
 pub mod qpack;
 
 use std::ops::Range;

@@ -283,8 +283,7 @@ fn read_string(
     *at = end;
     let start = scratch.len();
     if huffman {
-        httlib_huffman::decode(s, scratch, httlib_huffman::DecoderSpeed::FourBits)
-            .map_err(|_| QpackError::Huffman)?;
+        super::huffman::decode(s, scratch).map_err(|_| QpackError::Huffman)?;
     } else {
         scratch.extend_from_slice(s);
     }
