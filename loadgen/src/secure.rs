@@ -418,23 +418,6 @@ fn to_h3(raw: &[u8], addr: &SocketAddr) -> anyhow::Result<(http::Request<()>, By
     Ok((b.uri(uri).body(())?, Bytes::copy_from_slice(&raw[head..])))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_pool_request_becomes_an_h3_request() {
-        let addr: SocketAddr = "127.0.0.1:8443".parse().unwrap();
-        let raw = b"POST /api/v1/events HTTP/1.1\r\nHost: gw:8443\r\nUser-Agent: lg\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\nabc";
-        let (r, body) = to_h3(raw, &addr).unwrap();
-        assert_eq!(r.method(), http::Method::POST);
-        assert_eq!(r.uri().to_string(), "https://gw:8443/api/v1/events");
-        assert_eq!(r.headers()["user-agent"], "lg");
-        assert!(r.headers().get("content-length").is_none());
-        assert_eq!(&body[..], b"abc");
-    }
-}
-
 /// `loadgen idle`: `n` HTTP/3 connections, one GET /healthz on each (so
 /// both sides' control streams are up), held open for `hold`.
 pub fn idle(
@@ -494,4 +477,21 @@ pub fn idle(
         e.wait_idle().await;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pool_request_becomes_an_h3_request() {
+        let addr: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+        let raw = b"POST /api/v1/events HTTP/1.1\r\nHost: gw:8443\r\nUser-Agent: lg\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\nabc";
+        let (r, body) = to_h3(raw, &addr).unwrap();
+        assert_eq!(r.method(), http::Method::POST);
+        assert_eq!(r.uri().to_string(), "https://gw:8443/api/v1/events");
+        assert_eq!(r.headers()["user-agent"], "lg");
+        assert!(r.headers().get("content-length").is_none());
+        assert_eq!(&body[..], b"abc");
+    }
 }
