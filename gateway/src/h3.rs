@@ -118,6 +118,9 @@ pub fn server_config(
     t.receive_window(quinn_proto::VarInt::from_u32(
         stream_window.saturating_mul(cfg.limits.h3_streams_per_connection_max.min(16)),
     ));
+    // Answers to clicks fit the 1200-byte minimum datagram: probing for a
+    // larger path MTU would only add datagrams to short connections.
+    t.mtu_discovery_config(None);
     sc.transport_config(Arc::new(t));
     // Address changes keep the connection: a packet reaching another shard
     // is handed to the connection's own (see [`owner`]).
