@@ -90,9 +90,11 @@ fn a_client_that_changes_port_keeps_clicking_on_one_connection_across_shards() {
     // either shard's socket, so in 24 moves some datagrams reach the shard
     // that does not own the connection (all 24 on one: 2^-24).
     let (mut g, port, certs) = start("[0, 1]", "");
+    let rt = rt();
+    let _in = rt.enter();
     let e = client(&certs.path().join("gw.pem"));
     let n = 24;
-    rt().block_on(async {
+    rt.block_on(async {
         let (conn, mut send) = open(&e, port).await.unwrap();
         let id = conn.stable_id();
         for i in 0..n {
@@ -135,8 +137,10 @@ fn a_client_that_changes_port_keeps_clicking_on_one_connection_across_shards() {
 #[test]
 fn past_the_connection_cap_new_connections_are_refused_and_counted() {
     let (g, port, certs) = start("[0]", "[limits]\nh3_connections_max = 2\n");
+    let rt = rt();
+    let _in = rt.enter();
     let e = client(&certs.path().join("gw.pem"));
-    rt().block_on(async {
+    rt.block_on(async {
         let (_c1, mut s1) = open(&e, port).await.unwrap();
         let (_c2, mut s2) = open(&e, port).await.unwrap();
         let refused = open(&e, port).await;
@@ -154,9 +158,12 @@ fn past_the_connection_cap_new_connections_are_refused_and_counted() {
 #[test]
 fn a_drain_ends_open_connections_cleanly_and_keeps_every_answered_click() {
     let (mut g, port, certs) = start("[0]", "");
-    let e = client(&certs.path().join("gw.pem"));
     let rt = rt();
-    let (conn, answered) = rt.block_on(async {
+    let _in = rt.enter();
+    let e = client(&certs.path().join("gw.pem"));
+    // The request handle is kept: h3's client closes the connection once
+    // every handle is dropped.
+    let (conn, _send, answered) = rt.block_on(async {
         let (conn, mut send) = open(&e, port).await.unwrap();
         let mut answered = 0;
         for i in 0..20 {
@@ -169,7 +176,7 @@ fn a_drain_ends_open_connections_cleanly_and_keeps_every_answered_click() {
                 answered += 1;
             }
         }
-        (conn, answered)
+        (conn, send, answered)
     });
     assert_eq!(answered, 20);
     g.signal(libc::SIGTERM);
