@@ -439,3 +439,65 @@ fn zero_rtt_clicks_are_taken_early_batches_get_425_and_replays_get_nothing() {
     g.signal(libc::SIGTERM);
     assert_eq!(g.wait_exit(Duration::from_secs(20)), Some(0), "{}", g.log());
 }
+
+/// Runs tests/tools/h3_hostile.py with one abuse; its JSON line.
+fn hostile(port: u16, ca: &std::path::Path, abuse: &str) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/h3_hostile.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg("--port")
+        .arg(port.to_string())
+        .arg("--cafile")
+        .arg(ca)
+        .arg(abuse)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{abuse}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn hostile_http3_input_closes_with_the_right_code_and_is_counted() {
+    if !ensure_aioquic() {
+        eprintln!("SKIPPED: aioquic is not installed and could not be installed");
+        return;
+    }
+    let (g, port, certs) = start_h3(&[]);
+    let ca = certs.path().join("gw.pem");
+    let cases = [
+        ("data-before-headers", 0x105, "H3_FRAME_UNEXPECTED"),
+        ("settings-on-request", 0x105, "H3_FRAME_UNEXPECTED"),
+        ("dynamic-qpack", 0x200, "QPACK_DECOMPRESSION_FAILED"),
+        ("static-index-past", 0x200, "QPACK_DECOMPRESSION_FAILED"),
+        ("second-control", 0x103, "H3_STREAM_CREATION_ERROR"),
+        ("push-stream", 0x103, "H3_STREAM_CREATION_ERROR"),
+    ];
+    for (abuse, code, _) in cases {
+        let out = hostile(port, &ca, abuse);
+        assert!(
+            out.contains("\"closed\": true") && out.contains(&format!("\"error_code\": {code},")),
+            "{abuse}: {out}\n{}",
+            g.log()
+        );
+    }
+    // Datagrams of random bytes are dropped; the next client is served.
+    let out = hostile(port, &ca, "garbage");
+    assert!(out.contains("\"status\": 200"), "{out}");
+    let m = g.metrics();
+    for (name, n) in [
+        ("H3_FRAME_UNEXPECTED", 2),
+        ("QPACK_DECOMPRESSION_FAILED", 2),
+        ("H3_STREAM_CREATION_ERROR", 2),
+    ] {
+        assert_eq!(
+            metric(&m, &format!("clickgate_h3_errors_total{{code=\"{name}\"}}")),
+            n,
+            "{name}: {m}"
+        );
+    }
+    assert!(!g.log().contains("panicked"), "{}", g.log());
+}

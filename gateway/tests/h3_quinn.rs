@@ -197,3 +197,34 @@ fn a_drain_ends_open_connections_cleanly_and_keeps_every_answered_click() {
     let (clicks, _, _, _) = totals(&g.inspect(false));
     assert_eq!(clicks, answered, "every answered click in the log");
 }
+
+#[test]
+fn closed_connections_leave_the_table_while_an_idle_one_holds_a_long_timer() {
+    // An idle connection's next deadline is its idle timeout (a minute);
+    // connections that close meanwhile must still get their drain timers,
+    // or they stay in the table until the cap refuses everyone.
+    let (g, port, certs) = start("[0]", "");
+    let rt = rt();
+    let _in = rt.enter();
+    let e = client(&certs.path().join("gw.pem"));
+    let open_now = || metric(&g.metrics(), "clickgate_h3_connections_open");
+    rt.block_on(async {
+        let (_idle, mut s) = open(&e, port).await.unwrap();
+        assert_eq!(get(&mut s, "/healthz").await.unwrap().0, 200);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for i in 0..20 {
+            let (c, mut s) = open(&e, port).await.unwrap();
+            assert_eq!(
+                get(&mut s, &click(&format!("short-{i}"))).await.unwrap().0,
+                302
+            );
+            c.close(0u32.into(), b"done");
+            drop(s);
+        }
+        let t = std::time::Instant::now();
+        while open_now() != 1 && t.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(open_now(), 1, "closed connections still held after 5 s");
+    });
+}

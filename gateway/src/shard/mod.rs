@@ -337,7 +337,7 @@ impl ShardLoop {
             OP_COMMIT_TIMER => self.commit_timer_armed = false,
             OP_UDP_RECV => self.on_udp_recv(slot, res),
             OP_UDP_SEND => self.on_udp_send(slot, res),
-            OP_QUIC_TIMER => self.on_quic_timer(),
+            OP_QUIC_TIMER => self.on_quic_timer(slot),
             OP_STRAY_WAKE => self.on_stray_wake(),
             _ => unreachable!("unknown op {op}"),
         }

@@ -257,9 +257,8 @@ pub(super) struct Quic {
     gso: bool,
     timers: BinaryHeap<Reverse<(Instant, usize, u32)>>,
     timer_specs: Vec<Box<types::Timespec>>,
-    timers_inflight: usize,
-    /// The earliest deadline a ring timeout in flight covers.
-    timer_armed: Option<Instant>,
+    /// Per timer slot, the deadline of its ring timeout in flight.
+    timer_slots: [Option<Instant>; TIMER_SLOTS],
     dirty: Vec<ConnectionHandle>,
     waiting: Vec<Waiting>,
     limits: h3c::Limits,
@@ -326,8 +325,7 @@ impl Quic {
             timer_specs: (0..TIMER_SLOTS)
                 .map(|_| Box::new(types::Timespec::new()))
                 .collect(),
-            timers_inflight: 0,
-            timer_armed: None,
+            timer_slots: [None; TIMER_SLOTS],
             dirty: Vec::new(),
             waiting: Vec::new(),
             limits,
@@ -491,27 +489,10 @@ impl ShardLoop {
         q.arm_stray_wake(ring);
     }
 
-    pub(super) fn on_quic_timer(&mut self) {
-        let now = Instant::now();
+    pub(super) fn on_quic_timer(&mut self, slot: usize) {
         let Some(q) = self.quic.as_mut() else { return };
-        q.timers_inflight -= 1;
-        if q.timers_inflight == 0 {
-            q.timer_armed = None;
-        }
-        while let Some(Reverse((at, h, gen))) = q.timers.peek().copied() {
-            if at > now {
-                break;
-            }
-            q.timers.pop();
-            let ch = ConnectionHandle(h);
-            if let Some(c) = q.conns.get_mut(&ch) {
-                if c.gen == gen && c.timer == Some(at) {
-                    c.timer = None;
-                    c.conn.handle_timeout(now);
-                    q.dirty.push(ch);
-                }
-            }
-        }
+        q.timer_slots[slot] = None;
+        q.expire_timers(Instant::now());
     }
 
     /// Runs every connection something happened to: its events, requests,
@@ -528,6 +509,9 @@ impl ShardLoop {
             ..
         } = self;
         let Some(q) = quic.as_mut() else { return };
+        // Every turn (the 50 ms tick included): deadlines past are handled
+        // even when no ring timeout was free to cover them.
+        q.expire_timers(Instant::now());
         let draining = app.shared.state.get() == State::Draining;
         if draining && !q.draining {
             q.draining = true;
@@ -1014,8 +998,27 @@ impl Quic {
         }
     }
 
+    /// Hands every deadline past to its connection.
+    fn expire_timers(&mut self, now: Instant) {
+        while let Some(Reverse((at, h, gen))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let ch = ConnectionHandle(h);
+            if let Some(c) = self.conns.get_mut(&ch) {
+                if c.gen == gen && c.timer == Some(at) {
+                    c.timer = None;
+                    c.conn.handle_timeout(now);
+                    self.dirty.push(ch);
+                }
+            }
+        }
+    }
+
     /// Arms a ring timeout for the earliest live QUIC deadline, unless one
-    /// in flight already fires by then.
+    /// in flight already fires by then. (`expire_timers` also runs every
+    /// loop turn, so a deadline is never later than the next 50 ms tick.)
     fn arm_timer(&mut self, ring: &mut IoUring, now: Instant) {
         while let Some(Reverse((at, h, gen))) = self.timers.peek().copied() {
             let live = self
@@ -1030,23 +1033,40 @@ impl Quic {
         let Some(Reverse((at, _, _))) = self.timers.peek().copied() else {
             return;
         };
-        if self.timer_armed.is_some_and(|t| t <= at) || self.timers_inflight >= TIMER_SLOTS {
+        if self.timer_slots.iter().flatten().any(|&t| t <= at) {
             return;
         }
-        let slot = self.timers_inflight;
         let wait = at
             .saturating_duration_since(now)
             .max(Duration::from_micros(50));
+        if let Some(slot) = self.timer_slots.iter().position(|t| t.is_none()) {
+            *self.timer_specs[slot] = types::Timespec::from(wait);
+            let e = opcode::Timeout::new(&*self.timer_specs[slot])
+                .build()
+                .user_data(ud(OP_QUIC_TIMER, slot, 0));
+            // SAFETY: the timespec is boxed in self and lives as long as
+            // the ring; the kernel copies it when the entry is submitted.
+            unsafe { push_to(ring, &e) };
+            self.timer_slots[slot] = Some(at);
+            return;
+        }
+        // Every slot busy, each later than `at` (idle timeouts, say): move
+        // the latest one to `at`. If it fires first, the update finds
+        // nothing, and the slot is re-armed at the next turn.
+        let (slot, _) = self
+            .timer_slots
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, t)| **t)
+            .expect("TIMER_SLOTS > 0");
         *self.timer_specs[slot] = types::Timespec::from(wait);
-        let e = opcode::Timeout::new(&*self.timer_specs[slot])
+        let e = opcode::TimeoutUpdate::new(ud(OP_QUIC_TIMER, slot, 0), &*self.timer_specs[slot])
             .build()
-            .user_data(ud(OP_QUIC_TIMER, slot, 0));
-        // SAFETY: the timespec is boxed in self; the kernel copies it when
-        // the entry is submitted, and the slot is not rewritten before this
-        // timeout completes (timers_inflight counts it).
+            .user_data(ud(super::ring::OP_CANCEL, 0, 0));
+        // SAFETY: the kernel copies the timespec when the update is
+        // submitted; the box lives in self.
         unsafe { push_to(ring, &e) };
-        self.timers_inflight += 1;
-        self.timer_armed = Some(self.timer_armed.map_or(at, |t| t.min(at)));
+        self.timer_slots[slot] = Some(at);
     }
 }
 
