@@ -59,6 +59,7 @@ fn soak(retain: bool) -> Vec<u64> {
                     ..Rules::default()
                 },
                 export: false,
+                ..Default::default()
             },
         )
         .unwrap(),

@@ -24,7 +24,7 @@ use std::time::Duration;
 use wire::record::Counts;
 
 use crate::config::ClickHouse;
-use crate::store::{ExportRow, Query, Series, Store};
+use crate::store::{ExportRow, Query, Series, Sink, Store};
 
 /// A SQL string literal.
 fn quote(s: &str) -> String {
@@ -42,7 +42,7 @@ fn quote(s: &str) -> String {
 }
 
 /// A JSON string literal (serde_json does the escaping).
-fn js(s: &str) -> String {
+pub(crate) fn js(s: &str) -> String {
     serde_json::Value::String(s.to_string()).to_string()
 }
 
@@ -317,13 +317,16 @@ pub async fn run_sink(
                 tables_ready = true;
             }
             let (st, max) = (store.clone(), cfg.batch_rows_max);
-            let rows = tokio::task::spawn_blocking(move || st.export_pending(max)).await??;
+            let rows =
+                tokio::task::spawn_blocking(move || st.export_pending(Sink::ClickHouse, max))
+                    .await??;
             if !rows.is_empty() {
                 client.insert_rows(&rows).await?;
                 daemon::faults::crash_point("aggregator_exported_before_forget");
                 let done = ExportRow::done(&rows);
                 let st = store.clone();
-                tokio::task::spawn_blocking(move || st.export_done(&done)).await??;
+                tokio::task::spawn_blocking(move || st.export_done(Sink::ClickHouse, &done))
+                    .await??;
                 stats.ch_inserts.fetch_add(1, Ordering::Relaxed);
                 stats
                     .ch_rows_written
@@ -335,7 +338,7 @@ pub async fn run_sink(
                 .await?;
             stats
                 .ch_backlog
-                .store(store.export_backlog()?, Ordering::Relaxed);
+                .store(store.export_backlog(Sink::ClickHouse)?, Ordering::Relaxed);
             anyhow::Ok(rows.len())
         }
         .await;
@@ -362,7 +365,8 @@ pub async fn run_sink(
     }
 }
 
-async fn sleep_unless(stop: &std::sync::atomic::AtomicBool, d: Duration) {
+/// Sleeps for `d`, or until `stop` is set.
+pub(crate) async fn sleep_unless(stop: &std::sync::atomic::AtomicBool, d: Duration) {
     let until = tokio::time::Instant::now() + d;
     while !stop.load(Ordering::Relaxed) && tokio::time::Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(20).min(d)).await;
@@ -401,6 +405,7 @@ mod tests {
                 key: k,
                 row: r,
                 revision: 17,
+                reconciled: false,
             }],
             "agg-a",
         );

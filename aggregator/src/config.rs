@@ -52,6 +52,8 @@ pub struct Config {
     pub query_max_points: usize,
     /// The ClickHouse sink; off unless `clickhouse.url` is set.
     pub clickhouse: ClickHouse,
+    /// The Kafka sink; off unless `kafka.bootstrap` is set.
+    pub kafka: crate::kafka::Settings,
     /// Several instances, advertisers partitioned among them; off unless
     /// `cluster.instances` is set.
     pub cluster: Cluster,
@@ -167,6 +169,7 @@ impl Default for Config {
             group_commit_max: 64,
             query_max_points: 100_000,
             clickhouse: ClickHouse::default(),
+            kafka: crate::kafka::Settings::default(),
             cluster: Cluster::default(),
             reconcile: crate::reconcile::Settings::default(),
             audit: crate::audit::Settings::default(),
@@ -212,6 +215,7 @@ impl Config {
                 );
             }
         }
+        self.kafka.validate()?;
         let cl = &self.cluster;
         if !cl.instances.is_empty() {
             let mut ids: Vec<&str> = cl.instances.iter().map(|i| i.id.as_str()).collect();

@@ -721,6 +721,22 @@ async fn readyz(State(api): State<Arc<Api>>) -> Response {
                 api.metrics.audit.backlog_hours.load(Relaxed)
             ));
         }
+        let kafka = api.metrics.kafka.last_error.lock().unwrap().clone();
+        if !kafka.is_empty() {
+            let k = &api.metrics.kafka;
+            body.push_str(&format!(
+                "kafka sink failing (retried with back-off; {} rows and {} raw-event entries waiting): {kafka}\n",
+                k.backlog_rows.load(Relaxed),
+                k.backlog_entries.load(Relaxed)
+            ));
+        }
+        let too_large = api.metrics.kafka.too_large.load(Relaxed);
+        if too_large > 0 {
+            body.push_str(&format!(
+                "kafka sink passed over {too_large} record(s) the broker refused as too large; last: {}\n",
+                api.metrics.kafka.last_too_large.lock().unwrap()
+            ));
+        }
         (StatusCode::OK, body).into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()

@@ -15,6 +15,7 @@ pub mod certs;
 pub mod clickhouse;
 pub mod config;
 pub mod http;
+pub mod kafka;
 pub mod merge;
 pub mod metrics;
 pub mod reconcile;

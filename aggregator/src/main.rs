@@ -355,6 +355,16 @@ fn run(cfg: Config) -> anyhow::Result<()> {
                 sink_stop.clone(),
             ))
         });
+        let kafka = cfg.kafka.enabled().then(|| {
+            tracing::info!(bootstrap = ?cfg.kafka.bootstrap, events = %cfg.kafka.events_topic, rows = %cfg.kafka.rows_topic, "Kafka sink on");
+            tokio::spawn(aggregator::kafka::run_sink(
+                st.clone(),
+                cfg.kafka.clone(),
+                store_id.clone(),
+                metrics.kafka.clone(),
+                sink_stop.clone(),
+            ))
+        });
         let audit_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let objects = if cfg.audit.seal {
             let target = cfg.audit.target(&cfg.store_path).map_err(anyhow::Error::msg)?;
@@ -426,10 +436,10 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         endpoint.close(0u32.into(), b"aggregator stopping");
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), quic).await;
         endpoint.wait_idle().await;
-        // Last rows to ClickHouse: one more round, then stop (what is not
-        // written stays in the store's export table for the next start).
-        if let Some(sink) = sink {
-            sink_stop.store(true, Relaxed);
+        // Last rows to the sinks: one more round, then stop (what is not
+        // written stays marked in the store for the next start).
+        sink_stop.store(true, Relaxed);
+        for sink in [sink, kafka].into_iter().flatten() {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(10), sink).await;
         }
         // An upload in progress finishes or is redone after the next start
@@ -478,5 +488,7 @@ fn store_settings(cfg: &Config) -> store::Settings {
             cluster: cfg.cluster.route(),
         },
         export: cfg.clickhouse.enabled(),
+        kafka: cfg.kafka.enabled(),
+        kafka_backlog_entries_max: cfg.kafka.backlog_entries_max,
     }
 }

@@ -96,6 +96,7 @@ pub struct Metrics {
     pub ch_backlog: AtomicU64,
     pub reconcile: std::sync::Arc<ReconcileStats>,
     pub audit: std::sync::Arc<crate::audit::SealStats>,
+    pub kafka: std::sync::Arc<crate::kafka::KafkaStats>,
     pub retention: std::sync::Arc<crate::retention::RetentionStats>,
     /// Reconcile requests refused (400, 401, 403, 429).
     pub admin_errors: AtomicU64,
@@ -228,6 +229,7 @@ impl Metrics {
             &mut s,
         );
         self.reconcile.render(&mut s);
+        self.kafka.render(&mut s, crate::now_ms());
         let a = &self.audit;
         for (name, help, v) in [
             (
@@ -442,7 +444,13 @@ impl ReconcileStats {
 }
 
 /// One metric in the text exposition format: HELP, TYPE and its value.
-fn metric(s: &mut String, name: &str, help: &str, kind: &str, v: impl std::fmt::Display) {
+pub(crate) fn metric(
+    s: &mut String,
+    name: &str,
+    help: &str,
+    kind: &str,
+    v: impl std::fmt::Display,
+) {
     let _ = writeln!(
         s,
         "# HELP clickgate_aggregator_{name} {help}\n# TYPE clickgate_aggregator_{name} {kind}\nclickgate_aggregator_{name} {v}"

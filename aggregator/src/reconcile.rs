@@ -1082,6 +1082,7 @@ fn differences(
 mod tests {
     use super::*;
     use crate::merge::{PointState, Rules};
+    use crate::store::Sink;
     use crate::store::{Query, Settings as StoreSettings};
     use wire::batch::{push_item, Batch, BatchKind, Status};
     use wire::record::{Device, EventKind, EventRef, PartialRecord, Source, Verdict};
@@ -1222,6 +1223,7 @@ mod tests {
                         cluster: None,
                     },
                     export: true,
+                    ..Default::default()
                 },
             )
             .unwrap(),
@@ -1327,7 +1329,7 @@ mod tests {
             (3, 1, 3000, PointState::Reconciled, v0 + 1)
         );
         // The correction goes to the sink with the rest.
-        assert!(s.export_backlog().unwrap() > 0);
+        assert!(s.export_backlog(Sink::ClickHouse).unwrap() > 0);
         // Nothing more to do; a second pass would change nothing.
         assert!(drive(&mut r, now).is_empty());
     }

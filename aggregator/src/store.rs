@@ -87,8 +87,52 @@ const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
 const UNRECORDED: TableDefinition<(u32, &str, u16), u64> = TableDefinition::new("unrecorded");
 /// Rows changed since they were last written to ClickHouse: row key -> the
 /// revision (`meta["revision"]`, one per write transaction) of the change.
-/// Filled only when a sink is configured (`Settings::export`).
+/// Filled only when that sink is configured (`Settings::export`).
 const EXPORT: TableDefinition<&[u8], u64> = TableDefinition::new("export");
+/// The same for the Kafka sink (`Settings::kafka`); a row is also marked
+/// when its minute becomes reconciled, since its record carries that state.
+const EXPORT_KAFKA: TableDefinition<&[u8], u64> = TableDefinition::new("export_kafka");
+/// Raw-event entries (keys of `audit_by_minute`) not yet produced to Kafka.
+/// A marked entry stays hot (retention waits for it).
+const EXPORT_KAFKA_EVENTS: TableDefinition<(u32, &str, u16, u64), ()> =
+    TableDefinition::new("export_kafka_events");
+
+/// Meta: the earliest minute with raw events not marked for Kafka because
+/// its backlog was full (0: none).
+const KAFKA_REMARK_FROM: &str = "kafka_remark_from";
+
+/// A sink the store records changes for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sink {
+    ClickHouse,
+    Kafka,
+}
+
+impl Sink {
+    pub const ALL: [Sink; 2] = [Sink::ClickHouse, Sink::Kafka];
+
+    fn rows(self) -> TableDefinition<'static, &'static [u8], u64> {
+        match self {
+            Sink::ClickHouse => EXPORT,
+            Sink::Kafka => EXPORT_KAFKA,
+        }
+    }
+
+    /// The meta flag remembering the sink was on (see `track_exports`).
+    fn flag(self) -> &'static str {
+        match self {
+            Sink::ClickHouse => "exporting",
+            Sink::Kafka => "exporting_kafka",
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Sink::ClickHouse => "ClickHouse",
+            Sink::Kafka => "Kafka",
+        }
+    }
+}
 
 /// The layout this code reads and writes. Version 1 filed raw events by
 /// hour and had no reconcile tables.
@@ -99,6 +143,22 @@ pub struct Settings {
     pub rules: Rules,
     /// Record changed rows for the ClickHouse sink.
     pub export: bool,
+    /// Record changed rows and new raw events for the Kafka sink.
+    pub kafka: bool,
+    /// Most audit entries waiting for Kafka (0: no bound). Past it, new
+    /// entries are not marked; the store remembers the earliest minute it
+    /// passed over, and once the sink has caught up it marks every hot
+    /// entry from that minute on again ([`Store::kafka_events_remark`]).
+    pub kafka_backlog_entries_max: u64,
+}
+
+impl Settings {
+    pub fn exports(&self, sink: Sink) -> bool {
+        match sink {
+            Sink::ClickHouse => self.export,
+            Sink::Kafka => self.kafka,
+        }
+    }
 }
 
 /// What applying one batch did.
@@ -173,6 +233,9 @@ fn open_db(path: &Path) -> Result<Database> {
     tx.open_table(JOBS).map_err(se)?;
     tx.open_table(AUDIT_PENDING).map_err(se)?;
     tx.open_table(AUDIT_PARTS).map_err(se)?;
+    tx.open_table(EXPORT).map_err(se)?;
+    tx.open_table(EXPORT_KAFKA).map_err(se)?;
+    tx.open_table(EXPORT_KAFKA_EVENTS).map_err(se)?;
     tx.open_table(AUDIT_HOT).map_err(se)?;
     tx.open_table(UNIQ_MIN).map_err(se)?;
     tx.open_table(UNIQ_HOUR).map_err(se)?;
@@ -412,36 +475,58 @@ impl Store {
         Ok(format!("{id:016x}"))
     }
 
-    /// When the sink is turned on for a store that had it off, every row
-    /// is marked for export (changes made while it was off were not
-    /// tracked); when turned off, the store remembers, so that turning it on
-    /// again backfills again.
+    /// When a sink is turned on for a store that had it off, every row (and
+    /// for Kafka every hot raw event) is marked for export: changes made
+    /// while it was off were not tracked. When turned off, its marks are
+    /// dropped (they would hold raw events hot) and the store remembers, so
+    /// that turning it on again backfills again.
     fn track_exports(&self) -> Result<()> {
         let db = self.db()?;
         let tx = db.begin_write().map_err(se)?;
         {
             let mut meta = tx.open_table(META).map_err(se)?;
-            let on = meta.get("exporting").map_err(se)?.map_or(0, |v| v.value()) == 1;
-            if self.settings.export && !on {
-                let rows = tx.open_table(ROWS).map_err(se)?;
-                let mut export = tx.open_table(EXPORT).map_err(se)?;
-                let revision = meta.get("revision").map_err(se)?.map_or(0, |v| v.value()) + 1;
-                let mut n = 0u64;
-                for r in rows.iter().map_err(se)? {
-                    let (k, _) = r.map_err(se)?;
-                    export.insert(k.value(), revision as u64).map_err(se)?;
-                    n += 1;
+            let revision = meta_get(&meta, "revision")? + 1;
+            for sink in Sink::ALL {
+                let was = meta_get(&meta, sink.flag())? == 1;
+                let on = self.settings.exports(sink);
+                if on && !was {
+                    let rows = tx.open_table(ROWS).map_err(se)?;
+                    let mut export = tx.open_table(sink.rows()).map_err(se)?;
+                    let mut n = 0u64;
+                    for r in rows.iter().map_err(se)? {
+                        let (k, _) = r.map_err(se)?;
+                        export.insert(k.value(), revision as u64).map_err(se)?;
+                        n += 1;
+                    }
+                    let mut entries = 0u64;
+                    if sink == Sink::Kafka {
+                        let audit = tx.open_table(AUDIT).map_err(se)?;
+                        let mut marks = tx.open_table(EXPORT_KAFKA_EVENTS).map_err(se)?;
+                        for r in audit.iter().map_err(se)? {
+                            let (k, _) = r.map_err(se)?;
+                            marks.insert(k.value(), ()).map_err(se)?;
+                            entries += 1;
+                        }
+                    }
+                    meta.insert("revision", revision).map_err(se)?;
+                    meta.insert(sink.flag(), 1).map_err(se)?;
+                    if n + entries > 0 {
+                        tracing::info!(
+                            rows = n,
+                            event_entries = entries,
+                            "{} sink turned on: everything marked for export",
+                            sink.name()
+                        );
+                    }
+                } else if !on && was {
+                    meta.insert(sink.flag(), 0).map_err(se)?;
+                    tx.delete_table(sink.rows()).map_err(se)?;
+                    tx.open_table(sink.rows()).map_err(se)?;
+                    if sink == Sink::Kafka {
+                        tx.delete_table(EXPORT_KAFKA_EVENTS).map_err(se)?;
+                        tx.open_table(EXPORT_KAFKA_EVENTS).map_err(se)?;
+                    }
                 }
-                meta.insert("revision", revision).map_err(se)?;
-                meta.insert("exporting", 1).map_err(se)?;
-                if n > 0 {
-                    tracing::info!(
-                        rows = n,
-                        "ClickHouse sink turned on: every row marked for export"
-                    );
-                }
-            } else if !self.settings.export && on {
-                meta.insert("exporting", 0).map_err(se)?;
             }
         }
         tx.commit().map_err(se)
@@ -572,6 +657,8 @@ impl Store {
             let mut audit = tx.open_table(AUDIT).map_err(se)?;
             let mut meta = tx.open_table(META).map_err(se)?;
             let mut export = tx.open_table(EXPORT).map_err(se)?;
+            let mut export_kafka = tx.open_table(EXPORT_KAFKA).map_err(se)?;
+            let mut kafka_events = tx.open_table(EXPORT_KAFKA_EVENTS).map_err(se)?;
             let mut unrecorded = tx.open_table(UNRECORDED).map_err(se)?;
             let mut uniq_min = tx.open_table(UNIQ_MIN).map_err(se)?;
             let mut uniq_hour = tx.open_table(UNIQ_HOUR).map_err(se)?;
@@ -654,6 +741,12 @@ impl Store {
                                             .map_err(se)?;
                                         exported = true;
                                     }
+                                    if self.settings.kafka {
+                                        export_kafka
+                                            .insert(kb.as_slice(), revision as u64)
+                                            .map_err(se)?;
+                                        exported = true;
+                                    }
                                     touched.insert(k.minute);
                                     eff.corrections += correction as u64;
                                     eff.rows += 1;
@@ -686,6 +779,31 @@ impl Store {
                                     frame.as_slice(),
                                 )
                                 .map_err(se)?;
+                            if self.settings.kafka {
+                                let cap = self.settings.kafka_backlog_entries_max;
+                                if cap == 0 || kafka_events.len().map_err(se)? < cap {
+                                    kafka_events
+                                        .insert(
+                                            (
+                                                *minute,
+                                                batch.gateway_id.as_str(),
+                                                batch.shard,
+                                                *after,
+                                            ),
+                                            (),
+                                        )
+                                        .map_err(se)?;
+                                } else {
+                                    let from = meta_get(&meta, KAFKA_REMARK_FROM)?;
+                                    if from == 0 || i64::from(*minute) < from {
+                                        meta.insert(KAFKA_REMARK_FROM, i64::from(*minute))
+                                            .map_err(se)?;
+                                    }
+                                    let n = meta_get(&meta, "kafka_entries_passed_over")?;
+                                    meta.insert("kafka_entries_passed_over", n + 1)
+                                        .map_err(se)?;
+                                }
+                            }
                             touched.insert(*minute);
                             audit_hours.insert((*minute / 60, batch.gateway_id.clone()));
                         }
@@ -1010,7 +1128,7 @@ impl Store {
         let db = self.db()?;
         let tx = db.begin_read().map_err(se)?;
         let t = tx.open_table(AUDIT).map_err(se)?;
-        visit_audit(&t, m0, m1, &mut f)?;
+        visit_audit(&t, (m0, "", 0, 0), (m1, "", 0, 0), &mut f)?;
         Ok(cold_parts(&tx, m0, m1)?)
     }
 
@@ -1344,6 +1462,9 @@ impl Store {
             let mut hot = tx.open_table(AUDIT_HOT).map_err(se)?;
             let mut parts = tx.open_table(AUDIT_PARTS).map_err(se)?;
             let mut audit = tx.open_table(AUDIT).map_err(se)?;
+            let kafka_marks = tx.open_table(EXPORT_KAFKA_EVENTS).map_err(se)?;
+            let kafka_remark_from =
+                meta_get(&tx.open_table(META).map_err(se)?, KAFKA_REMARK_FROM)? as u32;
             // Oldest hours first; a part not yet due is passed over (its
             // addenda are sealed later than the hour's file).
             let keys: Vec<(u32, String, u32)> = hot
@@ -1376,6 +1497,17 @@ impl Store {
                 }
                 while p.cold_below < 60 && (dropped as usize) < max {
                     let m = h * 60 + p.cold_below as u32;
+                    // Raw events Kafka has not acknowledged stay hot, and
+                    // so do those passed over while its backlog was full.
+                    let waiting = kafka_marks
+                        .range((m, g.as_str(), 0u16, 0u64)..=(m, g.as_str(), u16::MAX, u64::MAX))
+                        .map_err(se)?
+                        .next()
+                        .is_some()
+                        || (kafka_remark_from != 0 && m >= kafka_remark_from);
+                    if waiting {
+                        break;
+                    }
                     for (&shard, &(first, last)) in &p.ranges {
                         let doomed: Vec<u64> = audit
                             .range((m, g.as_str(), shard, first)..=(m, g.as_str(), shard, last))
@@ -1591,7 +1723,7 @@ impl Store {
             }
         }
         let audit = tx.open_table(AUDIT).map_err(se)?;
-        let audit_entries = visit_audit(&audit, m, m + 1, &mut f)?;
+        let audit_entries = visit_audit(&audit, (m, "", 0, 0), (m + 1, "", 0, 0), &mut f)?;
         Ok(MinuteRead {
             rev,
             rows,
@@ -1623,13 +1755,41 @@ impl Store {
             let mut minute_rows = tx.open_table(MINUTE_ROWS).map_err(se)?;
             let mut meta = tx.open_table(META).map_err(se)?;
             let mut export = tx.open_table(EXPORT).map_err(se)?;
+            let mut export_kafka = tx.open_table(EXPORT_KAFKA).map_err(se)?;
             let mut dirty = tx.open_table(DIRTY).map_err(se)?;
             let mut marks = tx.open_table(RECONCILED).map_err(se)?;
             let mut failed = tx.open_table(RECON_FAILED).map_err(se)?;
             let rolled_t = tx.open_table(ROLLED).map_err(se)?;
             let revision = meta_get(&meta, "revision")? + 1;
-            if self.settings.export && !c.fixes.is_empty() {
+            // Kafka's records carry the reconciled state: the rows of every
+            // minute this commit may make reconciled go out again.
+            let mut restate: Vec<Vec<u8>> = Vec::new();
+            if self.settings.kafka {
+                let before = meta_get(&meta, "reconciled_through")? as u32;
+                let mut spans = Vec::new();
+                if let (Some(m), Some(_)) = (c.minute, &c.mark) {
+                    spans.push(m..m + 1);
+                }
+                if let Some(to) = c.frontier_to.filter(|&to| to > before) {
+                    spans.push(before..to);
+                }
+                for span in spans {
+                    let lo: (u32, &[u8]) = (span.start, &[]);
+                    let hi: (u32, &[u8]) = (span.end, &[]);
+                    for r in minute_rows.range(lo..hi).map_err(se)? {
+                        restate.push(r.map_err(se)?.0.value().1.to_vec());
+                    }
+                }
+            }
+            if (self.settings.export && !c.fixes.is_empty())
+                || (self.settings.kafka && !(c.fixes.is_empty() && restate.is_empty()))
+            {
                 meta.insert("revision", revision).map_err(se)?;
+            }
+            for kb in &restate {
+                export_kafka
+                    .insert(kb.as_slice(), revision as u64)
+                    .map_err(se)?;
             }
             for (k, counts) in c.fixes {
                 let kb = encode_key(k);
@@ -1650,6 +1810,11 @@ impl Store {
                 }
                 if self.settings.export {
                     export.insert(kb.as_slice(), revision as u64).map_err(se)?;
+                }
+                if self.settings.kafka {
+                    export_kafka
+                        .insert(kb.as_slice(), revision as u64)
+                        .map_err(se)?;
                 }
             }
             if !c.fixes.is_empty() {
@@ -1817,12 +1982,12 @@ impl Store {
         Ok(id)
     }
 
-    /// Up to `max` changed rows not yet in ClickHouse, in key order, as they
-    /// stand now.
-    pub fn export_pending(&self, max: usize) -> Result<Vec<ExportRow>> {
+    /// Up to `max` changed rows not yet written to `sink`, in key order, as
+    /// they stand now, with whether their minute is reconciled.
+    pub fn export_pending(&self, sink: Sink, max: usize) -> Result<Vec<ExportRow>> {
         let db = self.db()?;
         let tx = db.begin_read().map_err(se)?;
-        let export = tx.open_table(EXPORT).map_err(se)?;
+        let export = tx.open_table(sink.rows()).map_err(se)?;
         let rows = tx.open_table(ROWS).map_err(se)?;
         let mut out = Vec::new();
         for e in export.iter().map_err(se)?.take(max) {
@@ -1839,18 +2004,28 @@ impl Store {
                 key,
                 row,
                 revision: rev.value(),
+                reconciled: false,
             });
+        }
+        let (lo, hi) = out.iter().fold((u32::MAX, 0), |(lo, hi), r| {
+            (lo.min(r.key.minute), hi.max(r.key.minute))
+        });
+        if !out.is_empty() {
+            let states = MinuteStates::read(&tx, lo, hi + 1)?;
+            for r in &mut out {
+                r.reconciled = states.reconciled(r.key.minute, r.key.minute);
+            }
         }
         Ok(out)
     }
 
     /// Forgets exported changes, unless the row changed again since (its
     /// revision moved): that change is exported next time.
-    pub fn export_done(&self, done: &[(Vec<u8>, u64)]) -> Result<()> {
+    pub fn export_done(&self, sink: Sink, done: &[(Vec<u8>, u64)]) -> Result<()> {
         let db = self.db()?;
         let tx = db.begin_write().map_err(se)?;
         {
-            let mut export = tx.open_table(EXPORT).map_err(se)?;
+            let mut export = tx.open_table(sink.rows()).map_err(se)?;
             for (kb, rev) in done {
                 let same = export
                     .get(kb.as_slice())
@@ -1864,14 +2039,113 @@ impl Store {
         tx.commit().map_err(se)
     }
 
-    /// Changed rows waiting for ClickHouse.
-    pub fn export_backlog(&self) -> Result<u64> {
+    /// Changed rows waiting for `sink`.
+    pub fn export_backlog(&self, sink: Sink) -> Result<u64> {
         let db = self.db()?;
         let tx = db.begin_read().map_err(se)?;
-        let export = tx.open_table(EXPORT).map_err(se)?;
+        let export = tx.open_table(sink.rows()).map_err(se)?;
         export.len().map_err(se)
     }
+
+    /// Visits the raw events of up to `max` audit entries not yet produced
+    /// to Kafka, oldest minute first, with the entry's index in the answer,
+    /// gateway, shard and seq; answers the entries visited, for
+    /// [`Store::kafka_events_done`].
+    pub fn kafka_events_pending(
+        &self,
+        max: usize,
+        mut f: impl FnMut(usize, &str, u16, u64, &EventRef<'_>),
+    ) -> std::result::Result<Vec<AuditKey>, ReadError> {
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(se)?;
+        let marks = tx.open_table(EXPORT_KAFKA_EVENTS).map_err(se)?;
+        let audit = tx.open_table(AUDIT).map_err(se)?;
+        let mut out = Vec::new();
+        for r in marks.iter().map_err(se)?.take(max) {
+            let (k, _) = r.map_err(se)?;
+            let (m, gw, shard, after) = k.value();
+            // An entry gone from the hot store (it cannot be: retention
+            // waits for marked entries) is forgotten with the mark.
+            let i = out.len();
+            visit_audit(
+                &audit,
+                (m, gw, shard, after),
+                (m, gw, shard, after.saturating_add(1)),
+                &mut |g: &str, s, q, e: &EventRef<'_>| f(i, g, s, q, e),
+            )?;
+            out.push((m, gw.to_owned(), shard, after));
+        }
+        Ok(out)
+    }
+
+    /// Forgets audit entries Kafka acknowledged.
+    pub fn kafka_events_done(&self, done: &[AuditKey]) -> Result<()> {
+        let db = self.db()?;
+        let tx = db.begin_write().map_err(se)?;
+        {
+            let mut marks = tx.open_table(EXPORT_KAFKA_EVENTS).map_err(se)?;
+            for (m, gw, shard, after) in done {
+                marks
+                    .remove((*m, gw.as_str(), *shard, *after))
+                    .map_err(se)?;
+            }
+        }
+        tx.commit().map_err(se)
+    }
+
+    /// Audit entries (batches of raw events) waiting for Kafka, and the
+    /// earliest minute passed over while the backlog was full (0: none).
+    pub fn kafka_events_backlog(&self) -> Result<(u64, u32)> {
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(se)?;
+        let marks = tx.open_table(EXPORT_KAFKA_EVENTS).map_err(se)?;
+        let meta = tx.open_table(META).map_err(se)?;
+        Ok((
+            marks.len().map_err(se)?,
+            meta_get(&meta, KAFKA_REMARK_FROM)? as u32,
+        ))
+    }
+
+    /// After the backlog was full: marks the hot entries of whole minutes
+    /// from the earliest one passed over, until about `max` are marked, and
+    /// moves that minute on (clearing it past the last entry). Entries the
+    /// sink already produced go again under the same keys: consumers that
+    /// dedup by event drop them. Answers how many were marked.
+    pub fn kafka_events_remark(&self, max: u64) -> Result<u64> {
+        let db = self.db()?;
+        let tx = db.begin_write().map_err(se)?;
+        let mut n = 0u64;
+        {
+            let mut meta = tx.open_table(META).map_err(se)?;
+            let from = meta_get(&meta, KAFKA_REMARK_FROM)? as u32;
+            if from == 0 {
+                return Ok(0);
+            }
+            let audit = tx.open_table(AUDIT).map_err(se)?;
+            let mut marks = tx.open_table(EXPORT_KAFKA_EVENTS).map_err(se)?;
+            let mut last = None;
+            let mut stop_at = None;
+            for r in audit.range((from, "", 0u16, 0u64)..).map_err(se)? {
+                let (k, _) = r.map_err(se)?;
+                let key = k.value();
+                if n >= max && last != Some(key.0) {
+                    stop_at = Some(key.0);
+                    break;
+                }
+                marks.insert(key, ()).map_err(se)?;
+                n += 1;
+                last = Some(key.0);
+            }
+            meta.insert(KAFKA_REMARK_FROM, stop_at.map_or(0, i64::from))
+                .map_err(se)?;
+        }
+        tx.commit().map_err(se)?;
+        Ok(n)
+    }
 }
+
+/// An audit entry's key: (event minute, gateway id, shard, after seq).
+pub type AuditKey = (u32, String, u16, u64);
 
 fn meta_get(t: &impl ReadableTable<&'static str, i64>, name: &str) -> Result<i64> {
     Ok(t.get(name).map_err(se)?.map_or(0, |v| v.value()))
@@ -2166,17 +2440,15 @@ fn cold_parts(tx: &redb::ReadTransaction, m0: u32, m1: u32) -> Result<Vec<ColdPa
     Ok(out)
 }
 
-fn visit_audit(
+/// Visits the events of the audit entries with keys in `[from, to)`.
+fn visit_audit<'k>(
     t: &impl ReadableTable<(u32, &'static str, u16, u64), &'static [u8]>,
-    m0: u32,
-    m1: u32,
+    from: (u32, &'k str, u16, u64),
+    to: (u32, &'k str, u16, u64),
     f: &mut impl FnMut(&str, u16, u64, &EventRef<'_>),
 ) -> std::result::Result<u64, ReadError> {
     let mut n = 0;
-    for r in t
-        .range((m0, "", 0u16, 0u64)..(m1, "", 0u16, 0u64))
-        .map_err(se)?
-    {
+    for r in t.range(from..to).map_err(se)? {
         let (k, v) = r.map_err(se)?;
         let (minute, gw, shard, after_seq) = k.value();
         let corrupt = |why: String| ReadError::Corrupt {
@@ -2247,6 +2519,8 @@ pub struct ExportRow {
     pub row: Row,
     /// The store revision of its last change: ClickHouse's version column.
     pub revision: u64,
+    /// Its minute is reconciled across PoPs (as of the read).
+    pub reconciled: bool,
 }
 
 impl ExportRow {
@@ -2289,6 +2563,7 @@ mod tests {
                 cluster: None,
             },
             export: true,
+            ..Default::default()
         }
     }
 
@@ -2343,8 +2618,11 @@ mod tests {
         assert_eq!(total(&s, "a").clicks, 4);
         assert!(s.unrecorded(m0 + 2, m0 + 10).unwrap().is_empty());
         // Retention takes them with the rows of their minute.
-        s.export_done(&ExportRow::done(&s.export_pending(100).unwrap()))
-            .unwrap();
+        s.export_done(
+            Sink::ClickHouse,
+            &ExportRow::done(&s.export_pending(Sink::ClickHouse, 100).unwrap()),
+        )
+        .unwrap();
         for _ in 0..100 {
             let d = s.drop_rows_step(m0 + 1, 1).unwrap();
             if d.rows + d.marks == 0 {
@@ -2367,12 +2645,13 @@ mod tests {
         let ack = apply(&s, &partials("gw", 0, &[(1, 0, T0 + 600_000, rows)]), T0);
         assert_eq!(ack.status, Status::Applied);
         // ClickHouse has taken every row but the one of minute 2.
-        let pending = s.export_pending(100).unwrap();
+        let pending = s.export_pending(Sink::ClickHouse, 100).unwrap();
         let taken: Vec<ExportRow> = pending
             .into_iter()
             .filter(|r| r.key.minute != m0 + 2)
             .collect();
-        s.export_done(&ExportRow::done(&taken)).unwrap();
+        s.export_done(Sink::ClickHouse, &ExportRow::done(&taken))
+            .unwrap();
         assert_eq!(s.rows_kept_from().unwrap(), 0);
         // Below minute 5, two rows per step.
         let mut steps = 0;
@@ -2397,8 +2676,9 @@ mod tests {
             .collect();
         assert_eq!(left, vec![m0 + 2, m0 + 5, m0 + 6, m0 + 7, m0 + 8, m0 + 9]);
         // Once exported, it goes too.
-        let pending = s.export_pending(100).unwrap();
-        s.export_done(&ExportRow::done(&pending)).unwrap();
+        let pending = s.export_pending(Sink::ClickHouse, 100).unwrap();
+        s.export_done(Sink::ClickHouse, &ExportRow::done(&pending))
+            .unwrap();
         s.drop_rows_step(m0 + 5, 2).unwrap();
         assert_eq!(s.rows_in(0, m0 + 5).unwrap().len(), 0);
         assert_eq!(total(&s, "a").clicks, 5);
@@ -2463,14 +2743,19 @@ mod tests {
             )],
         );
         assert_eq!(apply(&s, &b1, T0).status, Status::Applied);
-        let first = s.export_pending(10).unwrap();
+        let first = s.export_pending(Sink::ClickHouse, 10).unwrap();
         assert_eq!(first.len(), 2);
-        assert_eq!(s.export_pending(1).unwrap().len(), 1, "bounded");
+        assert_eq!(
+            s.export_pending(Sink::ClickHouse, 1).unwrap().len(),
+            1,
+            "bounded"
+        );
         // x changes again before the first export is acknowledged.
         let b2 = partials("gw", 0, &[(5, 2, T0, vec![(key("a", "x", m), clicks(2))])]);
         assert_eq!(apply(&s, &b2, T0).status, Status::Applied);
-        s.export_done(&ExportRow::done(&first)).unwrap();
-        let left = s.export_pending(10).unwrap();
+        s.export_done(Sink::ClickHouse, &ExportRow::done(&first))
+            .unwrap();
+        let left = s.export_pending(Sink::ClickHouse, 10).unwrap();
         assert_eq!(left.len(), 1, "x's newer change is still to export");
         assert_eq!(
             (left[0].key.ad_id.as_str(), left[0].row.counts.clicks),
@@ -2479,9 +2764,10 @@ mod tests {
         assert!(left[0].revision > first[0].revision);
         // A duplicate batch changes nothing, so exports nothing new.
         assert_eq!(apply(&s, &b2, T0).status, Status::Duplicate);
-        assert_eq!(s.export_pending(10).unwrap(), left);
-        s.export_done(&ExportRow::done(&left)).unwrap();
-        assert_eq!(s.export_backlog().unwrap(), 0);
+        assert_eq!(s.export_pending(Sink::ClickHouse, 10).unwrap(), left);
+        s.export_done(Sink::ClickHouse, &ExportRow::done(&left))
+            .unwrap();
+        assert_eq!(s.export_backlog(Sink::ClickHouse).unwrap(), 0);
     }
 
     #[test]
@@ -2523,17 +2809,22 @@ mod tests {
             let s = Store::open(&path, settings(false)).unwrap();
             let b = partials("gw", 0, &[(2, 0, T0, vec![(key("a", "x", m), clicks(1))])]);
             assert_eq!(apply(&s, &b, T0).status, Status::Applied);
-            assert_eq!(s.export_backlog().unwrap(), 0, "not tracked while off");
+            assert_eq!(
+                s.export_backlog(Sink::ClickHouse).unwrap(),
+                0,
+                "not tracked while off"
+            );
         }
         let s = Store::open(&path, settings(true)).unwrap();
-        let pending = s.export_pending(10).unwrap();
+        let pending = s.export_pending(Sink::ClickHouse, 10).unwrap();
         assert_eq!(pending.len(), 1);
         assert_eq!(pending[0].row.counts.clicks, 1);
-        s.export_done(&ExportRow::done(&pending)).unwrap();
+        s.export_done(Sink::ClickHouse, &ExportRow::done(&pending))
+            .unwrap();
         drop(s);
         // Reopened with the sink still on: nothing to backfill.
         let s = Store::open(&path, settings(true)).unwrap();
-        assert_eq!(s.export_backlog().unwrap(), 0);
+        assert_eq!(s.export_backlog(Sink::ClickHouse).unwrap(), 0);
         // Its ClickHouse identity is made once and kept.
         let id = s.store_id().unwrap();
         assert_eq!(id.len(), 16);
@@ -2790,6 +3081,161 @@ mod tests {
         )
         .unwrap()
         .encode()
+    }
+
+    fn kafka_store(cap: u64) -> (tempfile::TempDir, Store) {
+        let d = tempfile::tempdir().unwrap();
+        let settings = Settings {
+            kafka: true,
+            kafka_backlog_entries_max: cap,
+            ..settings()
+        };
+        let s = Store::open(&d.path().join("s.redb"), settings).unwrap();
+        (d, s)
+    }
+
+    fn kafka_ids(s: &Store, max: usize) -> (Vec<String>, Vec<AuditKey>) {
+        let mut ids = Vec::new();
+        let keys = s
+            .kafka_events_pending(max, |_, _, _, _, e| ids.push(e.click_id.to_owned()))
+            .unwrap();
+        (ids, keys)
+    }
+
+    #[test]
+    fn kafka_marks_rows_and_raw_events_apart_from_clickhouse_and_forgets_only_what_was_acknowledged(
+    ) {
+        let (_d, s) = kafka_store(0);
+        let m = (T0 / 60_000) as u32;
+        apply(
+            &s,
+            &partials("gw", 0, &[(2, 0, T0, vec![(key("a", "x", m), clicks(2))])]),
+            T0,
+        );
+        apply(
+            &s,
+            &event_frame("gw", 0, &[(1, "c1", T0), (2, "c2", T0 + 1000)]),
+            T0,
+        );
+        let a3 = apply(&s, &event_frame("gw", 3, &[(4, "c3", T0 - 60_000)]), T0);
+        assert_eq!(a3.status, Status::Applied, "{a3:?}");
+        // Each sink has its own marks: ClickHouse acknowledging leaves Kafka's.
+        let ch = s.export_pending(Sink::ClickHouse, 10).unwrap();
+        s.export_done(Sink::ClickHouse, &ExportRow::done(&ch))
+            .unwrap();
+        let rows = s.export_pending(Sink::Kafka, 10).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert!(!rows[0].reconciled);
+        // Oldest minute first; an entry's events together, with its index.
+        let (ids, keys) = kafka_ids(&s, 10);
+        assert_eq!(ids, ["c3", "c1", "c2"]);
+        assert_eq!(keys.len(), 2);
+        // Not acknowledged: the same again.
+        assert_eq!(kafka_ids(&s, 10).0, ids);
+        s.kafka_events_done(&keys[..1]).unwrap();
+        assert_eq!(kafka_ids(&s, 10).0, ["c1", "c2"]);
+        assert_eq!(s.kafka_events_backlog().unwrap(), (1, 0));
+        s.kafka_events_done(&keys[1..]).unwrap();
+        assert_eq!(s.kafka_events_backlog().unwrap(), (0, 0));
+        s.export_done(Sink::Kafka, &ExportRow::done(&rows)).unwrap();
+        assert_eq!(s.export_backlog(Sink::Kafka).unwrap(), 0);
+    }
+
+    #[test]
+    fn kafka_sends_a_row_again_when_its_minute_becomes_reconciled() {
+        let (_d, s) = kafka_store(0);
+        let m = (T0 / 60_000) as u32 - 10;
+        apply(
+            &s,
+            &partials("gw", 0, &[(2, 0, T0, vec![(key("a", "x", m), clicks(2))])]),
+            T0,
+        );
+        let first = s.export_pending(Sink::Kafka, 10).unwrap();
+        s.export_done(Sink::Kafka, &ExportRow::done(&first))
+            .unwrap();
+        let read = s.read_minute(m, |_, _, _, _| {}).unwrap();
+        let commit = ReconCommit {
+            minute: Some(m),
+            rev: Some(read.rev),
+            mark: Some(ReconMark {
+                rev: read.rev,
+                at_ms: T0,
+                events: 0,
+                rows_corrected: 0,
+                skipped_sources: 0,
+                digest: IdDigest::default(),
+            }),
+            frontier_to: Some(m + 1),
+            ..ReconCommit::default()
+        };
+        assert!(s.commit_reconcile(&commit).unwrap().is_some());
+        let again = s.export_pending(Sink::Kafka, 10).unwrap();
+        assert_eq!(again.len(), 1, "no count changed, the state did");
+        assert!(again[0].reconciled);
+        assert!(again[0].revision > first[0].revision);
+        assert_eq!(again[0].row, first[0].row);
+        // ClickHouse carries no state: nothing new for it.
+        let ch = s.export_pending(Sink::ClickHouse, 10).unwrap();
+        assert_eq!(ch.len(), 1, "only the first change");
+    }
+
+    #[test]
+    fn a_full_kafka_backlog_passes_entries_over_and_marks_them_again_once_caught_up() {
+        let (_d, s) = kafka_store(2);
+        let m = (T0 / 60_000) as u32;
+        apply(&s, &event_frame("gw", 0, &[(1, "a", T0)]), T0);
+        apply(&s, &event_frame("gw", 2, &[(3, "b", T0)]), T0);
+        // Full: these two are passed over, the earliest minute remembered.
+        apply(&s, &event_frame("gw", 4, &[(5, "c", T0 + 60_000)]), T0);
+        let a = apply(&s, &event_frame("gw", 6, &[(7, "d", T0 - 120_000)]), T0);
+        assert_eq!(a.status, Status::Applied, "{a:?}");
+        assert_eq!(s.kafka_events_backlog().unwrap(), (2, m - 2));
+        let (ids, keys) = kafka_ids(&s, 10);
+        assert_eq!(ids, ["a", "b"]);
+        s.kafka_events_done(&keys).unwrap();
+        // Marked again, whole minutes, from the earliest passed over: the
+        // first step stops after a minute once past `max`.
+        assert_eq!(s.kafka_events_remark(1).unwrap(), 1);
+        assert_eq!(s.kafka_events_backlog().unwrap(), (1, m));
+        assert_eq!(s.kafka_events_remark(1).unwrap(), 2, "minute m whole");
+        assert_eq!(s.kafka_events_remark(1).unwrap(), 1);
+        assert_eq!(s.kafka_events_backlog().unwrap(), (4, 0));
+        let (ids, _) = kafka_ids(&s, 10);
+        assert_eq!(
+            ids,
+            ["d", "a", "b", "c"],
+            "every event, those sent twice too"
+        );
+        assert_eq!(s.kafka_events_remark(1).unwrap(), 0, "nothing passed over");
+    }
+
+    #[test]
+    fn turning_kafka_on_marks_every_row_and_hot_event_and_off_drops_the_marks() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("s.redb");
+        let m = (T0 / 60_000) as u32;
+        let with = |kafka| Settings {
+            kafka,
+            ..settings()
+        };
+        {
+            let s = Store::open(&path, with(false)).unwrap();
+            apply(
+                &s,
+                &partials("gw", 0, &[(2, 0, T0, vec![(key("a", "x", m), clicks(2))])]),
+                T0,
+            );
+            apply(&s, &event_frame("gw", 0, &[(1, "c1", T0)]), T0);
+            assert_eq!(s.kafka_events_backlog().unwrap(), (0, 0));
+        }
+        {
+            let s = Store::open(&path, with(true)).unwrap();
+            assert_eq!(s.export_backlog(Sink::Kafka).unwrap(), 1);
+            assert_eq!(kafka_ids(&s, 10).0, ["c1"]);
+        }
+        let s = Store::open(&path, with(false)).unwrap();
+        assert_eq!(s.export_backlog(Sink::Kafka).unwrap(), 0);
+        assert_eq!(s.kafka_events_backlog().unwrap(), (0, 0));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 use aggregator::clickhouse::Client;
 use aggregator::config::ClickHouse;
-use aggregator::store::{ExportRow, Query, Settings, Store};
+use aggregator::store::{ExportRow, Query, Settings, Sink, Store};
 use wire::batch::{push_item, Batch, BatchKind};
 use wire::record::{Counts, Device, PartialRecord, RowKey};
 use wire::segment::RecordType;
@@ -108,16 +108,16 @@ fn rows_land_once_through_resends_and_corrections_and_queries_agree() {
                 (key("ad-1", M0 + 1, Device::Desktop), clicks(1)),
             ],
         ));
-        let first = store.export_pending(1000).unwrap();
+        let first = store.export_pending(Sink::ClickHouse, 1000).unwrap();
         assert_eq!(first.len(), 3);
         c.insert_rows(&first).await.unwrap();
         // A crash before the store forgot the export: the same rows again.
-        let again = store.export_pending(1000).unwrap();
+        let again = store.export_pending(Sink::ClickHouse, 1000).unwrap();
         assert_eq!(again, first);
         c.insert_rows(&again).await.unwrap();
         assert_eq!(final_state(&c).await, "3\t6\t1500000\t0");
-        store.export_done(&ExportRow::done(&again)).unwrap();
-        assert_eq!(store.export_backlog().unwrap(), 0);
+        store.export_done(Sink::ClickHouse, &ExportRow::done(&again)).unwrap();
+        assert_eq!(store.export_backlog(Sink::ClickHouse).unwrap(), 0);
 
         // A later partial changes one row: only it is exported, newer.
         apply(&partial(
@@ -125,27 +125,27 @@ fn rows_land_once_through_resends_and_corrections_and_queries_agree() {
             3,
             vec![(key("ad-1", M0, Device::Desktop), clicks(4))],
         ));
-        let second = store.export_pending(1000).unwrap();
+        let second = store.export_pending(Sink::ClickHouse, 1000).unwrap();
         assert_eq!(second.len(), 1);
         assert!(second[0].revision > first[0].revision, "a higher revision");
         c.insert_rows(&second).await.unwrap();
         // The older state arriving late (a stale retry) changes nothing.
         c.insert_rows(&first).await.unwrap();
         assert_eq!(final_state(&c).await, "3\t10\t2500000\t0");
-        store.export_done(&ExportRow::done(&second)).unwrap();
+        store.export_done(Sink::ClickHouse, &ExportRow::done(&second)).unwrap();
 
         // A correction (reconcile) is a new version.
         store
             .write_corrections(&[(key("ad-2", M0, Device::Mobile), clicks(1))])
             .unwrap();
-        let fix = store.export_pending(1000).unwrap();
+        let fix = store.export_pending(Sink::ClickHouse, 1000).unwrap();
         c.insert_rows(&fix).await.unwrap();
         assert_eq!(final_state(&c).await, "3\t9\t2250000\t1");
 
         // Another instance's rows for the same key (late data after a move)
         // stand beside this instance's, whatever their revisions: readers sum.
         let other = Client::new(&cfg, "agg-b");
-        let mut theirs = store.export_pending(0).unwrap();
+        let mut theirs = store.export_pending(Sink::ClickHouse, 0).unwrap();
         theirs.extend(fix.iter().cloned().map(|mut r| {
             r.revision = 1;
             r.row = aggregator::rows::Row {
@@ -193,7 +193,7 @@ fn rows_land_once_through_resends_and_corrections_and_queries_agree() {
 
         // Retention drops the rows: the query API answers the same range
         // from ClickHouse, not in part from the store.
-        store.export_done(&ExportRow::done(&fix)).unwrap();
+        store.export_done(Sink::ClickHouse, &ExportRow::done(&fix)).unwrap();
         let q = Query {
             advertiser_id: "adv-1".into(),
             start_s: M0 as i64 * 60,

@@ -11,27 +11,7 @@ use std::time::Duration;
 use common::*;
 
 fn ensure_aioquic() -> bool {
-    let have = || {
-        Command::new("python3")
-            .args(["-c", "import aioquic"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !have() {
-        // One pip at a time (tests run in parallel).
-        let _ = Command::new("flock")
-            .args([
-                "/tmp/clickgate-pip.lock",
-                "python3",
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "aioquic",
-            ])
-            .status();
-    }
-    have()
+    test_support::python_module("aioquic", "aioquic")
 }
 
 struct Answer {

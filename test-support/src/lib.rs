@@ -1,7 +1,7 @@
 //! Helpers Clickgate's integration tests share, so each is written once:
 //! free ports, small HTTP requests, Prometheus text, a tmpfs of a chosen
 //! size, a process harness, the workspace's binaries, a private ClickHouse
-//! server, keys and certificates, and the fuzz corpus replay.
+//! server, a private Kafka-protocol broker, keys and certificates, and the fuzz corpus replay.
 //!
 //! A dev-dependency of every crate with integration tests. Depending on it
 //! also turns on, for the test build only, the test hooks
@@ -11,6 +11,7 @@
 pub mod clickhouse;
 pub mod fs;
 pub mod fuzz;
+pub mod kafka;
 pub mod keys;
 pub mod net;
 pub mod process;
@@ -78,6 +79,31 @@ pub fn now_s() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64
+}
+
+/// Whether `python3` can import `module`, installing `package` from PyPI
+/// first when it cannot (one pip at a time: tests run in parallel).
+pub fn python_module(module: &str, package: &str) -> bool {
+    let have = || {
+        std::process::Command::new("python3")
+            .args(["-c", &format!("import {module}")])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !have() {
+        let _ = std::process::Command::new("flock")
+            .args([
+                "/tmp/clickgate-pip.lock",
+                "python3",
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                package,
+            ])
+            .status();
+    }
+    have()
 }
 
 #[cfg(test)]

@@ -34,6 +34,7 @@ pub fn open_store(dir: &Path) -> Arc<Store> {
                     ..aggregator::merge::Rules::default()
                 },
                 export: false,
+                ..Default::default()
             },
         )
         .unwrap(),
