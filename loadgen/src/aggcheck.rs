@@ -170,6 +170,90 @@ pub fn fetch_clickhouse(addr: SocketAddr, table: &str) -> anyhow::Result<Totals>
     Ok(got)
 }
 
+/// The totals a Kafka consumer's rows hold (highest revision per row key,
+/// as `kafka_read.py` keeps them), per (advertiser, ad, minute).
+pub fn kafka_totals(dump: &serde_json::Value) -> anyhow::Result<Totals> {
+    let rows = dump["rows"]
+        .as_object()
+        .ok_or_else(|| anyhow!("no rows in the Kafka dump"))?;
+    let mut got = Totals::new();
+    for r in rows.values() {
+        let n = |f: &str| r[f].as_u64().ok_or_else(|| anyhow!("row without {f}: {r}"));
+        let (clicks, spend) = (n("clicks")?, n("spend_micros")?);
+        if clicks > 0 || spend > 0 {
+            let s = |f: &str| r[f].as_str().unwrap_or_default().to_owned();
+            let e = got
+                .entry((s("advertiser_id"), s("ad_id"), (n("minute")? / 60) as u32))
+                .or_default();
+            e.0 += clicks;
+            e.1 += spend;
+        }
+    }
+    Ok(got)
+}
+
+/// Raw click events in Kafka against the click records of the logs, by
+/// event (gateway, shard, seq).
+#[derive(Debug, Default)]
+pub struct KafkaEvents {
+    pub expected: usize,
+    pub found: usize,
+    pub missing: Vec<String>,
+    pub unexpected: Vec<String>,
+    /// Events whose key is not their click id (accepted) or click id and
+    /// verdict (the rest).
+    pub wrong_keys: Vec<String>,
+    pub partitions_ok: bool,
+}
+
+impl KafkaEvents {
+    pub fn ok(&self) -> bool {
+        self.missing.is_empty()
+            && self.unexpected.is_empty()
+            && self.wrong_keys.is_empty()
+            && self.partitions_ok
+    }
+}
+
+pub fn kafka_events(
+    dump: &serde_json::Value,
+    records: &[crate::oracle::ClickRecord],
+) -> anyhow::Result<KafkaEvents> {
+    let events = dump["events"]
+        .as_object()
+        .ok_or_else(|| anyhow!("no events in the Kafka dump"))?;
+    let mut v = KafkaEvents {
+        partitions_ok: dump["partitions_ok"].as_bool() == Some(true),
+        ..KafkaEvents::default()
+    };
+    let mut seen = BTreeSet::new();
+    for r in records {
+        let id = format!("{}/{}/{}", r.gateway, r.shard, r.seq);
+        v.expected += 1;
+        match events.get(&id) {
+            None => v.missing.push(id.clone()),
+            Some(e) => {
+                v.found += 1;
+                let key = match r.verdict {
+                    wire::record::Verdict::Accepted => r.click_id.clone(),
+                    other => format!("{}#{}", r.click_id, other.as_str()),
+                };
+                if e["key"].as_str() != Some(key.as_str()) {
+                    v.wrong_keys
+                        .push(format!("{id}: {} (want {key})", e["key"]));
+                }
+            }
+        }
+        seen.insert(id);
+    }
+    for (id, e) in events {
+        if e["kind"] == "click" && !seen.contains(id) {
+            v.unexpected.push(id.clone());
+        }
+    }
+    Ok(v)
+}
+
 /// The keys where the two differ, with (expected, counted).
 pub fn diff(expected: &Totals, got: &Totals) -> Vec<(Key, Sums, Sums)> {
     let keys: BTreeSet<_> = expected.keys().chain(got.keys()).collect();

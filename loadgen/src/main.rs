@@ -81,6 +81,12 @@ enum Cmd {
         clickhouse: Option<SocketAddr>,
         #[arg(long, default_value = "clickgate_minutes")]
         clickhouse_table: String,
+        /// What a Kafka consumer read from the aggregator's sink topics
+        /// (the JSON `kafka_read.py` prints): also compare its rows, highest
+        /// revision per key, and its raw click events, one per event, with
+        /// the logs, exactly.
+        #[arg(long)]
+        kafka_dump: Option<PathBuf>,
     },
     /// Open HTTP/3 connections, make one request on each, and hold them
     /// idle (to measure a server's memory per idle connection). Prints
@@ -283,6 +289,7 @@ fn real_main() -> anyhow::Result<()> {
             wait_secs,
             clickhouse,
             clickhouse_table,
+            kafka_dump,
         } => {
             anyhow::ensure!(
                 oracle.len() == gateway_data.len(),
@@ -320,6 +327,29 @@ fn real_main() -> anyhow::Result<()> {
                 ok &= verify_totals("clickhouse", &expected, wait_secs, |_| {
                     Ok((aggcheck::fetch_clickhouse(addr, &clickhouse_table)?, 0))
                 })?;
+            }
+            if let Some(p) = kafka_dump {
+                let dump: serde_json::Value = serde_json::from_slice(
+                    &std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
+                )?;
+                ok &= verify_totals("kafka rows", &expected, 0.0, |_| {
+                    Ok((aggcheck::kafka_totals(&dump)?, 0))
+                })?;
+                let v = aggcheck::kafka_events(&dump, &records)?;
+                println!(
+                    "kafka events: expected {}  found {}  missing {}  unexpected {}  wrong keys {}  every advertiser on one partition {}",
+                    v.expected, v.found, v.missing.len(), v.unexpected.len(), v.wrong_keys.len(), v.partitions_ok
+                );
+                for (what, ids) in [
+                    ("missing", &v.missing),
+                    ("unexpected", &v.unexpected),
+                    ("wrong key", &v.wrong_keys),
+                ] {
+                    for id in ids.iter().take(10) {
+                        println!("  {what}: {id}");
+                    }
+                }
+                ok &= v.ok();
             }
             if ok {
                 println!("verify: OK (exact)");

@@ -15,6 +15,7 @@ mod common;
 
 use common::{bin, free_port, free_udp_port};
 use test_support::clickhouse::ClickHouse;
+use test_support::kafka::Tansu;
 use test_support::process::Proc;
 
 struct Pipeline {
@@ -31,6 +32,8 @@ struct Pipeline {
     agg2_http: Option<String>,
     /// The ClickHouse server the aggregator's sink writes to, if any.
     clickhouse: Option<ClickHouse>,
+    /// The Kafka-protocol broker the aggregator's Kafka sink writes to, if any.
+    kafka: Option<Tansu>,
 }
 
 const AGG: usize = 0;
@@ -47,7 +50,18 @@ impl Pipeline {
     /// no ClickHouse server can be had.
     fn with_clickhouse(envs: &[(usize, &str, &str)]) -> Option<Pipeline> {
         let ch = ClickHouse::start()?;
-        Some(Self::build_with(envs, None, Some(ch), false, ""))
+        Some(Self::build_with(envs, None, Some(ch), None, false, ""))
+    }
+
+    /// With the aggregator's Kafka sink on a private broker (and
+    /// kafka-python to read it back); None when either cannot be had.
+    fn with_kafka(envs: &[(usize, &str, &str)]) -> Option<Pipeline> {
+        if !test_support::kafka::ensure_reader() {
+            eprintln!("SKIPPED: kafka-python cannot be installed");
+            return None;
+        }
+        let broker = Tansu::start()?;
+        Some(Self::build_with(envs, None, None, Some(broker), false, ""))
     }
 
     /// With environment variables for the gateway (fault injection).
@@ -66,7 +80,7 @@ impl Pipeline {
 
     /// `envs`: (process, variable, value) for each process's first start.
     fn build(envs: &[(usize, &str, &str)], proxy: Option<&mut Option<Proxy>>) -> Pipeline {
-        Self::build_with(envs, proxy, None, false, "")
+        Self::build_with(envs, proxy, None, None, false, "")
     }
 
     /// `two_aggregators`: instances agg-a (AGG) and agg-b (AGG2), the
@@ -76,6 +90,7 @@ impl Pipeline {
         envs: &[(usize, &str, &str)],
         proxy: Option<&mut Option<Proxy>>,
         clickhouse: Option<ClickHouse>,
+        kafka: Option<Tansu>,
         two_aggregators: bool,
         gateway_extra: &str,
     ) -> Pipeline {
@@ -173,6 +188,20 @@ impl Pipeline {
                 a.push("--clickhouse".into());
                 a.push(format!("http://{}", ch.addr()).into());
             }
+            if let Some(k) = &kafka {
+                let cfg = d.join("aggregator-kafka.toml");
+                std::fs::write(
+                    &cfg,
+                    format!(
+                        "[kafka]\nbootstrap = [\"{}\"]\npartitions = 4\nreplication_factor = 1\n\
+                         flush_interval_ms = 100\ntimeout_ms = 3000\n",
+                        k.addr()
+                    ),
+                )
+                .unwrap();
+                a.push("--config".into());
+                a.push(cfg.into());
+            }
             if two_aggregators {
                 a.extend(os(&[
                     "--instance-id",
@@ -241,6 +270,7 @@ impl Pipeline {
             procs,
             agg2_http: two_aggregators.then_some(agg2_http),
             clickhouse,
+            kafka,
         };
         for (i, k, v) in envs {
             pl.procs[*i].env.push((k.to_string(), v.to_string()));
@@ -489,6 +519,7 @@ fn a_pop_rides_out_a_central_outage_on_compressed_segments() {
         &[],
         None,
         None,
+        None,
         false,
         &format!(
             "[log]\nsegment_bytes = 131072\ndisk_budget_bytes = {budget}\n\
@@ -603,6 +634,7 @@ fn a_full_pop_told_to_redirect_reports_every_click_it_did_not_record() {
     // them, its partials carry them, and the aggregator reports them.
     let mut pl = Pipeline::build_with(
         &[],
+        None,
         None,
         None,
         false,
@@ -998,6 +1030,104 @@ fn clickhouse_holds_exactly_what_was_acknowledged_through_aggregator_crashes() {
     eprintln!("CLICKHOUSE: {line}");
 }
 
+#[test]
+fn kafka_holds_exactly_what_was_acknowledged_through_aggregator_crashes_and_a_broker_restart() {
+    // The aggregator produces raw events and merged rows to a real
+    // Kafka-protocol broker (tansu); it aborts once after the broker
+    // acknowledged a produce but before the store forgot those records (so
+    // they go again), is killed with SIGKILL once more, and the broker is
+    // killed and restarted mid-run. What kafka-python reads back (rows at
+    // their highest revision, events once each) must equal the logs exactly.
+    let Some(mut pl) = Pipeline::with_kafka(&[(
+        AGG,
+        "CLICKGATE_CRASH_AT",
+        "aggregator_kafka_produced_before_forget:3",
+    )]) else {
+        eprintln!("SKIPPED: no Kafka-protocol broker or kafka-python");
+        return;
+    };
+    let oracle = "oracle-kafka.json";
+    let mut lg = pl
+        .loadgen(oracle, &["--connections", "8", "--rate", "400"])
+        .args(["--duration", "8", "--pool", "3200", "--seed", "37"])
+        .args(["--advertisers", "6"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let (mut crashed, mut killed, mut broker_restarted) = (0, false, false);
+    while lg.try_wait().unwrap().is_none() {
+        crashed += pl.restart_dead();
+        if !broker_restarted && started.elapsed() > Duration::from_secs(3) {
+            pl.kafka.as_mut().unwrap().restart();
+            broker_restarted = true;
+        }
+        if !killed && started.elapsed() > Duration::from_secs(5) {
+            pl.procs[AGG].kill9();
+            pl.procs[AGG].start();
+            killed = true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    crashed += pl.restart_dead();
+    let out = lg.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(crashed, 1, "the armed crash point fired\n{}", pl.logs());
+    // The aggregator exact first; then the sink caught up with it.
+    let (ok, text) = pl.verify(oracle);
+    assert!(ok, "{text}\n{}", pl.logs());
+    let t = Instant::now();
+    while metric_of(&pl.agg_http, "clickgate_aggregator_kafka_backlog_rows")
+        + metric_of(
+            &pl.agg_http,
+            "clickgate_aggregator_kafka_backlog_event_entries",
+        )
+        > 0
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "sink never caught up\n{}",
+            pl.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let broker = pl.kafka.as_ref().unwrap();
+    let read = Command::new("python3")
+        .arg(test_support::kafka::reader())
+        .args([&broker.addr(), "clickgate.events", "clickgate.minutes", "3"])
+        .output()
+        .unwrap();
+    assert!(read.status.success(), "{read:?}");
+    std::fs::write(pl.path("kafka.json"), &read.stdout).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .arg("verify")
+        .arg("--oracle")
+        .arg(pl.path(oracle))
+        .arg("--gateway-data")
+        .arg(pl.path("data"))
+        .arg("--kafka-dump")
+        .arg(pl.path("kafka.json"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", pl.logs());
+    let rows = text.lines().find(|l| l.starts_with("kafka rows:")).unwrap();
+    assert!(
+        rows.contains("differing (advertiser, ad, minute) 0 "),
+        "{rows}"
+    );
+    let events = text
+        .lines()
+        .find(|l| l.starts_with("kafka events:"))
+        .unwrap();
+    assert!(
+        events.contains("missing 0  unexpected 0  wrong keys 0"),
+        "{events}"
+    );
+    eprintln!("KAFKA: {rows} | {events}");
+}
+
 /// One metric's value from a Prometheus text page.
 fn metric_of(addr: &str, name: &str) -> u64 {
     let mut s = TcpStream::connect(addr).unwrap();
@@ -1014,7 +1144,7 @@ fn two_aggregators_split_the_advertisers_and_answer_for_each_other() {
     // row and event to its owner; agg-b is killed -9 and restarted mid-run.
     // Each instance answers for every advertiser (its own from its store,
     // the other's by forwarding), and both answers equal the log exactly.
-    let mut pl = Pipeline::build_with(&[], None, None, true, "");
+    let mut pl = Pipeline::build_with(&[], None, None, None, true, "");
     let oracle = "oracle-two.json";
     let lg = pl
         .loadgen(oracle, &["--connections", "8", "--rate", "400"])
