@@ -594,14 +594,49 @@ struct Produced {
     error: Option<String>,
 }
 
-/// Produces the records, each partition's requests in order; a request the
-/// broker refuses as too large is split in two, down to one record, which is
-/// then reported and counted and passed over.
+/// Produces the records: the partitions at once, each partition's requests
+/// in order (a failed one stops its partition: what follows would land out
+/// of order). A request the broker refuses as too large is split in two,
+/// down to one record, which is then reported, counted and passed over.
 async fn produce(
     conn: &mut Conn,
     cfg: &Settings,
     topic: &str,
     records: Vec<Pending>,
+    stats: &KafkaStats,
+) -> Produced {
+    let mut out = Produced {
+        failed: Default::default(),
+        acked: 0,
+        error: None,
+    };
+    let mut work = Vec::new();
+    for (p, groups) in requests(records, cfg.request_bytes_max) {
+        match conn.partition(topic, p).await {
+            Ok(c) => work.push(produce_partition(c, groups, cfg, topic, stats)),
+            Err(e) => {
+                out.error.get_or_insert(name_error(&e));
+                for g in groups {
+                    out.failed.extend(g.iter().map(|r| r.origin));
+                }
+            }
+        }
+    }
+    for p in futures_util::future::join_all(work).await {
+        out.acked += p.acked;
+        out.failed.extend(p.failed);
+        if out.error.is_none() {
+            out.error = p.error;
+        }
+    }
+    out
+}
+
+async fn produce_partition(
+    client: Arc<PartitionClient>,
+    groups: Vec<Vec<Pending>>,
+    cfg: &Settings,
+    topic: &str,
     stats: &KafkaStats,
 ) -> Produced {
     let mut out = Produced {
@@ -615,68 +650,55 @@ async fn produce(
     } else {
         Compression::NoCompression
     };
-    for (p, groups) in requests(records, cfg.request_bytes_max) {
-        let client = match conn.partition(topic, p).await {
-            Ok(c) => c,
-            Err(e) => {
+    let mut queue: std::collections::VecDeque<Vec<Pending>> = groups.into();
+    let mut broken = false;
+    while let Some(g) = queue.pop_front() {
+        if broken {
+            out.failed.extend(g.iter().map(|r| r.origin));
+            continue;
+        }
+        let now = chrono::Utc::now();
+        let batch: Vec<Record> = g
+            .iter()
+            .map(|r| Record {
+                key: Some(r.key.as_bytes().to_vec()),
+                value: Some(r.value.as_bytes().to_vec()),
+                headers: BTreeMap::new(),
+                timestamp: now,
+            })
+            .collect();
+        match tokio::time::timeout(timeout, client.produce(batch, compression)).await {
+            Ok(Ok(_)) => {
+                out.acked += g.len() as u64;
+                stats.produce_requests.fetch_add(1, Relaxed);
+            }
+            Ok(Err(e)) if too_large(&e) && g.len() > 1 => {
+                let mut g = g;
+                let back = g.split_off(g.len() / 2);
+                queue.push_front(back);
+                queue.push_front(g);
+            }
+            Ok(Err(e)) if too_large(&e) => {
+                let r = &g[0];
+                stats.too_large.fetch_add(1, Relaxed);
+                let msg = format!(
+                    "message too large: {topic} refused the record with key {} ({} bytes) even alone; passed over",
+                    r.key,
+                    r.value.len()
+                );
+                tracing::error!("Kafka: {msg}");
+                *stats.last_too_large.lock().unwrap() = msg;
+            }
+            Ok(Err(e)) => {
                 out.error.get_or_insert(name_error(&e));
-                for g in groups {
-                    out.failed.extend(g.iter().map(|r| r.origin));
-                }
-                continue;
-            }
-        };
-        let mut queue: std::collections::VecDeque<Vec<Pending>> = groups.into();
-        let mut broken = false;
-        while let Some(g) = queue.pop_front() {
-            if broken {
                 out.failed.extend(g.iter().map(|r| r.origin));
-                continue;
+                broken = true;
             }
-            let now = chrono::Utc::now();
-            let batch: Vec<Record> = g
-                .iter()
-                .map(|r| Record {
-                    key: Some(r.key.as_bytes().to_vec()),
-                    value: Some(r.value.as_bytes().to_vec()),
-                    headers: BTreeMap::new(),
-                    timestamp: now,
-                })
-                .collect();
-            let result = tokio::time::timeout(timeout, client.produce(batch, compression)).await;
-            match result {
-                Ok(Ok(_)) => {
-                    out.acked += g.len() as u64;
-                    stats.produce_requests.fetch_add(1, Relaxed);
-                }
-                Ok(Err(e)) if too_large(&e) && g.len() > 1 => {
-                    let mut g = g;
-                    let back = g.split_off(g.len() / 2);
-                    queue.push_front(back);
-                    queue.push_front(g);
-                }
-                Ok(Err(e)) if too_large(&e) => {
-                    let r = &g[0];
-                    stats.too_large.fetch_add(1, Relaxed);
-                    let msg = format!(
-                        "message too large: {topic} refused the record with key {} ({} bytes) even alone; passed over",
-                        r.key,
-                        r.value.len()
-                    );
-                    tracing::error!("Kafka: {msg}");
-                    *stats.last_too_large.lock().unwrap() = msg;
-                }
-                Ok(Err(e)) => {
-                    out.error.get_or_insert(name_error(&e));
-                    out.failed.extend(g.iter().map(|r| r.origin));
-                    broken = true;
-                }
-                Err(_) => {
-                    out.error
-                        .get_or_insert(format!("broker did not answer within {timeout:?}"));
-                    out.failed.extend(g.iter().map(|r| r.origin));
-                    broken = true;
-                }
+            Err(_) => {
+                out.error
+                    .get_or_insert(format!("broker did not answer within {timeout:?}"));
+                out.failed.extend(g.iter().map(|r| r.origin));
+                broken = true;
             }
         }
     }

@@ -390,7 +390,7 @@ fn run(seed: u64) -> Result<(), String> {
             source_timeout_ms: 1_000_000,
             ..Rules::default()
         },
-        export: false,
+        ..Settings::default()
     };
     let open = || Arc::new(Store::open(&store_path, settings.clone()).unwrap());
     let mut store = Some(open());

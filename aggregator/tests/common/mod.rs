@@ -91,6 +91,15 @@ impl Gw {
     }
 
     pub fn click_by(&mut self, id: &str, ms: i64, user: &str) {
+        self.click_full("adv", id, ms, user);
+    }
+
+    /// A click for advertiser `adv`.
+    pub fn click_for(&mut self, adv: &str, id: &str, ms: i64) {
+        self.click_full(adv, id, ms, "u1");
+    }
+
+    fn click_full(&mut self, adv: &str, id: &str, ms: i64, user: &str) {
         self.seq += 1;
         let e = EventRef {
             kind: EventKind::Click,
@@ -104,7 +113,7 @@ impl Gw {
             cost_micros: 1500,
             client_ip: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 255, 255, 192, 0, 2, 7],
             kid: "k1",
-            advertiser_id: "adv",
+            advertiser_id: adv,
             campaign_id: "camp",
             ad_id: "ad-1",
             click_id: id,
