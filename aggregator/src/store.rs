@@ -1325,8 +1325,8 @@ impl Store {
     /// One bounded step of the rows' retention: drops up to `max` rows of
     /// minutes below `below`, with their index entries, and the minutes'
     /// bookkeeping (change stamps, reconcile marks and failures, dirty
-    /// marks). A row whose change ClickHouse has not taken yet stays until
-    /// it has. Records `below` first, so queries past it are refused from
+    /// marks). A row whose change a sink (ClickHouse, Kafka) has not taken
+    /// yet stays until it has. Records `below` first, so queries past it are refused from
     /// the first dropped row on.
     pub fn drop_rows_step(&self, below: u32, max: usize) -> Result<Dropped> {
         let db = self.db()?;
@@ -1340,12 +1340,15 @@ impl Store {
             let mut idx = tx.open_table(MINUTE_ROWS).map_err(se)?;
             let mut rows = tx.open_table(ROWS).map_err(se)?;
             let export = tx.open_table(EXPORT).map_err(se)?;
+            let export_kafka = tx.open_table(EXPORT_KAFKA).map_err(se)?;
             let empty: &[u8] = &[];
             let mut doomed: Vec<(u32, Vec<u8>)> = Vec::new();
             for r in idx.range((0u32, empty)..(below, empty)).map_err(se)? {
                 let (k, _) = r.map_err(se)?;
                 let (m, kb) = k.value();
-                if export.get(kb).map_err(se)?.is_some() {
+                if export.get(kb).map_err(se)?.is_some()
+                    || export_kafka.get(kb).map_err(se)?.is_some()
+                {
                     continue;
                 }
                 doomed.push((m, kb.to_vec()));
@@ -3177,6 +3180,27 @@ mod tests {
         // ClickHouse carries no state: nothing new for it.
         let ch = s.export_pending(Sink::ClickHouse, 10).unwrap();
         assert_eq!(ch.len(), 1, "only the first change");
+    }
+
+    #[test]
+    fn rows_past_retention_wait_for_kafka_too() {
+        let (_d, s) = kafka_store(0);
+        let m0 = (T0 / 60_000) as u32;
+        let rows = vec![(key("a", "ad", m0), clicks(1))];
+        apply(&s, &partials("gw", 0, &[(1, 0, T0 + 600_000, rows)]), T0);
+        let ch = s.export_pending(Sink::ClickHouse, 10).unwrap();
+        s.export_done(Sink::ClickHouse, &ExportRow::done(&ch))
+            .unwrap();
+        s.drop_rows_step(m0 + 5, 10).unwrap();
+        assert_eq!(
+            s.rows_in(0, m0 + 5).unwrap().len(),
+            1,
+            "Kafka has not taken it"
+        );
+        let k = s.export_pending(Sink::Kafka, 10).unwrap();
+        s.export_done(Sink::Kafka, &ExportRow::done(&k)).unwrap();
+        s.drop_rows_step(m0 + 5, 10).unwrap();
+        assert_eq!(s.rows_in(0, m0 + 5).unwrap().len(), 0);
     }
 
     #[test]
