@@ -72,36 +72,43 @@ pub fn schema(table: &str) -> [String; 2] {
 /// them.
 pub fn rows_json(rows: &[ExportRow], instance: &str) -> String {
     let mut s = String::with_capacity(rows.len() * 220);
-    for ExportRow {
-        key: k,
-        row: r,
-        revision: rev,
-        ..
-    } in rows
-    {
-        let c = &r.counts;
-        let _ = writeln!(
-            s,
-            "{{\"minute\":{},\"advertiser_id\":{},\"campaign_id\":{},\"ad_id\":{},\"device\":{},\"country\":{},\
-             \"clicks\":{},\"impressions\":{},\"spend_micros\":{},\"duplicates\":{},\"invalid\":{},\
-             \"version\":{},\"revision\":{},\"instance\":{}}}",
-            k.minute as u64 * 60,
-            js(&k.advertiser_id),
-            js(&k.campaign_id),
-            js(&k.ad_id),
-            js(k.device.as_str()),
-            js(std::str::from_utf8(&k.country).unwrap_or("ZZ")),
-            c.clicks,
-            c.impressions,
-            c.spend_micros,
-            c.duplicates,
-            c.invalid,
-            r.version,
-            rev,
-            js(instance)
-        );
+    for r in rows {
+        write_row_json(&mut s, r, instance, "");
+        s.push('\n');
     }
     s
+}
+
+/// One row as a JSON object: its dimensions, counts, correction version,
+/// revision and writing instance, then `extra` (more `,"field":value`
+/// pairs, or nothing). The ClickHouse and Kafka sinks write the same fields.
+pub(crate) fn write_row_json(s: &mut String, r: &ExportRow, instance: &str, extra: &str) {
+    let (k, c) = (&r.key, &r.row.counts);
+    let _ = write!(
+        s,
+        "{{\"minute\":{},\"advertiser_id\":{},\"campaign_id\":{},\"ad_id\":{},\"device\":{},\"country\":{},\
+         \"clicks\":{},\"impressions\":{},\"spend_micros\":{},\"duplicates\":{},\"invalid\":{},\
+         \"version\":{},\"revision\":{},\"instance\":{}{extra}}}",
+        k.minute as u64 * 60,
+        js(&k.advertiser_id),
+        js(&k.campaign_id),
+        js(&k.ad_id),
+        js(k.device.as_str()),
+        js(country(&k.country)),
+        c.clicks,
+        c.impressions,
+        c.spend_micros,
+        c.duplicates,
+        c.invalid,
+        r.row.version,
+        r.revision,
+        js(instance)
+    );
+}
+
+/// A stored country code as text (`ZZ` if it is not).
+pub(crate) fn country(c: &[u8; 2]) -> &str {
+    std::str::from_utf8(c).unwrap_or("ZZ")
 }
 
 pub struct Client {

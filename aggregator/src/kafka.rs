@@ -32,7 +32,7 @@ use rskafka::record::Record;
 use serde::Deserialize;
 use wire::record::EventRef;
 
-use crate::clickhouse::js;
+use crate::clickhouse::{country, js, write_row_json};
 use crate::store::{AuditKey, ExportRow, Sink, Store};
 
 /// `[kafka]` in the aggregator's config. Off unless `bootstrap` is set.
@@ -353,7 +353,7 @@ pub fn event_json(gateway: &str, shard: u16, seq: u64, e: &EventRef<'_>) -> Stri
         js(e.ad_id),
         js(e.user_id),
         e.device.as_str(),
-        js(std::str::from_utf8(&e.country).unwrap_or("ZZ")),
+        js(country(&e.country)),
         e.cost_micros,
         e.event_ms,
         e.receive_ms,
@@ -379,14 +379,14 @@ pub fn row_key(r: &ExportRow, instance: &str) -> String {
         k.campaign_id,
         k.ad_id,
         k.device.as_str(),
-        std::str::from_utf8(&k.country).unwrap_or("ZZ"),
+        country(&k.country),
     ])
     .to_string()
 }
 
-/// A row's record (docs/KAFKA.md). `final_` as of the export.
+/// A row's record (docs/KAFKA.md): the ClickHouse sink's fields and the
+/// row's state, `final_` as of the export.
 pub fn row_json(r: &ExportRow, instance: &str, final_: bool) -> String {
-    let (k, c) = (&r.key, &r.row.counts);
     let state = if r.reconciled {
         "reconciled"
     } else if final_ {
@@ -394,25 +394,9 @@ pub fn row_json(r: &ExportRow, instance: &str, final_: bool) -> String {
     } else {
         "provisional"
     };
-    format!(
-        "{{\"minute\":{},\"advertiser_id\":{},\"campaign_id\":{},\"ad_id\":{},\"device\":\"{}\",\
-         \"country\":{},\"clicks\":{},\"impressions\":{},\"spend_micros\":{},\"duplicates\":{},\
-         \"invalid\":{},\"version\":{},\"revision\":{},\"state\":\"{state}\",\"instance\":{}}}",
-        k.minute as u64 * 60,
-        js(&k.advertiser_id),
-        js(&k.campaign_id),
-        js(&k.ad_id),
-        k.device.as_str(),
-        js(std::str::from_utf8(&k.country).unwrap_or("ZZ")),
-        c.clicks,
-        c.impressions,
-        c.spend_micros,
-        c.duplicates,
-        c.invalid,
-        r.row.version,
-        r.revision,
-        js(instance)
-    )
+    let mut s = String::with_capacity(300);
+    write_row_json(&mut s, r, instance, &format!(",\"state\":\"{state}\""));
+    s
 }
 
 /// One record to produce, with the index of the store mark it came from.

@@ -29,20 +29,13 @@ fn settings(broker: &Tansu) -> kafka::Settings {
 }
 
 fn open_store(dir: &std::path::Path, cap: u64) -> Arc<Store> {
-    Arc::new(
-        Store::open(
-            &dir.join("s.redb"),
-            aggregator::store::Settings {
-                rules: aggregator::merge::Rules {
-                    lateness_ms: 60_000,
-                    ..aggregator::merge::Rules::default()
-                },
-                kafka: true,
-                kafka_backlog_entries_max: cap,
-                ..Default::default()
-            },
-        )
-        .unwrap(),
+    common::open_store_with(
+        dir,
+        aggregator::store::Settings {
+            kafka: true,
+            kafka_backlog_entries_max: cap,
+            ..Default::default()
+        },
     )
 }
 

@@ -25,16 +25,20 @@ pub use test_support::net::{get, post};
 
 /// A store in `dir` whose minutes are final a minute after they end.
 pub fn open_store(dir: &Path) -> Arc<Store> {
+    open_store_with(dir, aggregator::store::Settings::default())
+}
+
+/// As [`open_store`], with `settings` (their rules' lateness replaced).
+pub fn open_store_with(dir: &Path, settings: aggregator::store::Settings) -> Arc<Store> {
     Arc::new(
         Store::open(
             &dir.join("s.redb"),
             aggregator::store::Settings {
                 rules: aggregator::merge::Rules {
                     lateness_ms: 60_000,
-                    ..aggregator::merge::Rules::default()
+                    ..settings.rules.clone()
                 },
-                export: false,
-                ..Default::default()
+                ..settings
             },
         )
         .unwrap(),
