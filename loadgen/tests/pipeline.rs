@@ -8,7 +8,7 @@ use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
@@ -881,6 +881,30 @@ fn exact_through_a_lossy_link_a_partition_and_a_wiped_shipper() {
 impl Pipeline {
     /// Restarts (without their fault-injection environment) the processes
     /// that exited; returns how many.
+    /// Waits for `lg` to end, restarting any process that dies (answers how
+    /// many did), and doing each of `at` once its time since the start has
+    /// come; every one must have come before the load ended.
+    fn ride(&mut self, lg: &mut Child, at: &mut [(Duration, Fault<'_>)]) -> usize {
+        let started = Instant::now();
+        let mut done = vec![false; at.len()];
+        let mut crashed = 0;
+        while lg.try_wait().unwrap().is_none() {
+            crashed += self.restart_dead();
+            for ((when, f), done) in at.iter_mut().zip(done.iter_mut()) {
+                if !*done && started.elapsed() > *when {
+                    f(self);
+                    *done = true;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            done.iter().all(|d| *d),
+            "the load ended before every planned fault"
+        );
+        crashed + self.restart_dead()
+    }
+
     fn restart_dead(&mut self) -> usize {
         let mut n = 0;
         for p in self.procs.iter_mut() {
@@ -1000,22 +1024,12 @@ fn clickhouse_holds_exactly_what_was_acknowledged_through_aggregator_crashes() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    let mut crashed = 0;
-    let mut killed = false;
-    while lg.try_wait().unwrap().is_none() {
-        crashed += pl.restart_dead();
-        if !killed && started.elapsed() > Duration::from_secs(5) {
-            pl.procs[AGG].kill9();
-            pl.procs[AGG].start();
-            killed = true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    crashed += pl.restart_dead();
+    let crashed = pl.ride(
+        &mut lg,
+        &mut [(Duration::from_secs(5), &mut kill_aggregator)],
+    );
     let out = lg.wait_with_output().unwrap();
     assert!(out.status.success(), "{out:?}");
-    assert!(killed);
     assert_eq!(crashed, 1, "the armed crash point fired\n{}", pl.logs());
     let (ok, text) = pl.verify(oracle);
     assert!(ok, "{text}\n{}", pl.logs());
@@ -1055,22 +1069,15 @@ fn kafka_holds_exactly_what_was_acknowledged_through_aggregator_crashes_and_a_br
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    let (mut crashed, mut killed, mut broker_restarted) = (0, false, false);
-    while lg.try_wait().unwrap().is_none() {
-        crashed += pl.restart_dead();
-        if !broker_restarted && started.elapsed() > Duration::from_secs(3) {
-            pl.kafka.as_mut().unwrap().restart();
-            broker_restarted = true;
-        }
-        if !killed && started.elapsed() > Duration::from_secs(5) {
-            pl.procs[AGG].kill9();
-            pl.procs[AGG].start();
-            killed = true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    crashed += pl.restart_dead();
+    let crashed = pl.ride(
+        &mut lg,
+        &mut [
+            (Duration::from_secs(3), &mut |pl: &mut Pipeline| {
+                pl.kafka.as_mut().unwrap().restart()
+            }),
+            (Duration::from_secs(5), &mut kill_aggregator),
+        ],
+    );
     let out = lg.wait_with_output().unwrap();
     assert!(out.status.success(), "{out:?}");
     assert_eq!(crashed, 1, "the armed crash point fired\n{}", pl.logs());
@@ -1126,6 +1133,15 @@ fn kafka_holds_exactly_what_was_acknowledged_through_aggregator_crashes_and_a_br
         "{events}"
     );
     eprintln!("KAFKA: {rows} | {events}");
+}
+
+/// Something done to a running pipeline.
+type Fault<'a> = &'a mut dyn FnMut(&mut Pipeline);
+
+/// SIGKILL to the aggregator, and a new one started.
+fn kill_aggregator(pl: &mut Pipeline) {
+    pl.procs[AGG].kill9();
+    pl.procs[AGG].start();
 }
 
 /// One metric's value from a Prometheus text page.
