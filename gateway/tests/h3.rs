@@ -362,7 +362,7 @@ fn zero_rtt_clicks_are_taken_early_batches_get_425_and_replays_get_nothing() {
     let (mut g, port, certs) = start_h3(&[]);
     let gateway: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let relay = Recorder::start(gateway);
-    let loadgen = test_support::process::tool("loadgen", "clickgate-loadgen");
+    let loadgen = test_support::process::bin("loadgen");
     let out = Command::new(&loadgen)
         .args(["run", "--proto", "h3", "--no-keepalive", "--zero-rtt"])
         .args(["--target", &relay.addr.to_string(), "--cpus", "0"])

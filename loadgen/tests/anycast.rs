@@ -326,7 +326,7 @@ fn anycast_drain_withdraws_the_route_before_closing_and_a_kill_withdraws_it_afte
         eprintln!("SKIPPED: cannot build the network namespaces: {e}");
         return;
     }
-    let gateway = bin("clickgate-gateway", "clickgate-gateway");
+    let gateway = bin("clickgate-gateway");
     let root = lab.dir.path().to_owned();
     let p = |f: &str| root.join(f).to_str().unwrap().to_owned();
     let out = Command::new(&gateway)

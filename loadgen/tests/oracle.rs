@@ -12,7 +12,7 @@ mod common;
 use common::{bin, free_port};
 
 fn gateway_bin() -> PathBuf {
-    bin("clickgate-gateway", "clickgate-gateway")
+    bin("clickgate-gateway")
 }
 
 /// A gateway on two shards with a fresh key in `d`: (process, address, keys).

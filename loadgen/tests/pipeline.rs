@@ -96,9 +96,9 @@ impl Pipeline {
     ) -> Pipeline {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().to_owned();
-        let agg_bin = bin("clickgate-aggregator", "clickgate-aggregator");
-        let gw_bin = bin("clickgate-gateway", "clickgate-gateway");
-        let ship_bin = bin("clickgate-shipper", "clickgate-shipper");
+        let agg_bin = bin("clickgate-aggregator");
+        let gw_bin = bin("clickgate-gateway");
+        let ship_bin = bin("clickgate-shipper");
         let run = |b: &Path, args: &[&str]| {
             let out = Command::new(b).args(args).output().unwrap();
             assert!(out.status.success(), "{args:?}: {:?}", out);
@@ -1475,9 +1475,9 @@ fn a_click_retried_at_another_pop_is_billed_once_once_reconciled() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_owned();
     let p = |x: &str| d.join(x).to_str().unwrap().to_owned();
-    let agg_bin = bin("clickgate-aggregator", "clickgate-aggregator");
-    let gw_bin = bin("clickgate-gateway", "clickgate-gateway");
-    let ship_bin = bin("clickgate-shipper", "clickgate-shipper");
+    let agg_bin = bin("clickgate-aggregator");
+    let gw_bin = bin("clickgate-gateway");
+    let ship_bin = bin("clickgate-shipper");
     let run = |b: &Path, args: &[&str]| {
         let out = Command::new(b).args(args).output().unwrap();
         assert!(out.status.success(), "{args:?}: {out:?}");

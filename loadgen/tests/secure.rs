@@ -11,7 +11,7 @@ mod common;
 use common::{bin, free_port, free_udp_port, metric, metric_sum};
 
 fn gateway_bin() -> PathBuf {
-    bin("clickgate-gateway", "clickgate-gateway")
+    bin("clickgate-gateway")
 }
 
 fn ok(c: &mut Command) -> String {

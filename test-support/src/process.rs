@@ -8,27 +8,46 @@ use std::time::{Duration, Instant};
 
 /// A workspace binary, brought up to date first (a `cargo test -p X` alone
 /// neither builds nor rebuilds the other packages, and a stale binary would
-/// test old code), with its test hooks (`fault-injection`).
-pub fn bin(name: &str, package: &str) -> PathBuf {
-    build(name, package, &["--features", "fault-injection"])
-}
-
-/// A workspace tool without test hooks (loadgen), brought up to date first.
-pub fn tool(name: &str, package: &str) -> PathBuf {
-    build(name, package, &[])
-}
-
-fn build(name: &str, package: &str, features: &[&str]) -> PathBuf {
+/// test old code), with its test hooks: `fault-injection` is on in the
+/// test build, where test-support's dev-dependency unifies it in.
+pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     // target/<profile>/deps/<test binary>
     let dir = exe.parent().and_then(|d| d.parent()).unwrap().to_owned();
+    // The workspace's test build, not `-p package --features ..`: that one
+    // resolves features differently, so it would compile a second copy of
+    // most of the dependency graph (minutes on a clean machine) and
+    // overwrite the binary `cargo test` just built. After `cargo test
+    // --workspace` this finds everything fresh.
     let mut c = Command::new(env!("CARGO"));
-    c.args(["build", "-q", "-p", package]).args(features);
+    c.args(["build", "-q", "--workspace", "--tests"]);
+    // Without what `cargo test` set for this test binary: build scripts
+    // (ring's) declare them as inputs, so cargo would see them changed and
+    // rebuild half the graph here, and again at the next plain build.
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if ["CARGO_PKG_", "CARGO_CFG_", "CARGO_BIN_", "CARGO_MANIFEST_"]
+            .iter()
+            .any(|p| k.starts_with(p))
+            || [
+                "CARGO_CRATE_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+                "OUT_DIR",
+            ]
+            .contains(&k.as_ref())
+        {
+            c.env_remove(k.as_ref());
+        }
+    }
     if dir.ends_with("release") {
         c.arg("--release");
     }
-    assert!(c.status().unwrap().success(), "building {package}");
-    dir.join(name)
+    assert!(c.status().unwrap().success(), "building the workspace");
+    let path = dir.join(name);
+    assert!(path.exists(), "{name}: no such workspace binary");
+    path
 }
 
 /// Spawns `bin` with `args` and `env`, stdout discarded, stderr to `log`

@@ -25,9 +25,9 @@ fn logs(format: &str) -> Vec<(&'static str, String)> {
     let d = dir.path();
     let p = |x: &str| d.join(x).to_str().unwrap().to_owned();
     let (gw, ship, agg) = (
-        bin("clickgate-gateway", "clickgate-gateway"),
-        bin("clickgate-shipper", "clickgate-shipper"),
-        bin("clickgate-aggregator", "clickgate-aggregator"),
+        bin("clickgate-gateway"),
+        bin("clickgate-shipper"),
+        bin("clickgate-aggregator"),
     );
     run(&gw, &["keygen", "--out", &p("keys.toml")]);
     run(&agg, &["dev-certs", "--out", &p("certs")]);
