@@ -31,7 +31,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200_000);
-    let Some(broker) = test_support::kafka::Tansu::start() else {
+    let Some(broker) = test_support::kafka::Tansu::start_release() else {
         return;
     };
     let d = tempfile::tempdir().unwrap();

@@ -445,10 +445,50 @@ fn name_error(e: &KafkaError) -> String {
             }
             _ => "broker error",
         },
-        KafkaError::Connection(_) => "broker unreachable",
+        KafkaError::Connection(c) => connection_failure(&c.to_string()),
         _ => "request failed",
     };
     format!("{what}: {e}")
+}
+
+/// The stage a failed connection broke at. rskafka carries the cause of a
+/// failed connect as text (its retry loop boxes the errors), so it is read
+/// from there.
+fn connection_failure(text: &str) -> &'static str {
+    let t = text.to_ascii_lowercase();
+    if t.contains("sasl") {
+        "SASL authentication failed"
+    } else if t.contains("certificate") || t.contains("tls") {
+        "TLS handshake failed"
+    } else {
+        "broker unreachable"
+    }
+}
+
+/// Names a connect that did not finish in time, by whether the broker took
+/// the TCP connection at all. One that takes it and never finishes the
+/// handshake is most often refusing the credentials without a word (tansu
+/// answers a wrong SCRAM proof with silence).
+async fn unfinished_connect(cfg: &Settings, timeout: Duration) -> String {
+    for addr in &cfg.bootstrap {
+        let probe = tokio::net::TcpStream::connect(addr.as_str());
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), probe).await {
+            let stage = if !cfg.sasl_mechanism.is_empty() {
+                "SASL authentication did not complete (check kafka.sasl_username and kafka.sasl_password)"
+            } else if cfg.tls {
+                "TLS handshake did not complete"
+            } else {
+                "no answer to the Kafka handshake"
+            };
+            return format!(
+                "{stage}: {addr} took the connection but did not finish within {timeout:?}"
+            );
+        }
+    }
+    format!(
+        "broker unreachable: no connection to {} within {timeout:?}",
+        cfg.bootstrap.join(", ")
+    )
 }
 
 fn too_large(e: &KafkaError) -> bool {
@@ -483,8 +523,12 @@ fn tls_config(cfg: &Settings) -> anyhow::Result<Arc<rustls::ClientConfig>> {
             roots.add(c.map_err(|e| anyhow::anyhow!("kafka.ca_file {}: {e}", cfg.ca_file))?)?;
         }
     }
+    // The provider named: both ring and aws-lc-rs are linked (object_store
+    // brings the second), so rustls has no process default to fall back on.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     Ok(Arc::new(
-        rustls::ClientConfig::builder()
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth(),
     ))
@@ -498,7 +542,10 @@ async fn connect(cfg: &Settings) -> anyhow::Result<Conn> {
             init_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(1),
             base: 2.0,
-            deadline: Some(timeout),
+            // Half the connect's deadline: a broker that answers with an
+            // error (SASL, TLS) is then reported with rskafka's own cause
+            // before the outer timeout names only the stage.
+            deadline: Some(timeout / 2),
         });
     if cfg.tls {
         b = b.tls_config(tls_config(cfg)?);
@@ -511,10 +558,10 @@ async fn connect(cfg: &Settings) -> anyhow::Result<Conn> {
             _ => SaslConfig::ScramSha512(c),
         });
     }
-    let client = tokio::time::timeout(timeout, b.build())
-        .await
-        .map_err(|_| anyhow::anyhow!("broker unreachable: no answer within {timeout:?}"))?
-        .map_err(|e| anyhow::anyhow!(name_error(&e)))?;
+    let client = match tokio::time::timeout(timeout, b.build()).await {
+        Ok(built) => built.map_err(|e| anyhow::anyhow!(name_error(&e)))?,
+        Err(_) => anyhow::bail!(unfinished_connect(cfg, timeout).await),
+    };
     let mut counts: BTreeMap<String, i32> = client
         .list_topics()
         .await
@@ -623,24 +670,13 @@ async fn produce_partition(
     topic: &str,
     stats: &KafkaStats,
 ) -> Produced {
-    let mut out = Produced {
-        failed: Default::default(),
-        acked: 0,
-        error: None,
-    };
     let timeout = Duration::from_millis(cfg.timeout_ms);
     let compression = if cfg.compress {
         Compression::Zstd
     } else {
         Compression::NoCompression
     };
-    let mut queue: std::collections::VecDeque<Vec<Pending>> = groups.into();
-    let mut broken = false;
-    while let Some(g) = queue.pop_front() {
-        if broken {
-            out.failed.extend(g.iter().map(|r| r.origin));
-            continue;
-        }
+    let send = |g: &[Pending]| {
         let now = chrono::Utc::now();
         let batch: Vec<Record> = g
             .iter()
@@ -651,18 +687,63 @@ async fn produce_partition(
                 timestamp: now,
             })
             .collect();
-        match tokio::time::timeout(timeout, client.produce(batch, compression)).await {
-            Ok(Ok(_)) => {
+        let client = client.clone();
+        async move {
+            match tokio::time::timeout(timeout, client.produce(batch, compression)).await {
+                Ok(Ok(_)) => Sent::Acked,
+                Ok(Err(e)) if too_large(&e) => Sent::TooLarge,
+                Ok(Err(e)) => Sent::Failed(name_error(&e)),
+                Err(_) => Sent::Failed(format!("broker did not answer within {timeout:?}")),
+            }
+        }
+    };
+    send_in_order(groups, send, topic, stats).await
+}
+
+/// What the broker made of one produce request.
+enum Sent {
+    Acked,
+    TooLarge,
+    Failed(String),
+}
+
+/// Sends one partition's requests in order; a failed one stops the
+/// partition (what follows would land out of order). A request refused as
+/// too large is split in two, down to one record, which is then reported,
+/// counted and passed over.
+async fn send_in_order<F, Fut>(
+    groups: Vec<Vec<Pending>>,
+    mut send: F,
+    topic: &str,
+    stats: &KafkaStats,
+) -> Produced
+where
+    F: FnMut(&[Pending]) -> Fut,
+    Fut: std::future::Future<Output = Sent>,
+{
+    let mut out = Produced {
+        failed: Default::default(),
+        acked: 0,
+        error: None,
+    };
+    let mut queue: std::collections::VecDeque<Vec<Pending>> = groups.into();
+    let mut broken = false;
+    while let Some(mut g) = queue.pop_front() {
+        if broken {
+            out.failed.extend(g.iter().map(|r| r.origin));
+            continue;
+        }
+        match send(&g).await {
+            Sent::Acked => {
                 out.acked += g.len() as u64;
                 stats.produce_requests.fetch_add(1, Relaxed);
             }
-            Ok(Err(e)) if too_large(&e) && g.len() > 1 => {
-                let mut g = g;
+            Sent::TooLarge if g.len() > 1 => {
                 let back = g.split_off(g.len() / 2);
                 queue.push_front(back);
                 queue.push_front(g);
             }
-            Ok(Err(e)) if too_large(&e) => {
+            Sent::TooLarge => {
                 let r = &g[0];
                 stats.too_large.fetch_add(1, Relaxed);
                 let msg = format!(
@@ -673,14 +754,8 @@ async fn produce_partition(
                 tracing::error!("Kafka: {msg}");
                 *stats.last_too_large.lock().unwrap() = msg;
             }
-            Ok(Err(e)) => {
-                out.error.get_or_insert(name_error(&e));
-                out.failed.extend(g.iter().map(|r| r.origin));
-                broken = true;
-            }
-            Err(_) => {
-                out.error
-                    .get_or_insert(format!("broker did not answer within {timeout:?}"));
+            Sent::Failed(e) => {
+                out.error.get_or_insert(e);
                 out.failed.extend(g.iter().map(|r| r.origin));
                 broken = true;
             }
@@ -1119,5 +1194,101 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("brokers"), "{e}");
+    }
+
+    fn pending(sizes: &[usize]) -> Vec<Pending> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(origin, &n)| Pending {
+                partition: 0,
+                key: format!("k{origin}"),
+                value: "v".repeat(n),
+                origin,
+            })
+            .collect()
+    }
+
+    /// A broker that refuses any request of more than `max` value bytes as
+    /// too large, and fails the request holding origin `fail_at`; it
+    /// records what it acknowledged, in order.
+    fn fake(
+        max: usize,
+        fail_at: Option<usize>,
+        acked: &std::cell::RefCell<Vec<usize>>,
+    ) -> impl FnMut(&[Pending]) -> std::future::Ready<Sent> + '_ {
+        move |g: &[Pending]| {
+            let bytes: usize = g.iter().map(|r| r.value.len()).sum();
+            std::future::ready(if g.iter().any(|r| Some(r.origin) == fail_at) {
+                Sent::Failed("broker error: test".into())
+            } else if bytes > max {
+                Sent::TooLarge
+            } else {
+                acked.borrow_mut().extend(g.iter().map(|r| r.origin));
+                Sent::Acked
+            })
+        }
+    }
+
+    #[test]
+    fn a_request_refused_as_too_large_is_split_and_a_lone_record_is_counted() {
+        use futures_util::FutureExt;
+        let stats = KafkaStats::default();
+        let acked = std::cell::RefCell::new(Vec::new());
+        let groups = vec![pending(&[100, 100, 100, 300, 100, 100, 40])];
+        let out = send_in_order(groups, fake(250, None, &acked), "t", &stats)
+            .now_or_never()
+            .expect("ready");
+        // Every record but the one refused alone, each once, in order.
+        assert_eq!(*acked.borrow(), vec![0, 1, 2, 4, 5, 6]);
+        assert_eq!(out.acked, 6);
+        assert!(out.failed.is_empty() && out.error.is_none());
+        assert_eq!(stats.too_large.load(Relaxed), 1);
+        let msg = stats.last_too_large.lock().unwrap().clone();
+        assert!(msg.contains("k3") && msg.contains("300 bytes"), "{msg}");
+    }
+
+    #[test]
+    fn a_failed_request_stops_its_partition_and_what_follows_stays_marked() {
+        use futures_util::FutureExt;
+        let stats = KafkaStats::default();
+        let acked = std::cell::RefCell::new(Vec::new());
+        let p = pending(&[10, 10, 10, 10]);
+        let mut it = p.into_iter();
+        let groups: Vec<Vec<Pending>> = vec![
+            it.by_ref().take(1).collect(),
+            it.by_ref().take(1).collect(),
+            it.collect(),
+        ];
+        let out = send_in_order(groups, fake(1000, Some(1), &acked), "t", &stats)
+            .now_or_never()
+            .expect("ready");
+        assert_eq!(*acked.borrow(), vec![0]);
+        assert_eq!(
+            out.failed.iter().copied().collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert_eq!(out.error.as_deref(), Some("broker error: test"));
+    }
+
+    #[test]
+    fn a_failed_connection_is_named_by_its_stage() {
+        // The texts rskafka gives for each, through its retry loop.
+        for (text, want) in [
+            (
+                "all retries failed: Retry exceeded deadline. Source: Sasl handshake failed: API error: SaslAuthenticationFailed",
+                "SASL authentication failed",
+            ),
+            (
+                "all retries failed: Retry exceeded deadline. Source: IO Error: invalid peer certificate: UnknownIssuer",
+                "TLS handshake failed",
+            ),
+            (
+                "all retries failed: Retry exceeded deadline. Source: IO Error: Connection refused (os error 111)",
+                "broker unreachable",
+            ),
+        ] {
+            assert_eq!(connection_failure(text), want, "{text}");
+        }
     }
 }

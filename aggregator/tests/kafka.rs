@@ -3,7 +3,9 @@
 //! independent client (kafka-python): the topics hold exactly the store's
 //! rows (highest revision per key) and raw events (one per event), through
 //! a broker killed and restarted mid-run and a backlog that overflowed its
-//! bound; an unknown topic is named and nothing is forgotten.
+//! bound, over TLS (a terminator in front of the broker) and with SCRAM
+//! credentials; an unknown topic, a certificate from the wrong CA and a
+//! wrong password are named, and nothing is forgotten.
 
 mod common;
 
@@ -50,9 +52,15 @@ fn peers() -> Option<Tansu> {
 
 /// Both topics as kafka-python reads them (`kafka_read.py`).
 fn read_topics(broker: &Tansu, cfg: &kafka::Settings) -> serde_json::Value {
+    read_topics_at(&broker.addr(), cfg, &[])
+}
+
+/// The same through `addr`, with `env` saying how to connect (TLS, SASL).
+fn read_topics_at(addr: &str, cfg: &kafka::Settings, env: &[(&str, &str)]) -> serde_json::Value {
     let out = std::process::Command::new("python3")
         .arg(test_support::kafka::reader())
-        .args([&broker.addr(), &cfg.events_topic, &cfg.rows_topic, "3"])
+        .args([addr, &cfg.events_topic, &cfg.rows_topic, "3"])
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     assert!(
@@ -71,6 +79,72 @@ fn wait(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
             "waiting for {what}"
         );
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs the sink on `cfg` until it has taken every mark, or (`want_error`)
+/// until it names a failure, which is returned.
+async fn drive(store: &Arc<Store>, cfg: kafka::Settings, want_error: bool) -> String {
+    let stats = Arc::new(KafkaStats::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let sink = tokio::spawn(kafka::run_sink(
+        store.clone(),
+        cfg,
+        store.store_id().unwrap(),
+        stats.clone(),
+        stop.clone(),
+    ));
+    let (st, store2) = (stats.clone(), store.clone());
+    tokio::task::spawn_blocking(move || {
+        if want_error {
+            wait("the failure to be named", 30, || {
+                !st.last_error.lock().unwrap().is_empty()
+            })
+        } else {
+            wait("the sink to catch up", 60, || caught_up(&store2))
+        }
+    })
+    .await
+    .unwrap();
+    stop.store(true, Relaxed);
+    sink.await.unwrap();
+    let e = stats.last_error.lock().unwrap().clone();
+    if want_error {
+        eprintln!("named: {e}");
+    }
+    e
+}
+
+/// A TLS terminator in front of the broker (tansu 0.6 takes `--cert` but
+/// serves plain TCP only): TLS on `listener`, plain bytes to `broker`.
+async fn tls_proxy(listener: tokio::net::TcpListener, broker: String, dir: std::path::PathBuf) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(dir.join("kafka.pem"))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(dir.join("kafka.key")).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    loop {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let (acceptor, broker) = (acceptor.clone(), broker.clone());
+        tokio::spawn(async move {
+            let Ok(mut tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let Ok(mut plain) = tokio::net::TcpStream::connect(broker).await else {
+                return;
+            };
+            let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+        });
     }
 }
 
@@ -287,4 +361,110 @@ async fn retention_keeps_raw_events_hot_until_kafka_has_them() {
     }
     assert_eq!(keys.len(), 30, "one entry per minute");
     assert_eq!(store.drop_hot_audit_step(now, 0, 1000).unwrap(), 30);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_the_broker_certificate_is_checked_and_the_topics_are_exact() {
+    if !test_support::kafka::ensure_reader() {
+        eprintln!("SKIPPED: kafka-python cannot be installed");
+        return;
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tls_addr = listener.local_addr().unwrap().to_string();
+    let Some(broker) = Tansu::start_advertising(format!("tcp://{tls_addr}")) else {
+        return;
+    };
+    let certs = tempfile::tempdir().unwrap();
+    test_support::keys::write_cert(certs.path(), "kafka");
+    test_support::keys::write_cert(certs.path(), "stranger");
+    let proxy = tokio::spawn(tls_proxy(listener, broker.addr(), certs.path().to_owned()));
+    let d = tempfile::tempdir().unwrap();
+    let store = open_store(d.path(), 0);
+    let mut a = Gw::new("gwa");
+    for i in 0..20 {
+        a.click(&format!("t{i}"), T + i * 60_000);
+    }
+    a.ship(&store, T + 3_600_000);
+    let cfg = kafka::Settings {
+        bootstrap: vec![tls_addr.clone()],
+        tls: true,
+        ca_file: certs.path().join("kafka.pem").to_str().unwrap().into(),
+        ..settings(&broker)
+    };
+
+    // A certificate the configured CA did not sign: named, nothing taken.
+    let stranger = kafka::Settings {
+        ca_file: certs.path().join("stranger.pem").to_str().unwrap().into(),
+        ..cfg.clone()
+    };
+    let e = drive(&store, stranger, true).await;
+    assert!(e.starts_with("TLS handshake failed"), "{e}");
+    assert!(e.contains("certificate"), "{e}");
+    assert!(!caught_up(&store));
+
+    // The right CA: everything, exactly.
+    assert_eq!(drive(&store, cfg.clone(), false).await, "");
+    let ca = certs.path().join("kafka.pem");
+    let dump = read_topics_at(
+        &tls_addr,
+        &cfg,
+        &[("KAFKA_SSL_CAFILE", ca.to_str().unwrap())],
+    );
+    assert_exact(&store, &dump);
+    proxy.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sasl_scram_credentials_are_checked_and_a_refusal_is_named() {
+    let Some(mut broker) = peers() else { return };
+    broker.create_user("clickgate", "s3cret-pass", "scram256");
+    broker.create_user("clickgate512", "other-pass", "scram512");
+    broker.options = vec!["--authentication".into()];
+    broker.restart();
+    let d = tempfile::tempdir().unwrap();
+    let store = open_store(d.path(), 0);
+    let mut a = Gw::new("gwa");
+    for i in 0..20 {
+        a.click(&format!("s{i}"), T + i * 60_000);
+    }
+    a.ship(&store, T + 3_600_000);
+    let cfg = kafka::Settings {
+        sasl_mechanism: "SCRAM-SHA-256".into(),
+        sasl_username: "clickgate".into(),
+        sasl_password: "s3cret-pass".into(),
+        ..settings(&broker)
+    };
+
+    // A wrong password: tansu answers the proof with silence, which is
+    // named as the handshake that did not complete, not as a broker down.
+    let wrong = kafka::Settings {
+        sasl_password: "guess".into(),
+        ..cfg.clone()
+    };
+    let e = drive(&store, wrong, true).await;
+    assert!(e.starts_with("SASL authentication"), "{e}");
+    assert!(!caught_up(&store));
+
+    // The right one: everything; then more, as a SCRAM-SHA-512 user.
+    assert_eq!(drive(&store, cfg.clone(), false).await, "");
+    for i in 20..30 {
+        a.click(&format!("s{i}"), T + i * 60_000);
+    }
+    a.ship(&store, T + 3_600_000);
+    let cfg512 = kafka::Settings {
+        sasl_mechanism: "SCRAM-SHA-512".into(),
+        sasl_username: "clickgate512".into(),
+        sasl_password: "other-pass".into(),
+        ..cfg.clone()
+    };
+    assert_eq!(drive(&store, cfg512, false).await, "");
+    let dump = read_topics_at(
+        &broker.addr(),
+        &cfg,
+        &[
+            ("KAFKA_SASL_USERNAME", "clickgate"),
+            ("KAFKA_SASL_PASSWORD", "s3cret-pass"),
+        ],
+    );
+    assert_exact(&store, &dump);
 }

@@ -10,6 +10,14 @@ use std::path::{Path, PathBuf};
 pub struct Tansu {
     pub pid: Option<i32>,
     pub port: u16,
+    /// Broker options beyond the listener and storage (`--authentication`),
+    /// taken by the next start.
+    pub options: Vec<String>,
+    /// What the broker tells clients to connect to, when not its own port.
+    pub advertised: Option<String>,
+    /// `TANSU_BUILD` (scripts/tansu-local): "test", or "release" for a
+    /// benchmark that measures the broker.
+    build: &'static str,
     dir: tempfile::TempDir,
 }
 
@@ -17,9 +25,27 @@ impl Tansu {
     /// None, with the reason on stderr as `SKIPPED: ...`, when no broker can
     /// be had (it cannot be built or does not start).
     pub fn start() -> Option<Tansu> {
+        Self::start_with("test", None)
+    }
+
+    /// As `start`, the broker telling clients to connect to `advertised`
+    /// (`tcp://host:port`, a proxy in front of it).
+    pub fn start_advertising(advertised: String) -> Option<Tansu> {
+        Self::start_with("test", Some(advertised))
+    }
+
+    /// As `start`, from the release build (for benchmarks).
+    pub fn start_release() -> Option<Tansu> {
+        Self::start_with("release", None)
+    }
+
+    fn start_with(build: &'static str, advertised: Option<String>) -> Option<Tansu> {
         let mut t = Tansu {
             pid: None,
             port: crate::free_port(),
+            options: Vec::new(),
+            advertised,
+            build,
             dir: tempfile::tempdir().unwrap(),
         };
         match t.spawn() {
@@ -32,16 +58,34 @@ impl Tansu {
     }
 
     fn spawn(&mut self) -> Result<(), String> {
-        let out = std::process::Command::new(crate::workspace_root().join("scripts/tansu-local"))
+        let mut c = std::process::Command::new(script());
+        c.env("TANSU_BUILD", self.build)
             .arg(self.dir.path())
             .arg(self.port.to_string())
-            .output()
-            .map_err(|e| e.to_string())?;
+            .args(&self.options);
+        if let Some(a) = &self.advertised {
+            c.env("ADVERTISED_LISTENER_URL", a);
+        }
+        let out = c.output().map_err(|e| e.to_string())?;
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).into_owned());
         }
         self.pid = Some(String::from_utf8_lossy(&out.stdout).trim().parse().unwrap());
         Ok(())
+    }
+
+    /// Creates a user through the running broker (`tansu user create`;
+    /// `mechanism` is scram256 or scram512); it is kept in the broker's
+    /// storage.
+    pub fn create_user(&self, name: &str, password: &str, mechanism: &str) {
+        let out = std::process::Command::new(script())
+            .env("TANSU_BUILD", self.build)
+            .args(["--exec", "user", "create", "--mechanism", mechanism])
+            .arg(format!("--broker=tcp://{}", self.addr()))
+            .args([name, password])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "tansu user create: {out:?}");
     }
 
     /// `127.0.0.1:<port>`.
@@ -77,6 +121,10 @@ impl Drop for Tansu {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+fn script() -> PathBuf {
+    crate::workspace_root().join("scripts/tansu-local")
 }
 
 /// Whether kafka-python (with zstd, the sink's compression) is there,

@@ -13,11 +13,30 @@ object:
   kafka_read.py BOOTSTRAP EVENTS_TOPIC ROWS_TOPIC [IDLE_SECONDS]
 
 Reads from the beginning until no message came for IDLE_SECONDS (default 3).
+With KAFKA_SSL_CAFILE set it connects over TLS trusting that CA; with
+KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD, it authenticates with
+SCRAM-SHA-256.
 """
 import json
+import os
 import sys
 
 from kafka import KafkaConsumer
+
+
+def security():
+    extra = {}
+    tls = "KAFKA_SSL_CAFILE" in os.environ
+    if tls:
+        extra["ssl_cafile"] = os.environ["KAFKA_SSL_CAFILE"]
+    if "KAFKA_SASL_USERNAME" in os.environ:
+        extra["sasl_mechanism"] = "SCRAM-SHA-256"
+        extra["sasl_plain_username"] = os.environ["KAFKA_SASL_USERNAME"]
+        extra["sasl_plain_password"] = os.environ["KAFKA_SASL_PASSWORD"]
+        extra["security_protocol"] = "SASL_SSL" if tls else "SASL_PLAINTEXT"
+    elif tls:
+        extra["security_protocol"] = "SSL"
+    return extra
 
 
 def read(bootstrap, topic, idle_s):
@@ -28,6 +47,7 @@ def read(bootstrap, topic, idle_s):
         enable_auto_commit=False,
         group_id=None,
         consumer_timeout_ms=int(idle_s * 1000),
+        **security(),
     )
     out = []
     for m in c:
