@@ -1291,4 +1291,42 @@ mod tests {
             assert_eq!(connection_failure(text), want, "{text}");
         }
     }
+
+    #[test]
+    fn a_broker_error_is_named() {
+        use rskafka::client::error::RequestContext;
+        let server = |p| KafkaError::ServerError {
+            protocol_error: p,
+            error_message: None,
+            request: RequestContext::Topic("clicks".into()),
+            response: None,
+            is_virtual: false,
+        };
+        for (p, want) in [
+            (
+                ProtocolError::UnknownTopicOrPartition,
+                "unknown topic or partition",
+            ),
+            (
+                ProtocolError::TopicAuthorizationFailed,
+                "authorization failed",
+            ),
+            (
+                ProtocolError::ClusterAuthorizationFailed,
+                "authorization failed",
+            ),
+            (
+                ProtocolError::SaslAuthenticationFailed,
+                "SASL authentication failed",
+            ),
+            (ProtocolError::MessageTooLarge, "message too large"),
+            (ProtocolError::RecordListTooLarge, "message too large"),
+            (ProtocolError::NotLeaderOrFollower, "broker error"),
+        ] {
+            let e = server(p);
+            let named = name_error(&e);
+            assert!(named.starts_with(&format!("{want}: ")), "{named}");
+            assert_eq!(too_large(&e), want == "message too large");
+        }
+    }
 }
