@@ -617,8 +617,10 @@ impl Conn {
     }
 }
 
-/// What producing a set of records came to: the origins all of whose
-/// records the broker acknowledged, and the first error.
+/// What producing a set of records came to: the origins not all of whose
+/// records the broker acknowledged, the records acknowledged, and the first
+/// error.
+#[derive(Default)]
 struct Produced {
     failed: std::collections::BTreeSet<usize>,
     acked: u64,
@@ -626,9 +628,7 @@ struct Produced {
 }
 
 /// Produces the records: the partitions at once, each partition's requests
-/// in order (a failed one stops its partition: what follows would land out
-/// of order). A request the broker refuses as too large is split in two,
-/// down to one record, which is then reported, counted and passed over.
+/// in order ([`send_in_order`]).
 async fn produce(
     conn: &mut Conn,
     cfg: &Settings,
@@ -636,11 +636,7 @@ async fn produce(
     records: Vec<Pending>,
     stats: &KafkaStats,
 ) -> Produced {
-    let mut out = Produced {
-        failed: Default::default(),
-        acked: 0,
-        error: None,
-    };
+    let mut out = Produced::default();
     let mut work = Vec::new();
     for (p, groups) in requests(records, cfg.request_bytes_max) {
         match conn.partition(topic, p).await {
@@ -721,11 +717,7 @@ where
     F: FnMut(&[Pending]) -> Fut,
     Fut: std::future::Future<Output = Sent>,
 {
-    let mut out = Produced {
-        failed: Default::default(),
-        acked: 0,
-        error: None,
-    };
+    let mut out = Produced::default();
     let mut queue: std::collections::VecDeque<Vec<Pending>> = groups.into();
     let mut broken = false;
     while let Some(mut g) = queue.pop_front() {

@@ -148,6 +148,15 @@ async fn tls_proxy(listener: tokio::net::TcpListener, broker: String, dir: std::
     }
 }
 
+/// A click a minute from `gw` for each `i` in `minutes` (ids `<prefix><i>`),
+/// shipped an hour after T.
+fn ship_minutes(store: &Store, gw: &mut Gw, prefix: &str, minutes: std::ops::Range<i64>) {
+    for i in minutes {
+        gw.click(&format!("{prefix}{i}"), T + i * 60_000);
+    }
+    gw.ship(store, T + 3_600_000);
+}
+
 fn caught_up(store: &Store) -> bool {
     store.export_backlog(Sink::Kafka).unwrap() == 0
         && store.kafka_events_backlog().unwrap() == (0, 0)
@@ -286,33 +295,14 @@ async fn an_unknown_topic_is_named_and_nothing_is_forgotten() {
         rows_topic: "nor-this".into(),
         ..settings(&broker)
     };
-    let stats = Arc::new(KafkaStats::default());
-    let stop = Arc::new(AtomicBool::new(false));
     let mut a = Gw::new("gwa");
     a.click("c1", T);
     a.ship(&store, T + 60_000);
-    let sink = tokio::spawn(kafka::run_sink(
-        store.clone(),
-        cfg,
-        store.store_id().unwrap(),
-        stats.clone(),
-        stop.clone(),
-    ));
-    let st = stats.clone();
-    tokio::task::spawn_blocking(move || {
-        wait("the error", 30, || {
-            !st.last_error.lock().unwrap().is_empty()
-        })
-    })
-    .await
-    .unwrap();
-    let e = stats.last_error.lock().unwrap().clone();
+    let e = drive(&store, cfg, true).await;
     assert!(
         e.contains("unknown topic") && e.contains("nobody-made-this"),
         "{e}"
     );
-    stop.store(true, Relaxed);
-    sink.await.unwrap();
     assert_eq!(
         store.export_backlog(Sink::Kafka).unwrap(),
         1,
@@ -380,11 +370,7 @@ async fn over_tls_the_broker_certificate_is_checked_and_the_topics_are_exact() {
     let proxy = tokio::spawn(tls_proxy(listener, broker.addr(), certs.path().to_owned()));
     let d = tempfile::tempdir().unwrap();
     let store = open_store(d.path(), 0);
-    let mut a = Gw::new("gwa");
-    for i in 0..20 {
-        a.click(&format!("t{i}"), T + i * 60_000);
-    }
-    a.ship(&store, T + 3_600_000);
+    ship_minutes(&store, &mut Gw::new("gwa"), "t", 0..20);
     let cfg = kafka::Settings {
         bootstrap: vec![tls_addr.clone()],
         tls: true,
@@ -424,10 +410,7 @@ async fn sasl_scram_credentials_are_checked_and_a_refusal_is_named() {
     let d = tempfile::tempdir().unwrap();
     let store = open_store(d.path(), 0);
     let mut a = Gw::new("gwa");
-    for i in 0..20 {
-        a.click(&format!("s{i}"), T + i * 60_000);
-    }
-    a.ship(&store, T + 3_600_000);
+    ship_minutes(&store, &mut a, "s", 0..20);
     let cfg = kafka::Settings {
         sasl_mechanism: "SCRAM-SHA-256".into(),
         sasl_username: "clickgate".into(),
@@ -447,10 +430,7 @@ async fn sasl_scram_credentials_are_checked_and_a_refusal_is_named() {
 
     // The right one: everything; then more, as a SCRAM-SHA-512 user.
     assert_eq!(drive(&store, cfg.clone(), false).await, "");
-    for i in 20..30 {
-        a.click(&format!("s{i}"), T + i * 60_000);
-    }
-    a.ship(&store, T + 3_600_000);
+    ship_minutes(&store, &mut a, "s", 20..30);
     let cfg512 = kafka::Settings {
         sasl_mechanism: "SCRAM-SHA-512".into(),
         sasl_username: "clickgate512".into(),
