@@ -89,6 +89,12 @@ pub struct Listen {
     /// UDP segmentation offload: a connection's datagrams leave in one
     /// send. Default true (off where the kernel lacks it).
     pub http3_gso: bool,
+    /// Steer each HTTP/3 datagram to the shard that owns its connection in
+    /// the kernel, with a BPF program on the shards' SO_REUSEPORT group, so
+    /// that a migrated connection's datagrams are not handed between shards.
+    /// Off, or where the kernel refuses the program: the receiving shard
+    /// hands them over its queue. Default true.
+    pub http3_bpf_steering: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -374,6 +380,7 @@ impl Default for Listen {
             http3_zero_rtt: true,
             http3_gro: true,
             http3_gso: true,
+            http3_bpf_steering: true,
         }
     }
 }

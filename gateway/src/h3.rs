@@ -45,6 +45,79 @@ pub fn bind(addr: SocketAddr, cfg: &Config) -> anyhow::Result<(std::net::UdpSock
     Ok((s.into(), gro, gso))
 }
 
+/// What the steering program answers for a datagram it cannot place: an
+/// index past every socket, so the kernel falls back to its 4-tuple hash.
+const STEER_HASH: u32 = u32::MAX;
+
+/// A classic BPF program for the shards' SO_REUSEPORT group: a datagram
+/// whose destination connection ID is one of ours goes to the socket of
+/// the shard it names (the group's socket `i` is shard `i`'s, bound in
+/// order), the rest to the kernel's hash. It reads what [`owner`] reads,
+/// from the UDP payload: a short header's ID starts at byte 1; a long
+/// header's (other than Initial and 0-RTT, whose ID the client chose) at
+/// byte 6, after its length at byte 5. A datagram too short to read is
+/// steered to socket 0 (classic BPF returns 0), which drops it as any
+/// shard would.
+pub fn steering_program() -> Vec<libc::sock_filter> {
+    const LDB_ABS: u16 = (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16;
+    const AND_K: u16 = (libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u16;
+    const JSET_K: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
+    const JGE_K: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
+    const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const RET_A: u16 = (libc::BPF_RET | libc::BPF_A) as u16;
+    const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    let op = |code, k| libc::sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    // Jumps are forward, relative to the next instruction.
+    let jump = |code, k, jt, jf| libc::sock_filter { code, jt, jf, k };
+    vec![
+        /* 0 */ op(LDB_ABS, 0),
+        /* 1 */ jump(JSET_K, 0x80, 0, 6), // short header: to 8
+        /* 2 */ op(AND_K, 0x30),
+        /* 3 */ jump(JGE_K, 0x20, 0, 6), // Initial or 0-RTT: to 10
+        /* 4 */ op(LDB_ABS, 5),
+        /* 5 */ jump(JEQ_K, CID_LEN as u32, 0, 4), // not our length: to 10
+        /* 6 */ op(LDB_ABS, 6),
+        /* 7 */ op(RET_A, 0),
+        /* 8 */ op(LDB_ABS, 1),
+        /* 9 */ op(RET_A, 0),
+        /* 10 */ op(RET_K, STEER_HASH),
+    ]
+}
+
+/// Puts [`steering_program`] on the SO_REUSEPORT group `socket` belongs
+/// to (once for the group: the kernel keeps it with the group).
+pub fn attach_steering(socket: &std::net::UdpSocket) -> std::io::Result<()> {
+    // The generic Linux value (x86, arm, riscv); libc exports it for
+    // Android only.
+    const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+    let mut prog = steering_program();
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_mut_ptr(),
+    };
+    // SAFETY: passes a pointer to a live sock_fprog and its size; the
+    // kernel copies the program before returning.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 fn set_udp_opt(fd: RawFd, opt: libc::c_int, v: libc::c_int) -> bool {
     // SAFETY: passes a pointer to a live c_int and its size.
     unsafe {
@@ -312,5 +385,76 @@ mod tests {
         }
         assert_eq!(owner(&[0x40, 1], 4), None, "too short");
         assert_eq!(owner(&[], 4), None);
+    }
+
+    /// Runs a classic BPF program as the kernel does, for the opcodes the
+    /// steering program uses (a load past the end ends it with 0).
+    fn run_cbpf(prog: &[libc::sock_filter], pkt: &[u8]) -> u32 {
+        let (mut a, mut pc) = (0u32, 0usize);
+        loop {
+            let i = prog[pc];
+            pc += 1;
+            let code = i.code as u32;
+            let jmp = |taken: bool| if taken { i.jt } else { i.jf } as usize;
+            match code {
+                c if c == libc::BPF_LD | libc::BPF_B | libc::BPF_ABS => match pkt.get(i.k as usize)
+                {
+                    Some(&b) => a = b as u32,
+                    None => return 0,
+                },
+                c if c == libc::BPF_ALU | libc::BPF_AND | libc::BPF_K => a &= i.k,
+                c if c == libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K => pc += jmp(a & i.k != 0),
+                c if c == libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K => pc += jmp(a >= i.k),
+                c if c == libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K => pc += jmp(a == i.k),
+                c if c == libc::BPF_RET | libc::BPF_A => return a,
+                c if c == libc::BPF_RET | libc::BPF_K => return i.k,
+                c => panic!("opcode {c:#x} not modelled"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_kernel_steers_a_datagram_to_the_shard_owner_names() {
+        let prog = steering_program();
+        // The kernel's pick: the program's answer if it is a socket of the
+        // group, else its hash (None here).
+        let steer = |d: &[u8], n: usize| Some(run_cbpf(&prog, d) as usize).filter(|&i| i < n);
+        let mut g = ShardCids { shard: 2 };
+        let cid = g.generate_cid();
+        let mut short = vec![0x41];
+        short.extend_from_slice(&cid);
+        short.extend_from_slice(&[7; 20]);
+        assert_eq!(steer(&short, 4), Some(2));
+        let mut hs = vec![0xe0, 0, 0, 0, 1, CID_LEN as u8];
+        hs.extend_from_slice(&cid);
+        hs.extend_from_slice(&[7; 20]);
+        assert_eq!(steer(&hs, 4), Some(2), "Handshake");
+        hs[0] = 0xc0;
+        assert_eq!(steer(&hs, 4), None, "Initial: the hash");
+        hs[0] = 0xd0;
+        assert_eq!(steer(&hs, 4), None, "0-RTT: the hash");
+        // Every datagram long enough to hold our ID goes where owner() says
+        // (or to the hash where owner() leaves it to the receiving shard).
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..20_000 {
+            let mut d = Vec::new();
+            for _ in 0..24 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                d.push(x as u8);
+            }
+            // Often our length and a small shard number, as real traffic.
+            if x & 1 == 0 {
+                d[5] = CID_LEN as u8;
+            }
+            if x & 2 == 0 {
+                d[1] %= 4;
+                d[6] %= 4;
+            }
+            for n in [1, 2, 4, 64] {
+                assert_eq!(steer(&d, n), owner(&d, n), "{d:x?} with {n} shards");
+            }
+        }
     }
 }

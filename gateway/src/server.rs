@@ -131,11 +131,10 @@ pub fn run(cfg: Config, takeover: bool) -> anyhow::Result<()> {
             let (routes, inboxes) =
                 crate::h3::StrayRoutes::new(cpus.len(), cfg.limits.h3_stray_queue_max)?;
             let slot = Arc::new(crate::h3::ServerConfigSlot::new(server_config.clone()));
+            let mut offloads = (false, false);
             for (i, strays) in inboxes.into_iter().enumerate() {
                 let (socket, gro, gso) = crate::h3::bind(addr, &cfg)?;
-                if i == 0 {
-                    tracing::info!(%addr, gro, gso, "HTTP/3 on every shard");
-                }
+                offloads = (gro, gso);
                 quic_setups.push(Some((
                     crate::shard::QuicSetup {
                         socket,
@@ -149,6 +148,20 @@ pub fn run(cfg: Config, takeover: bool) -> anyhow::Result<()> {
                     slot.clone(),
                 )));
             }
+            let steering = match quic_setups.first() {
+                Some(Some((first, _))) if cfg.listen.http3_bpf_steering => {
+                    match crate::h3::attach_steering(&first.socket) {
+                        Ok(()) => "bpf",
+                        Err(e) => {
+                            tracing::warn!(error = %e, "HTTP/3 BPF steering refused by the kernel; shards hand migrated datagrams over");
+                            "queue"
+                        }
+                    }
+                }
+                _ => "queue",
+            };
+            let (gro, gso) = offloads;
+            tracing::info!(%addr, gro, gso, steering, "HTTP/3 on every shard");
             Some(slot)
         }
         (Some(_), None) => bail!("listen.http3 needs [tls]"),

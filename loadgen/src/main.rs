@@ -222,6 +222,11 @@ struct RunArgs {
     /// allows (with --no-keepalive, every connection after the first).
     #[arg(long)]
     zero_rtt: bool,
+    /// h3: every this many milliseconds, move each worker's connections to a
+    /// new local port (a NAT rebinding), so that the server sees them
+    /// migrate. 0: never.
+    #[arg(long, default_value_t = 0)]
+    rebind_every_ms: u64,
 }
 
 #[derive(Serialize)]
@@ -498,9 +503,15 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
                 !a.zero_rtt || (p == "h3" && resumption),
                 "--zero-rtt needs --proto h3 and --tls-resumption on"
             );
+            anyhow::ensure!(
+                a.rebind_every_ms == 0 || p == "h3",
+                "--rebind-every-ms needs --proto h3"
+            );
             Some(secure::Secure {
                 proto,
                 zero_rtt: a.zero_rtt,
+                rebind_every: (a.rebind_every_ms > 0)
+                    .then(|| std::time::Duration::from_millis(a.rebind_every_ms)),
                 tls: secure::client_config(ca, alpn, resumption, a.zero_rtt)?,
                 server_name: rustls::pki_types::ServerName::try_from(a.sni.clone())
                     .context("--sni")?,

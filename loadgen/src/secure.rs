@@ -40,6 +40,8 @@ pub struct Secure {
     pub server_name: ServerName<'static>,
     /// h3: send the request in 0-RTT early data when a ticket allows it.
     pub zero_rtt: bool,
+    /// h3: move the worker's endpoint to a new local port this often.
+    pub rebind_every: Option<Duration>,
 }
 
 /// A client config trusting the PEM certificates in `ca` (the gateway's
@@ -168,6 +170,25 @@ async fn run(plan: Plan, requests: Rc<Vec<Vec<u8>>>, s: Secure) -> anyhow::Resul
             let mut e = quinn::Endpoint::client(bind)?;
             let crypto = quinn::crypto::rustls::QuicClientConfig::try_from((*s.tls).clone())?;
             e.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+            if let Some(every) = s.rebind_every {
+                // Every connection of the endpoint moves at once: the
+                // server sees each one's datagrams from a new port.
+                let e = e.clone();
+                tokio::task::spawn_local(async move {
+                    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+                    while Instant::now() < end {
+                        tick.tick().await;
+                        match std::net::UdpSocket::bind(bind) {
+                            Ok(s) => {
+                                if let Err(err) = e.rebind(s) {
+                                    eprintln!("loadgen: rebinding the h3 endpoint: {err}");
+                                }
+                            }
+                            Err(err) => eprintln!("loadgen: binding a new h3 port: {err}"),
+                        }
+                    }
+                });
+            }
             Some(e)
         }
         Proto::Https => None,
