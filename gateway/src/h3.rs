@@ -263,8 +263,10 @@ struct ShardCids {
 impl ConnectionIdGenerator for ShardCids {
     fn generate_cid(&mut self) -> ConnectionId {
         let mut b = [0u8; CID_LEN];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b[1..])
-            .expect("system randomness");
+        // The thread's ChaCha generator, seeded from the system, as
+        // quinn-proto's own generator does: a system call per ID was five
+        // of a new connection's fourteen getrandom calls.
+        rand::Rng::fill_bytes(&mut rand::rng(), &mut b[1..]);
         b[0] = self.shard;
         ConnectionId::new(&b)
     }
