@@ -111,6 +111,8 @@ pub struct WorkerResult {
     pub errors: Errors,
     /// (pool index, answer) for every request sent, warm-up included.
     pub answers: Vec<(u32, Answer)>,
+    /// The worker's CPU time over the run, seconds (set by its caller).
+    pub cpu_s: f64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -571,6 +573,7 @@ pub fn run_worker(plan: &Plan, requests: &[Vec<u8>]) -> anyhow::Result<WorkerRes
         statuses,
         errors,
         answers,
+        cpu_s: 0.0,
     })
 }
 

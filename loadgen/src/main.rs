@@ -247,6 +247,20 @@ struct Report {
     errors_connect: u64,
     errors_timeout: u64,
     errors_reset: u64,
+    /// CPU time the workers spent sending and receiving (warm-up
+    /// included), not signing the pool before it, seconds.
+    run_cpu_s: f64,
+}
+
+/// This thread's CPU time, seconds (the scheduler's exact figure).
+fn thread_cpu_s() -> f64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: passes a pointer to a live timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
 }
 
 fn main() {
@@ -558,10 +572,12 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
                         record_answers: record,
                         progress,
                     };
-                    let r = match &secure {
+                    let cpu0 = thread_cpu_s();
+                    let mut r = match &secure {
                         None => engine::run_worker(&plan, &pool.requests)?,
                         Some(s) => secure::run_worker(&plan, &pool.requests, s)?,
                     };
+                    r.cpu_s = thread_cpu_s() - cpu0;
                     Ok((pool, r))
                 },
             )
@@ -570,6 +586,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let mut hist = Histogram::<u64>::new_with_bounds(1_000, 60_000_000_000, 3)?;
     let mut statuses = BTreeMap::new();
     let (mut mreq, mut mdone, mut ec, mut et, mut er) = (0, 0, 0, 0, 0);
+    let mut cpu_s = 0.0;
     let mut orc = oracle::Oracle::default();
     let mut unknown = HashSet::new();
     for h in handles {
@@ -578,6 +595,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         for (s, n) in r.statuses {
             *statuses.entry(s).or_insert(0) += n;
         }
+        cpu_s += r.cpu_s;
         mreq += r.measured_requests;
         mdone += r.measured_completed;
         ec += r.errors.connect;
@@ -622,6 +640,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         errors_connect: ec,
         errors_timeout: et,
         errors_reset: er,
+        run_cpu_s: cpu_s,
     };
     print_report(&report);
     let mut files = plot_files.into_iter();

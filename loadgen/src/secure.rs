@@ -296,6 +296,7 @@ async fn run(plan: Plan, requests: Rc<Vec<Vec<u8>>>, s: Secure) -> anyhow::Resul
         statuses: st.statuses,
         errors: st.errors,
         answers: st.answers,
+        cpu_s: 0.0,
     })
 }
 
